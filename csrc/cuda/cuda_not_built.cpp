@@ -1,0 +1,40 @@
+// Compiled only into CPU-only builds: CUDA tensors get a message that says how
+// to rebuild instead of the dispatcher's generic "no kernel" error.
+#include "../two_layer_square.h"
+
+#include <torch/library.h>
+
+namespace torchext {
+namespace {
+
+[[noreturn]] void fail() {
+  TORCH_CHECK(false,
+              "two_layer_square: torchext was built without CUDA kernels, so "
+              "it cannot run on CUDA tensors. Rebuild it on a machine with a "
+              "CUDA toolkit and the CUDA build of torch: "
+              "`FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda pip install "
+              "--no-build-isolation --force-reinstall --no-deps .` "
+              "(see `python -m torchext --build-info`).");
+}
+
+at::Tensor forward_unavailable(const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&) {
+  fail();
+}
+
+BackwardResult backward_unavailable(const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&,
+                                    std::array<bool, 5>) {
+  fail();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchext, CUDA, m) {
+  m.impl("two_layer_square", &forward_unavailable);
+  m.impl("two_layer_square_backward", &backward_unavailable);
+}
+
+}  // namespace torchext

@@ -1,0 +1,24 @@
+// The Python extension module `torchext._C`. It exposes nothing: importing it
+// loads this shared library, whose static initialisers register the operators
+// with the dispatcher. Limited API only, so one abi3 wheel serves every CPython.
+#include <Python.h>
+
+#include "build_flags.h"
+
+extern "C" {
+
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      nullptr,  // doc
+      -1,  // size
+      nullptr,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+
+// Read through ctypes by torchext.build_info(): the library itself says
+// whether its CUDA kernels were compiled in, whatever the Python files claim.
+int torchext_cuda_kernels_compiled(void) { return TORCHEXT_WITH_CUDA_FLAG; }
+}

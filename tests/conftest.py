@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+import torchext  # noqa: F401  (loads the operators)
+
+HAS_CUDA = torch.cuda.is_available() and torchext.build_info()["cuda_kernels"]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CUDA kernels"))]
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CUDA kernels")
+
+# (batch shape of z, d, k, m, ell): ones, primes, z as a vector, two leading
+# dims, an empty batch, wide layers, and a batch long enough for several
+# chunks and partitions of the kernels' batch plan.
+SHAPES = {
+    "small": ((5,), 7, 3, 4, 6),
+    "vector": ((), 16, 16, 16, 16),
+    "ones": ((1,), 1, 1, 1, 1),
+    "primes": ((13,), 11, 7, 5, 3),
+    "two-leading": ((3, 4), 5, 6, 7, 2),
+    "empty-batch": ((0,), 5, 4, 3, 2),
+    "wide": ((9,), 33, 65, 17, 129),
+    "ell-gt-k": ((31,), 8, 4, 9, 40),
+    "many-chunks": ((3001,), 8, 8, 8, 8),
+}
+
+
+def make_inputs(shape, dtype=torch.float64, device="cpu", seed=0, a_vector=False):
+    """Fresh random (z, W, V, B, A) of the given shape set; A has mixed signs."""
+    batch, d, k, m, ell = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    z = rnd(*batch, d)
+    W = rnd(k, d, scale=d ** -0.5 if d else 1.0)
+    V = rnd(m, k, scale=k ** -0.5 if k else 1.0)
+    B = rnd(ell, m, scale=m ** -0.5 if m else 1.0)
+    A = rnd(ell) if a_vector else rnd(1, ell)
+    return z, W, V, B, A
+
+
+def rel_err(actual, expected):
+    """‖actual − expected‖₂ / ‖expected‖₂ in float64 (absolute when expected is 0)."""
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    den = e.norm().item()
+    num = (a - e).norm().item()
+    return num / den if den > 0 else num
+
+
+# Relative tolerance against the float64 reference, by dtype.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def assert_matches(actual, expected, dtype, what=""):
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g}"
+
+
+def reference_outputs(inputs, grad_seed=1, wants=(True,) * 5):
+    """f and the gradients (of Σ g·f, g random) from the eager reference in float64."""
+    from torchext import reference
+
+    leaves = [t.detach().double().cpu().requires_grad_(w) for t, w in zip(inputs, wants)]
+    f = reference.two_layer_square(*leaves)
+    g = torch.randn(f.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    req = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(f, req, g, allow_unused=True) if req else ()
+    it = iter(grads)
+    full = [next(it) if w else None for w in wants]
+    full = [torch.zeros_like(t) if (w and gr is None) else gr for t, w, gr in zip(leaves, wants, full)]
+    return f.detach(), g, full

@@ -1,0 +1,168 @@
+"""gradcheck / gradgradcheck / opcheck / torch.compile / torch.func on the two faces."""
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import torchext
+from conftest import DEVICES, SHAPES, assert_matches, make_inputs
+
+OPS = torch.ops.torchext
+
+
+def away_from_kink(shape, device="cpu", seed=0, margin=1e-2):
+    """float64 inputs whose pre-activations W z all stay |x| > margin, so finite
+    differences never straddle the ReLU kink."""
+    for s in range(seed, seed + 1000):
+        z, W, V, B, A = make_inputs(shape, torch.float64, device, seed=s)
+        if (z @ W.T).abs().min() > margin:
+            return [t.requires_grad_() for t in (z, W, V, B, A)]
+    raise AssertionError("no kink-free inputs found")
+
+
+FACES = {
+    "Function": lambda *a: torchext.TwoLayerSquare.apply(*a),
+    "raw-op": OPS.two_layer_square,
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("face", list(FACES))
+@pytest.mark.parametrize("shape", ["small", "vector", "two-leading"])
+def test_gradcheck_and_gradgradcheck(face, shape, device):
+    inputs = away_from_kink(SHAPES[shape], device)
+    fn = FACES[face]
+    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+    assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_with_vector_A(device):
+    z, W, V, B, A = away_from_kink(SHAPES["primes"], device, seed=40)
+    A = A.detach().reshape(-1).requires_grad_()
+    assert gradcheck(torchext.two_layer_square, (z, W, V, B, A))
+    assert gradgradcheck(torchext.two_layer_square, (z, W, V, B, A))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_op_gradcheck(device):
+    # The backward op on its own, including the incoming gradient.
+    z, W, V, B, A = away_from_kink(SHAPES["small"], device, seed=60)
+    g = torch.randn(5, dtype=torch.float64, device=device, requires_grad=True)
+    mask = [True, True, False, True, True]
+
+    def bwd(g, z, W, V, B, A):
+        return tuple(o for o in OPS.two_layer_square_backward(g, z, W, V, B, A, mask) if o is not None)
+
+    assert gradcheck(bwd, (g, z, W, V, B, A))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_kink_matches_eager(device):
+    # Pre-activations exactly 0: ReLU's derivative there is 0, as in torch.relu.
+    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, device, seed=3)
+    W[2].zero_()
+    W[4, :] = 0
+    z[:, 0] = 0
+    W[5, 1:] = 0  # x_5 = W[5,0] z_0 = 0 exactly
+    inputs = [t.requires_grad_() for t in (z, W, V, B, A)]
+    f = torchext.two_layer_square(*inputs)
+    grads = torch.autograd.grad(f.sum(), inputs)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    f_ref = torchext.reference.two_layer_square(*leaves)
+    grads_ref = torch.autograd.grad(f_ref.sum(), leaves)
+    assert ((z @ W.T) == 0).any()
+    assert_matches(f, f_ref, torch.float64)
+    for g, r in zip(grads, grads_ref):
+        assert_matches(g, r, torch.float64)
+
+
+def _opcheck_cases(device):
+    for dtype in (torch.float32, torch.float64):
+        for requires_grad in (False, True):
+            for transposed in (False, True):
+                z, W, V, B, A = make_inputs(SHAPES["primes"], dtype, device, seed=8)
+                if transposed:
+                    z = z.T.contiguous().T
+                    W = W.T.contiguous().T
+                    B = B.T.contiguous().T
+                yield [t.requires_grad_(requires_grad) for t in (z, W, V, B, A)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_forward(device):
+    for args in _opcheck_cases(device):
+        torch.library.opcheck(OPS.two_layer_square.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward(device):
+    for args in _opcheck_cases(device):
+        g = torch.randn(args[0].shape[:-1], dtype=args[0].dtype, device=device, requires_grad=args[0].requires_grad)
+        for mask in ([True] * 5, [False, True, True, False, False]):
+            torch.library.opcheck(OPS.two_layer_square_backward.default, [g, *args, mask])
+
+
+def test_compile_fullgraph_module_forward_backward():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
+    z = torch.randn(33, 8, dtype=torch.float64)
+    compiled = torch.compile(net, fullgraph=True)
+    f = compiled(z)
+    grads = torch.autograd.grad(f.sum(), [net.W, net.V])
+    f_ref = torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A)
+    grads_ref = torch.autograd.grad(f_ref.sum(), [net.W, net.V])
+    assert_matches(f, f_ref, torch.float64)
+    for g, r in zip(grads, grads_ref):
+        assert_matches(g, r, torch.float64)
+
+
+def test_export_of_module():
+    net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
+    z = torch.randn(7, 8, dtype=torch.float64)
+    ep = torch.export.export(net, (z,))
+    assert any("torchext.two_layer_square" in str(n.target) for n in ep.graph.nodes)
+    assert torch.allclose(ep.module()(z), net(z))
+
+
+def test_torch_func_grad_and_hessian():
+    fn = torchext.two_layer_square  # the torch.func face: TwoLayerSquare
+    z, W, V, B, A = [t.detach() for t in away_from_kink(SHAPES["small"], seed=70)]
+
+    def loss(W, V):
+        return fn(z, W, V, B, A).sum()
+
+    def loss_ref(W, V):
+        return torchext.reference.two_layer_square(z, W, V, B, A).sum()
+
+    for got, want in zip(torch.func.grad(loss, argnums=(0, 1))(W, V), torch.func.grad(loss_ref, argnums=(0, 1))(W, V)):
+        assert_matches(got, want, torch.float64)
+    H = torch.func.jacrev(torch.func.jacrev(loss, argnums=(0, 1)), argnums=(0, 1))(W, V)
+    H_ref = torch.func.jacrev(torch.func.jacrev(loss_ref, argnums=(0, 1)), argnums=(0, 1))(W, V)
+    for i in range(2):
+        for j in range(2):
+            assert_matches(H[i][j], H_ref[i][j], torch.float64, f"H[{i}][{j}]")
+
+
+def test_vmap_over_batch_and_weights():
+    z, W, V, B, A = make_inputs(((4, 5), 6, 3, 4, 2), torch.float64, seed=9)
+    out = torch.func.vmap(torchext.two_layer_square, in_dims=(0, None, None, None, None))(z, W, V, B, A)
+    assert_matches(out, torchext.reference.two_layer_square(z, W, V, B, A), torch.float64)
+    Ws = torch.stack([W, 2 * W, -W])
+    out = torch.func.vmap(torchext.two_layer_square, in_dims=(None, 0, None, None, None))(z, Ws, V, B, A)
+    ref = torch.stack([torchext.reference.two_layer_square(z, w, V, B, A) for w in Ws])
+    assert_matches(out, ref, torch.float64)
+
+
+def test_per_sample_gradients_are_not_summed():
+    z, W, V, B, A = make_inputs(((5,), 6, 3, 4, 2), torch.float64, seed=10)
+
+    def f1(W, V, zi):
+        return torchext.two_layer_square(zi, W, V, B, A)
+
+    per = torch.func.vmap(torch.func.grad(f1, argnums=(0, 1)), in_dims=(None, None, 0))(W, V, z)
+    for n in range(5):
+        leaves = [W.clone().requires_grad_(), V.clone().requires_grad_()]
+        ref = torch.autograd.grad(torchext.reference.two_layer_square(z[n], leaves[0], leaves[1], B, A), leaves)
+        assert_matches(per[0][n], ref[0], torch.float64)
+        assert_matches(per[1][n], ref[1], torch.float64)

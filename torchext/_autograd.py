@@ -1,0 +1,134 @@
+"""Autograd of the two compiled ops, registered once and shared by both faces:
+the raw op `torch.ops.torchext.two_layer_square` (torch.library.register_autograd)
+and `torchext.TwoLayerSquare` (autograd.Function), whose backward is the same
+function. The backward op is differentiable too (double backward, Hessians)."""
+import torch
+
+from . import _library  # noqa: F401  (loads the operators)
+
+_ops = torch.ops.torchext
+
+
+def setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def backward(ctx, grad):
+    """One call of the fused backward op: every requested gradient, None for the rest."""
+    z, W, V, B, A = ctx.saved_tensors
+    mask = [bool(b) for b in ctx.needs_input_grad[:5]]
+    if not any(mask):
+        return (None,) * 5
+    return tuple(TwoLayerSquareBackward.apply(grad, z, W, V, B, A, mask))
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad, z, W, V, B, A, _mask = inputs
+    ctx.save_for_backward(grad, z, W, V, B, A)
+
+
+def _backward_of_backward(ctx, *cotangents):
+    grad, z, W, V, B, A = ctx.saved_tensors
+    grads = double_backward(grad, z, W, V, B, A, cotangents, ctx.needs_input_grad[:6])
+    return (*grads, None)
+
+
+def unbatched_slices(info, in_dims, args):
+    """The per-member arguments of a vmap: one tuple per batch index."""
+    return [
+        tuple(t if dim is None else t.select(dim, i) for t, dim in zip(args, in_dims))
+        for i in range(info.batch_size)
+    ]
+
+
+def stack_members(results):
+    """Stacks per-member backward results (None stays None) for a vmap rule."""
+    outs = tuple(
+        None if results[0][i] is None else torch.stack([res[i] for res in results])
+        for i in range(len(results[0]))
+    )
+    return outs, tuple(None if o is None else 0 for o in outs)
+
+
+class TwoLayerSquareBackward(torch.autograd.Function):
+    """The fused backward op as an autograd.Function, so that it is differentiable
+    under torch.func transforms too (jacrev(jacrev(...)), vmap(grad(...))); plain
+    autograd would also get there through the op's own registration below. Both
+    use double_backward."""
+
+    @staticmethod
+    def forward(grad, z, W, V, B, A, output_mask):
+        return _ops.two_layer_square_backward(grad, z, W, V, B, A, output_mask)
+
+    setup_context = staticmethod(_setup_backward_context)
+    backward = staticmethod(_backward_of_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, grad, z, W, V, B, A, output_mask):
+        # Weight gradients sum over the samples of one vmap member, never across
+        # members, so each member gets its own fused backward call.
+        members = unbatched_slices(info, in_dims[:6], (grad, z, W, V, B, A))
+        return stack_members([TwoLayerSquareBackward.apply(*args, output_mask) for args in members])
+
+
+def double_backward(g, z, W, V, B, A, cotangents, needs):
+    """Vector-Jacobian product of the backward map (g, θ) -> ∇_θ Σ g·f(θ), θ = (z, W, V, B, A).
+
+    Its cotangent c lives in θ's space, so (the Hessian being symmetric) the VJP is
+    the forward-mode derivative along c: for g it is ∂f/∂θ·c per sample, for θ it is
+    the Hessian-vector product H_L c. Written in differentiable torch ops, so higher
+    derivatives and torch.func transforms compose. ReLU's mask is held fixed, as
+    autograd does.
+    """
+    d = z.shape[-1]
+    z2 = z.reshape(-1, d)
+    g1 = g.reshape(-1, 1)
+    a = A.reshape(-1)
+    # A gradient that was not requested (or not used) has a zero cotangent.
+    cz, cW, cV, cB, cA = (
+        torch.zeros_like(t) if c is None else c for c, t in zip(cotangents, (z, W, V, B, A))
+    )
+    cz = cz.reshape(-1, d)
+    cA = cA.reshape(-1)
+
+    x = z2 @ W.T
+    r = torch.relu(x)
+    active = r > 0  # torch's threshold_backward tests the output
+    u = r @ V.T
+    y = u @ B.T
+    e = 2 * g1 * a * y
+    gu = e @ B
+    gx = torch.where(active, gu @ V, 0)
+
+    dx = cz @ W.T + z2 @ cW.T
+    dr = torch.where(active, dx, 0)
+    du = dr @ V.T + r @ cV.T
+    dy = du @ B.T + u @ cB.T
+    de = 2 * g1 * (cA * y + a * dy)
+    dgu = de @ B + e @ cB
+    dgx = torch.where(active, dgu @ V + gu @ cV, 0)
+
+    out = [None] * 6
+    if needs[0]:
+        out[0] = ((y * y) @ cA + (2 * a * y * dy).sum(-1)).reshape(g.shape)
+    if needs[1]:
+        out[1] = (dgx @ W + gx @ cW).reshape(z.shape)
+    if needs[2]:
+        out[2] = dgx.T @ z2 + gx.T @ cz
+    if needs[3]:
+        out[3] = dgu.T @ r + gu.T @ dr
+    if needs[4]:
+        out[4] = de.T @ u + e.T @ du
+    if needs[5]:
+        out[5] = (2 * g1 * y * dy).sum(0).reshape(A.shape)
+    return out
+
+
+torch.library.register_autograd(
+    "torchext::two_layer_square", backward, setup_context=setup_context
+)
+torch.library.register_autograd(
+    "torchext::two_layer_square_backward",
+    _backward_of_backward,
+    setup_context=_setup_backward_context,
+)

@@ -1,0 +1,50 @@
+"""Loads the compiled operator library and checks that it matches this torch."""
+import ctypes
+import importlib
+
+import torch
+
+_REBUILD = (
+    "Rebuild it against the installed torch, from the torchext source tree: "
+    "`pip install --no-build-isolation --no-deps --force-reinstall .` "
+    "(add FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda for the CUDA kernels)."
+)
+
+
+def _load():
+    try:
+        info = importlib.import_module("torchext._build_info")
+    except ImportError:
+        raise ImportError(
+            "torchext: the compiled library is missing (torchext/_build_info.py was "
+            "not generated, so the package was never built). " + _REBUILD
+        ) from None
+    if info.TORCH_VERSION != torch.__version__:
+        raise ImportError(
+            f"torchext: the compiled library was built against torch {info.TORCH_VERSION}, "
+            f"but torch {torch.__version__} is installed; a C++ extension only works with "
+            f"the torch it was compiled against. " + _REBUILD
+        )
+    try:
+        lib = importlib.import_module("torchext._C")
+    except ImportError as exc:
+        raise ImportError(
+            f"torchext: the compiled library torchext._C could not be loaded ({exc}). " + _REBUILD
+        ) from exc
+    return info, lib
+
+
+_info, _C = _load()
+
+
+def build_info():
+    """How the loaded library was built: a dict of torch version, CUDA kernels, archs."""
+    cuda_compiled = bool(ctypes.CDLL(_C.__file__).torchext_cuda_kernels_compiled())
+    return {
+        "torch_version": _info.TORCH_VERSION,
+        "cuda_kernels": cuda_compiled,
+        "cuda_version": _info.CUDA_VERSION,
+        "cuda_archs": _info.CUDA_ARCHS,
+        "debug": _info.DEBUG,
+        "library": _C.__file__,
+    }

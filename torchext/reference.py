@@ -1,0 +1,14 @@
+"""The eager composition of torch ops: the test oracle for the fused operator.
+
+    x = z Wᵀ,  r = relu(x),  y = B V r,  f = Σ_i a_i y_i²   (a = A as a vector)
+
+Batched over z's leading dimensions; autograd through these ops gives the
+reference gradients.
+"""
+import torch
+
+
+def two_layer_square(z, W, V, B, A):
+    r = torch.relu(z @ W.T)
+    y = (r @ V.T) @ B.T
+    return (y * y) @ A.reshape(-1)
