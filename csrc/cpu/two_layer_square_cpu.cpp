@@ -82,6 +82,14 @@ inline T relu(T x) {
   return x > T(0) ? x : (x != x ? x : T(0));
 }
 
+// ReLU's derivative as torch's threshold_backward(grad, r, 0): a select, not a
+// product (a NaN upstream stays out of inactive units), and a NaN unit (r NaN)
+// passes its gradient through, as `r <= 0` is false for it.
+template <typename T>
+inline T relu_backward(T grad, T r) {
+  return r <= T(0) ? T(0) : grad;
+}
+
 // Per-thread buffers for one chunk of `rows` samples.
 template <typename T>
 struct ChunkScratch {
@@ -196,9 +204,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
         if (gV) gemm_rm<T>(true, false, m, k, n, s.gu.data(), m, s.r.data(), k, T(1), gV, k);
         if (!need_gx) continue;
         gemm_rm<T>(false, false, n, k, m, s.gu.data(), m, V, k, T(0), s.gx.data(), k);
-        // ReLU's derivative as torch's threshold_backward: a select, not a
-        // product, so a NaN upstream stays out of the inactive units.
-        for (int64_t i = 0; i < n * k; ++i) s.gx[i] = s.r[i] > T(0) ? s.gx[i] : T(0);
+        for (int64_t i = 0; i < n * k; ++i) s.gx[i] = relu_backward(s.gx[i], s.r[i]);
         if (gW) gemm_rm<T>(true, false, k, d, n, s.gx.data(), k, zc, d, T(1), gW, d);
         if (gz) gemm_rm<T>(false, false, n, d, k, s.gx.data(), k, W, d, T(0), gz + r0 * d, d);
       }

@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Per-sample vectors of one chunk of rows, written to the chunk buffers
 // (row n of each): r = relu(W z), u = V r, e = 2 g a*y, y2 = y*y,
-// gu = B^T e, gx = 1[r>0] * (V^T gu), gz = W^T gx. A null pointer means
+// gu = B^T e, gx = (V^T gu) where not r <= 0, gz = W^T gx. A null pointer means
 // "not requested"; the buffers double as the warp's working storage.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
     T* gx = GX + n * k;
     for (int64_t j = lane; j < k; j += kWarp) {
       const T gr = dot_col(V, k, j, gu, m);
-      gx[j] = r[j] > T(0) ? gr : T(0);  // threshold_backward: select, not product
+      gx[j] = r[j] <= T(0) ? T(0) : gr;  // threshold_backward: a select; NaN passes
     }
     if (GZ == nullptr) continue;
     __syncwarp();

@@ -1,0 +1,107 @@
+"""NaN, infinities, empty batches and zero widths behave as the eager composition."""
+import pytest
+import torch
+
+import torchext
+from conftest import DEVICES, SHAPES, assert_matches, make_inputs
+
+NAMES = ("z", "W", "V", "B", "A")
+
+
+def both(inputs, g=None):
+    """(f, grads) of the fused op and of the eager reference, same dtype."""
+    results = []
+    for fn in (torchext.two_layer_square, torchext.reference.two_layer_square):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        f = fn(*leaves)
+        gout = torch.ones_like(f) if g is None else g
+        grads = torch.autograd.grad(f, leaves, gout)
+        results.append((f.detach(), grads))
+    return results
+
+
+def same_nonfinite_pattern(a, b, what):
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{what}: NaN pattern differs"
+    assert torch.equal(torch.isinf(a), torch.isinf(b)) or torch.equal(~torch.isfinite(a), ~torch.isfinite(b)), f"{what}: inf pattern differs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", range(5), ids=NAMES)
+def test_nan_in_each_input_propagates_as_in_eager(index, device):
+    inputs = list(make_inputs(SHAPES["primes"], torch.float64, device, seed=index))
+    t = inputs[index].clone()
+    t.view(-1)[t.numel() // 2] = float("nan")
+    inputs[index] = t
+    (f, grads), (f_ref, grads_ref) = both(inputs)
+    same_nonfinite_pattern(f, f_ref, "f")
+    assert torch.isnan(f).any()
+    for name, g, r in zip(NAMES, grads, grads_ref):
+        same_nonfinite_pattern(g, r, "d" + name)
+        finite = torch.isfinite(r)
+        assert torch.allclose(g[finite], r[finite], rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_where_relu_is_inactive(device):
+    # A NaN upstream of an inactive unit must not leak through ReLU's derivative:
+    # torch uses a select there, not a multiplication by 0.
+    z, W, V, B, A = make_inputs(SHAPES["small"], torch.float64, device, seed=1)
+    V = V.clone()
+    V[0, 0] = float("nan")
+    (f, grads), (f_ref, grads_ref) = both([z, W, V, B, A])
+    for name, g, r in zip(NAMES, grads, grads_ref):
+        same_nonfinite_pattern(g, r, "d" + name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", range(5), ids=NAMES)
+def test_infinity_gives_nonfinite_where_eager_does(index, device):
+    inputs = list(make_inputs(SHAPES["primes"], torch.float64, device, seed=10 + index))
+    t = inputs[index].clone()
+    t.view(-1)[0] = float("inf")
+    inputs[index] = t
+    (f, grads), (f_ref, grads_ref) = both(inputs)
+    assert torch.equal(torch.isfinite(f), torch.isfinite(f_ref))
+    for name, g, r in zip(NAMES, grads, grads_ref):
+        assert torch.equal(torch.isfinite(g), torch.isfinite(r)), "d" + name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_batch(dtype, device):
+    z, W, V, B, A = [t.requires_grad_() for t in make_inputs(SHAPES["empty-batch"], dtype, device)]
+    f = torchext.two_layer_square(z, W, V, B, A)
+    assert f.shape == (0,) and f.dtype == dtype
+    grads = torch.autograd.grad(f.sum(), [z, W, V, B, A])
+    assert grads[0].shape == (0, 5)
+    for g, t in zip(grads[1:], (W, V, B, A)):
+        assert g.shape == t.shape and torch.equal(g, torch.zeros_like(t))
+    z3 = torch.zeros(3, 0, 5, dtype=dtype, device=device)
+    assert torchext.two_layer_square(z3, W, V, B, A).shape == (3, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("widths", [(4, 0, 3, 2), (4, 3, 0, 2), (4, 3, 2, 0), (0, 3, 2, 2), (0, 0, 0, 0)], ids=str)
+def test_zero_widths_give_exact_zeros(widths, device):
+    d, k, m, ell = widths
+    inputs = make_inputs(((6,), d, k, m, ell), torch.float64, device, seed=3)
+    (f, grads), (f_ref, grads_ref) = both(inputs)
+    assert_matches(f, f_ref, torch.float64, "f")
+    for name, g, r, t in zip(NAMES, grads, grads_ref, inputs):
+        assert g.shape == t.shape
+        assert_matches(g, r, torch.float64, "d" + name)
+
+
+def test_vector_z_gives_0_dim_f():
+    z, W, V, B, A = make_inputs(SHAPES["vector"], torch.float32)
+    f = torchext.two_layer_square(z, W, V, B, A)
+    assert f.dim() == 0
+
+
+def test_inference_mode_and_no_grad():
+    inputs = make_inputs(SHAPES["many-chunks"], torch.float32)
+    expected = torchext.two_layer_square(*inputs)
+    with torch.no_grad():
+        assert torch.equal(torchext.two_layer_square(*inputs), expected)
+    with torch.inference_mode():
+        assert torch.equal(torchext.two_layer_square(*inputs), expected)
