@@ -162,12 +162,12 @@ at::Tensor grad_to_compute(const Dims& dims, const at::Tensor& grad) {
 }
 
 BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
-                          int64_t max_partitions) {
+                          int64_t min_rows, int64_t max_partitions) {
   // Partial weight gradients of all partitions together stay under this
   // many elements, so wide layers get fewer partitions.
   constexpr int64_t kPartialBudget = int64_t{1} << 24;
   const int64_t per_row = 2 * (dims.k + dims.m + dims.ell) + dims.d + 1;
-  int64_t rows = std::max<int64_t>(1, scratch_elems / per_row);
+  int64_t rows = std::max<int64_t>(min_rows, scratch_elems / per_row);
   int64_t chunk_rows = 1;
   while (chunk_rows * 2 <= rows) chunk_rows *= 2;  // power of two: stable tiling
 

@@ -73,10 +73,12 @@ struct BatchPlan {
   int64_t partitions;
   int64_t chunks_per_partition;
 };
-// `scratch_elems` is the per-chunk working set budget in elements; `max_partitions`
-// bounds the number of partial gradient buffers.
+// Chunks hold about `scratch_elems` elements of working set, but at least
+// `min_rows` rows (the weight-gradient products over a chunk need enough rows
+// to amortise reading and writing the gradient); `max_partitions` bounds the
+// number of partial gradient buffers.
 BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
-                          int64_t max_partitions);
+                          int64_t min_rows, int64_t max_partitions);
 
 // Allocates the requested gradients in the compute dtype (zero-filled for
 // the weights, which are accumulated; gz is written row by row).

@@ -9,6 +9,22 @@ from . import _library  # noqa: F401  (loads the operators)
 _ops = torch.ops.torchext
 
 
+def _plain_eager():
+    """True outside torch.func transforms and torch.compile tracing: then the
+    autograd.Function has already taken care of autograd, and the op can be
+    called below the Autograd key, skipping its (redundant) registered autograd
+    layer — a large share of the call overhead at small sizes."""
+    return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
+
+
+def forward(z, W, V, B, A):
+    """The fused forward op, as called from inside an autograd.Function."""
+    if _plain_eager():
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops.two_layer_square(z, W, V, B, A)
+    return _ops.two_layer_square(z, W, V, B, A)
+
+
 def setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
@@ -19,7 +35,16 @@ def backward(ctx, grad):
     mask = [bool(b) for b in ctx.needs_input_grad[:5]]
     if not any(mask):
         return (None,) * 5
-    return tuple(TwoLayerSquareBackward.apply(grad, z, W, V, B, A, mask))
+    if torch._C._are_functorch_transforms_active():
+        # Under torch.func the backward op must itself be a Function to be differentiable.
+        return tuple(TwoLayerSquareBackward.apply(grad, z, W, V, B, A, mask))
+    if not torch.is_grad_enabled() and _plain_eager():
+        # First-order backward: nothing to record, so skip the Autograd key.
+        with torch._C._AutoDispatchBelowAutograd():
+            return tuple(_ops.two_layer_square_backward(grad, z, W, V, B, A, mask))
+    # create_graph=True or compile tracing: the op's own registration (same
+    # formula as TwoLayerSquareBackward) records the double backward.
+    return tuple(_ops.two_layer_square_backward(grad, z, W, V, B, A, mask))
 
 
 def _setup_backward_context(ctx, inputs, output):

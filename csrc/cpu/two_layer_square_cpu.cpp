@@ -27,8 +27,10 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*,
 namespace torchext {
 namespace {
 
-// Working set of one chunk: about this many elements (fits a per-core L2).
-constexpr int64_t kChunkScratchElems = int64_t{1} << 16;
+// Working set of one chunk: about this many elements (a per-core L2), and
+// never fewer rows than kChunkMinRows.
+constexpr int64_t kChunkScratchElems = int64_t{1} << 17;
+constexpr int64_t kChunkMinRows = 256;
 constexpr int64_t kMaxPartitions = 16;
 
 template <typename T>
@@ -117,7 +119,7 @@ void chunk_forward(const Dims& dims, const T* zc, int64_t n, const T* W,
 
 template <typename T>
 void forward_impl(const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
-  const BatchPlan plan = make_batch_plan(dims, kChunkScratchElems, kMaxPartitions);
+  const BatchPlan plan = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
   const T* z = in.z.const_data_ptr<T>();
   const T* W = in.W.const_data_ptr<T>();
   const T* V = in.V.const_data_ptr<T>();
@@ -145,7 +147,7 @@ template <typename T>
 void backward_impl(const Dims& dims, const ComputeInputs& in,
                    const at::Tensor& grad, const OutputMask& mask,
                    GradBuffers& bufs) {
-  const BatchPlan plan = make_batch_plan(dims, kChunkScratchElems, kMaxPartitions);
+  const BatchPlan plan = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
   const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
   const T* z = in.z.const_data_ptr<T>();
   const T* W = in.W.const_data_ptr<T>();

@@ -174,7 +174,7 @@ template <typename T>
 void launch_backward(const Dims& dims, const ComputeInputs& in,
                      const at::Tensor& g, const OutputMask& mask,
                      GradBuffers& bufs) {
-  const BatchPlan plan = make_batch_plan(dims, kChunkScratchElems, /*max_partitions=*/1);
+  const BatchPlan plan = make_batch_plan(dims, kChunkScratchElems, /*min_rows=*/1024, /*max_partitions=*/1);
   const int64_t C = std::min(plan.chunk_rows, dims.N);
   const auto opts = in.z.options();
   const bool need_gu = mask[kZ] || mask[kW] || mask[kV];
