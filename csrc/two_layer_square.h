@@ -5,10 +5,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/SymInt.h>
 
 #include <array>
 #include <cstdint>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 namespace torchext {
@@ -102,5 +105,36 @@ using BackwardResult =
                std::optional<at::Tensor>, std::optional<at::Tensor>,
                std::optional<at::Tensor>>;
 BackwardResult to_tuple(std::array<std::optional<at::Tensor>, kNumInputs>&& g);
+
+// The frame every backend's forward shares: check, bring the inputs to the
+// compute dtype, allocate f, run `kernel(dims, inputs, f)` on a non-empty
+// batch, cast f back. Backends differ only in the kernel.
+template <typename Kernel>
+at::Tensor run_forward(const at::Tensor& z, const at::Tensor& W,
+                       const at::Tensor& V, const at::Tensor& B,
+                       const at::Tensor& A, Kernel&& kernel) {
+  const Dims dims = concrete(check_forward_args(z, W, V, B, A));
+  const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
+  at::Tensor f = at::empty({dims.N}, in.z.options());
+  if (dims.N > 0) kernel(dims, in, f);
+  return finish_forward(dims, std::move(f), z);
+}
+
+// Same for the backward: `kernel(dims, inputs, grad, mask, buffers)` runs only
+// when the batch is non-empty and some gradient is requested (the buffers are
+// already the right zeros otherwise).
+template <typename Kernel>
+BackwardResult run_backward(const at::Tensor& grad, const at::Tensor& z,
+                            const at::Tensor& W, const at::Tensor& V,
+                            const at::Tensor& B, const at::Tensor& A,
+                            const OutputMask& mask, Kernel&& kernel) {
+  const Dims dims = concrete(check_backward_args(grad, z, W, V, B, A));
+  const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
+  GradBuffers bufs = allocate_grad_buffers(dims, in, mask);
+  bool any = false;
+  for (bool b : mask) any = any || b;
+  if (dims.N > 0 && any) kernel(dims, in, grad_to_compute(dims, grad), mask, bufs);
+  return to_tuple(finish_grads(dims, std::move(bufs), z, W, V, B, A));
+}
 
 }  // namespace torchext

@@ -166,3 +166,17 @@ def test_per_sample_gradients_are_not_summed():
         ref = torch.autograd.grad(torchext.reference.two_layer_square(z[n], leaves[0], leaves[1], B, A), leaves)
         assert_matches(per[0][n], ref[0], torch.float64)
         assert_matches(per[1][n], ref[1], torch.float64)
+
+
+def test_compile_dynamic_batch_uses_symbolic_meta_kernels():
+    torch._dynamo.reset()
+    net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
+    compiled = torch.compile(net, fullgraph=True, dynamic=True)
+    for n in (5, 17, 33):
+        z = torch.randn(n, 8, dtype=torch.float64)
+        f = compiled(z)
+        (gW,) = torch.autograd.grad(f.sum(), [net.W])
+        f_ref = torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A)
+        (gW_ref,) = torch.autograd.grad(f_ref.sum(), [net.W])
+        assert_matches(f, f_ref, torch.float64)
+        assert_matches(gW, gW_ref, torch.float64)

@@ -223,33 +223,24 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
 at::Tensor two_layer_square_cpu(const at::Tensor& z, const at::Tensor& W,
                                 const at::Tensor& V, const at::Tensor& B,
                                 const at::Tensor& A) {
-  const Dims dims = concrete(check_forward_args(z, W, V, B, A));
-  const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
-  at::Tensor f = at::empty({dims.N}, in.z.options());
-  if (dims.N > 0) {
+  return run_forward(z, W, V, B, A, [](const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
     AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cpu", [&] {
       forward_impl<scalar_t>(dims, in, f);
     });
-  }
-  return finish_forward(dims, std::move(f), z);
+  });
 }
 
 BackwardResult two_layer_square_backward_cpu(
     const at::Tensor& grad, const at::Tensor& z, const at::Tensor& W,
     const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
     std::array<bool, 5> output_mask) {
-  const Dims dims = concrete(check_backward_args(grad, z, W, V, B, A));
-  const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
-  GradBuffers bufs = allocate_grad_buffers(dims, in, output_mask);
-  bool any = false;
-  for (bool b : output_mask) any = any || b;
-  if (dims.N > 0 && any) {
-    const at::Tensor g = grad_to_compute(dims, grad);
+  return run_backward(grad, z, W, V, B, A, output_mask,
+                      [](const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
+                         const OutputMask& mask, GradBuffers& bufs) {
     AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cpu", [&] {
-      backward_impl<scalar_t>(dims, in, g, output_mask, bufs);
+      backward_impl<scalar_t>(dims, in, g, mask, bufs);
     });
-  }
-  return to_tuple(finish_grads(dims, std::move(bufs), z, W, V, B, A));
+  });
 }
 
 }  // namespace
