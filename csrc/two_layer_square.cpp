@@ -223,6 +223,101 @@ BackwardResult to_tuple(std::array<std::optional<at::Tensor>, kNumInputs>&& g) {
           std::move(g[4])};
 }
 
+void check_saved(const Dims& dims, const at::Tensor& z, const at::Tensor& r,
+                 const at::Tensor& q) {
+  const auto cdt = compute_dtype(z.scalar_type());
+  for (const auto* t : {&r, &q}) {
+    const char* name = t == &r ? "r" : "q";
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == dims.N && t->size(1) == dims.k,
+                      kOp, ": saved ", name, " must have shape (N, k) = (", dims.N,
+                      ", ", dims.k, "); got ", shape_str(t->sym_sizes()));
+    TORCH_CHECK_TYPE(t->scalar_type() == cdt, kOp, ": saved ", name,
+                     " must have dtype ", dtype_name(cdt), "; got ",
+                     dtype_name(t->scalar_type()));
+    TORCH_CHECK(t->device() == z.device(), kOp, ": saved ", name,
+                " must be on the same device as z (", z.device(), "); got ",
+                t->device());
+  }
+}
+
+const char* plan_name(Plan plan) {
+  switch (plan) {
+    case Plan::kDirect: return "direct";
+    case Plan::kFolded: return "folded";
+    case Plan::kQuadratic: return "quadratic";
+  }
+  return "?";
+}
+
+void check_plan_name(c10::string_view name) {
+  TORCH_CHECK_VALUE(name == "auto" || name == "direct" || name == "folded" ||
+                        name == "quadratic",
+                    kOp, ": plan must be \"auto\", \"direct\", \"folded\" or "
+                    "\"quadratic\"; got \"", std::string(name), "\"");
+}
+
+double plan_cost(const Dims& dims, Plan plan, bool training) {
+  const double N = double(dims.N), d = double(dims.d), k = double(dims.k),
+               m = double(dims.m), ell = double(dims.ell);
+  // Per-call products: M = B V, Q = Mᵀ diag(a) M, and in the backward the
+  // products with the Gram (M G, Bᵀ D, D Vᵀ).
+  const double fold = ell * m * k;
+  switch (plan) {
+    case Plan::kDirect:
+      // forward x, u, y (+ q when training: Bᵀ(a y), Vᵀ(.)); backward
+      // recomputes u, y and forms dB, Bᵀe, dV, dW.
+      return training ? N * (2 * k * d + 4 * m * k + 4 * ell * m)
+                      : N * (k * d + m * k + ell * m);
+    case Plan::kFolded:
+      return training ? 3 * fold + ell * k * k + N * (2 * k * d + 2 * ell * k + 0.5 * k * k)
+                      : fold + N * (k * d + ell * k);
+    case Plan::kQuadratic:
+      return training ? 3 * fold + 2 * ell * k * k + N * (2 * k * d + 1.5 * k * k)
+                      : fold + ell * k * k + N * (k * d + k * k);
+  }
+  return 0;
+}
+
+Plan resolve_plan(const Dims& dims, c10::string_view name, bool training) {
+  if (name == "direct") return Plan::kDirect;
+  if (name == "folded") return Plan::kFolded;
+  if (name == "quadratic") return Plan::kQuadratic;
+  // Ties go to the more accurate association (direct, then folded).
+  Plan best = Plan::kDirect;
+  double best_cost = plan_cost(dims, best, training);
+  for (Plan p : {Plan::kFolded, Plan::kQuadratic}) {
+    const double c = plan_cost(dims, p, training);
+    if (c < 0.98 * best_cost) {
+      best = p;
+      best_cost = c;
+    }
+  }
+  return best;
+}
+
+Head fold_head(const ComputeInputs& in, Plan plan) {
+  Head head;
+  if (plan == Plan::kDirect) return head;
+  head.M = at::mm(in.B, in.V);
+  if (plan == Plan::kQuadratic) {
+    head.Q = at::mm((head.M * in.a.unsqueeze(1)).t(), head.M);
+  }
+  return head;
+}
+
+void add_grads_from_gram(const ComputeInputs& in, const at::Tensor& M,
+                         const at::Tensor& G, const OutputMask& mask,
+                         GradBuffers& bufs) {
+  if (!(mask[kV] || mask[kB] || mask[kA])) return;
+  const at::Tensor MG = at::mm(M, G);
+  if (mask[kV] || mask[kB]) {
+    const at::Tensor D = MG * (2 * in.a).unsqueeze(1);
+    if (mask[kV]) bufs.acc[kV].addmm_(in.B.t(), D);
+    if (mask[kB]) bufs.acc[kB].addmm_(D, in.V.t());
+  }
+  if (mask[kA]) bufs.acc[kA].add_((MG * M).sum(1));
+}
+
 namespace {
 
 at::Tensor two_layer_square_meta(const at::Tensor& z, const at::Tensor& W,
@@ -247,6 +342,35 @@ BackwardResult two_layer_square_backward_meta(
   return to_tuple(std::move(out));
 }
 
+ForwardResult forward_internal_meta(const at::Tensor& z, const at::Tensor& W,
+                                    const at::Tensor& V, const at::Tensor& B,
+                                    const at::Tensor& A, c10::string_view plan,
+                                    bool save_for_backward) {
+  SymDims dims = check_forward_args(z, W, V, B, A);
+  check_plan_name(plan);
+  const auto opts = z.options().dtype(compute_dtype(z.scalar_type()));
+  const c10::SymInt rows = save_for_backward ? dims.N : c10::SymInt(0);
+  return {at::empty_symint(dims.batch_shape, z.options()),
+          at::empty_symint({rows, dims.k}, opts),
+          at::empty_symint({rows, dims.k}, opts)};
+}
+
+BackwardResult backward_internal_meta(
+    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& W,
+    const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
+    const at::Tensor& r, const at::Tensor& q, c10::string_view plan,
+    std::array<bool, 5> output_mask) {
+  check_plan_name(plan);
+  return two_layer_square_backward_meta(grad, z, W, V, B, A, output_mask);
+}
+
+// Which plan a call with these sizes runs (for the benchmark record and tests).
+std::string plan_for_sizes(int64_t N, int64_t d, int64_t k, int64_t m,
+                           int64_t ell, c10::string_view plan, bool training) {
+  check_plan_name(plan);
+  return plan_name(resolve_plan(Dims{N, d, k, m, ell, {}}, plan, training));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(torchext, m) {
@@ -257,11 +381,40 @@ TORCH_LIBRARY(torchext, m) {
       "two_layer_square_backward(Tensor grad, Tensor z, Tensor W, Tensor V, "
       "Tensor B, Tensor A, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  // Internal: the forward that also returns what the backward needs (r and
+  // q, see Plan), and the backward that consumes them. `plan` is "auto" or a
+  // forced plan; the backward resolves it as the training forward did.
+  m.def(
+      "_two_layer_square_forward(Tensor z, Tensor W, Tensor V, Tensor B, "
+      "Tensor A, str plan=\"auto\", bool save_for_backward=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_two_layer_square_backward(Tensor grad, Tensor z, Tensor W, Tensor V, "
+      "Tensor B, Tensor A, Tensor r, Tensor q, str plan, bool[5] output_mask) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  m.def(
+      "_plan(int N, int d, int k, int m, int ell, str plan=\"auto\", "
+      "bool training=True) -> str",
+      &plan_for_sizes);
+  // Test-only: the device-generic ATen implementation that the CUDA backend
+  // runs, registered for CPU tensors so that CI without a GPU checks it.
+  m.def(
+      "_two_layer_square_forward_aten(Tensor z, Tensor W, Tensor V, Tensor B, "
+      "Tensor A, str plan=\"auto\", bool save_for_backward=False) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_two_layer_square_backward_aten(Tensor grad, Tensor z, Tensor W, "
+      "Tensor V, Tensor B, Tensor A, Tensor r, Tensor q, str plan, "
+      "bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }
 
 TORCH_LIBRARY_IMPL(torchext, Meta, m) {
   m.impl("two_layer_square", &two_layer_square_meta);
   m.impl("two_layer_square_backward", &two_layer_square_backward_meta);
+  m.impl("_two_layer_square_forward", &forward_internal_meta);
+  m.impl("_two_layer_square_backward", &backward_internal_meta);
+  m.impl("_two_layer_square_forward_aten", &forward_internal_meta);
+  m.impl("_two_layer_square_backward_aten", &backward_internal_meta);
 }
 
 }  // namespace torchext

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/SymInt.h>
+#include <c10/util/string_view.h>
 
 #include <array>
 #include <cstdint>
@@ -46,6 +47,10 @@ SymDims check_backward_args(const at::Tensor& grad, const at::Tensor& z,
                             const at::Tensor& B, const at::Tensor& A);
 
 Dims concrete(const SymDims& dims);
+
+// The saved r and q of the internal backward: (N, k) each, compute dtype, z's device.
+void check_saved(const Dims& dims, const at::Tensor& z, const at::Tensor& r,
+                 const at::Tensor& q);
 
 // Dtype the kernels compute and accumulate in: float32 for the half types,
 // otherwise the input dtype.
@@ -106,35 +111,123 @@ using BackwardResult =
                std::optional<at::Tensor>>;
 BackwardResult to_tuple(std::array<std::optional<at::Tensor>, kNumInputs>&& g);
 
-// The frame every backend's forward shares: check, bring the inputs to the
-// compute dtype, allocate f, run `kernel(dims, inputs, f)` on a non-empty
-// batch, cast f back. Backends differ only in the kernel.
+// ---------------------------------------------------------------------------
+// The plan: which association of the head A·(B·V·r)² a call computes.
+//   direct     y = B (V r), f = Σ a y²                per sample k·d + m·k + ell·m
+//   folded     M = B V once; y = M r                  per sample k·d + ell·k
+//   quadratic  Q = Mᵀ diag(a) M once; f = rᵀ Q r      per sample k·d + k²
+// Every plan also yields q = ½ ∂f/∂r = Mᵀ diag(a) M r (in its own association
+// order), so the backward needs p = 2 g q ⊙ 1[r > 0] and, for V, B and A,
+// either the direct chain again (direct) or the Gram G = Σ g r rᵀ (others).
+enum class Plan { kDirect = 0, kFolded = 1, kQuadratic = 2 };
+
+const char* plan_name(Plan plan);
+// Raises ValueError unless name is "auto", "direct", "folded" or "quadratic".
+void check_plan_name(c10::string_view name);
+// Multiply-adds of one call: the forward, plus (training) a backward with the
+// W and V gradients. Depends on the sizes only.
+double plan_cost(const Dims& dims, Plan plan, bool training);
+// "auto" takes the cheapest plan by plan_cost; any other name is forced.
+Plan resolve_plan(const Dims& dims, c10::string_view name, bool training);
+
+// The per-call products of the folded and quadratic plans, in the compute
+// dtype on the inputs' device: M = B V (ell, k) and, for quadratic,
+// Q = Mᵀ diag(a) M (k, k). Undefined where the plan does not use them.
+struct Head {
+  at::Tensor M, Q;
+};
+Head fold_head(const ComputeInputs& in, Plan plan);
+
+// dV, dB and dA from the Gram G = Σ_n g_n r_n r_nᵀ (k, k), added into the
+// buffers: with D = 2 diag(a) M G, dV = Bᵀ D, dB = D Vᵀ, dA_i = (M G Mᵀ)_ii.
+void add_grads_from_gram(const ComputeInputs& in, const at::Tensor& M,
+                         const at::Tensor& G, const OutputMask& mask,
+                         GradBuffers& bufs);
+
+// Outputs of the internal forward op: f (N,) and, when saving for backward,
+// r = relu(W z) and q (each (N, k), compute dtype; (0, k) otherwise).
+struct ForwardOutputs {
+  at::Tensor f, r, q;
+};
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The device-generic implementation in ATen ops (two_layer_square_aten.cpp):
+// what the CUDA backend runs around its fused kernels, and what the
+// `_..._aten` test ops run on the CPU, so CPU CI checks the CUDA algorithm.
+void forward_aten(const Dims& dims, const ComputeInputs& in, Plan plan,
+                  int64_t chunk_rows, ForwardOutputs& out);
+void backward_aten(const Dims& dims, const ComputeInputs& in,
+                   const at::Tensor& g, const at::Tensor& r,
+                   const at::Tensor& q, Plan plan, const OutputMask& mask,
+                   int64_t chunk_rows, GradBuffers& bufs);
+
+// The frames every backend shares; backends differ only in the kernels.
+//
+// Internal forward: check, compute-dtype inputs, resolve the plan, allocate
+// the outputs, run kernel(dims, inputs, plan, outputs) on a non-empty batch,
+// cast f back to the input dtype.
 template <typename Kernel>
-at::Tensor run_forward(const at::Tensor& z, const at::Tensor& W,
-                       const at::Tensor& V, const at::Tensor& B,
-                       const at::Tensor& A, Kernel&& kernel) {
+ForwardResult run_forward(const at::Tensor& z, const at::Tensor& W,
+                          const at::Tensor& V, const at::Tensor& B,
+                          const at::Tensor& A, c10::string_view plan_name,
+                          bool save, Kernel&& kernel) {
   const Dims dims = concrete(check_forward_args(z, W, V, B, A));
+  check_plan_name(plan_name);
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
-  at::Tensor f = at::empty({dims.N}, in.z.options());
-  if (dims.N > 0) kernel(dims, in, f);
-  return finish_forward(dims, std::move(f), z);
+  const Plan plan = resolve_plan(dims, plan_name, save);
+  const int64_t saved_rows = save ? dims.N : 0;
+  ForwardOutputs out{at::empty({dims.N}, in.z.options()),
+                     at::empty({saved_rows, dims.k}, in.z.options()),
+                     at::empty({saved_rows, dims.k}, in.z.options())};
+  if (dims.N > 0) kernel(dims, in, plan, out);
+  return {finish_forward(dims, std::move(out.f), z), std::move(out.r),
+          std::move(out.q)};
 }
 
-// Same for the backward: `kernel(dims, inputs, grad, mask, buffers)` runs only
-// when the batch is non-empty and some gradient is requested (the buffers are
-// already the right zeros otherwise).
+// Internal backward from the saved r and q: kernel(dims, inputs, g, r, q,
+// plan, mask, buffers) runs on a non-empty batch with some gradient requested.
 template <typename Kernel>
 BackwardResult run_backward(const at::Tensor& grad, const at::Tensor& z,
                             const at::Tensor& W, const at::Tensor& V,
                             const at::Tensor& B, const at::Tensor& A,
-                            const OutputMask& mask, Kernel&& kernel) {
+                            const at::Tensor& r, const at::Tensor& q,
+                            c10::string_view plan_name, const OutputMask& mask,
+                            Kernel&& kernel) {
   const Dims dims = concrete(check_backward_args(grad, z, W, V, B, A));
+  check_saved(dims, z, r, q);
+  check_plan_name(plan_name);
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
+  const Plan plan = resolve_plan(dims, plan_name, /*training=*/true);
   GradBuffers bufs = allocate_grad_buffers(dims, in, mask);
   bool any = false;
   for (bool b : mask) any = any || b;
-  if (dims.N > 0 && any) kernel(dims, in, grad_to_compute(dims, grad), mask, bufs);
+  if (dims.N > 0 && any) {
+    kernel(dims, in, grad_to_compute(dims, grad), r.contiguous(), q.contiguous(),
+           plan, mask, bufs);
+  }
   return to_tuple(finish_grads(dims, std::move(bufs), z, W, V, B, A));
+}
+
+// The public ops in terms of a backend's internal forward and backward: the
+// public forward is the internal one with plan "auto" and nothing saved; the
+// public backward recomputes r and q, then runs the internal backward.
+template <typename Forward>
+at::Tensor public_forward(const at::Tensor& z, const at::Tensor& W,
+                          const at::Tensor& V, const at::Tensor& B,
+                          const at::Tensor& A, Forward&& forward) {
+  return std::get<0>(forward(z, W, V, B, A, "auto", false));
+}
+
+template <typename Forward, typename Backward>
+BackwardResult public_backward(const at::Tensor& grad, const at::Tensor& z,
+                               const at::Tensor& W, const at::Tensor& V,
+                               const at::Tensor& B, const at::Tensor& A,
+                               std::array<bool, 5> mask, Forward&& forward,
+                               Backward&& backward) {
+  check_backward_args(grad, z, W, V, B, A);
+  auto saved = forward(z, W, V, B, A, "auto", true);
+  return backward(grad, z, W, V, B, A, std::get<1>(saved), std::get<2>(saved),
+                  "auto", mask);
 }
 
 }  // namespace torchext

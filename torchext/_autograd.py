@@ -35,16 +35,7 @@ def backward(ctx, grad):
     mask = [bool(b) for b in ctx.needs_input_grad[:5]]
     if not any(mask):
         return (None,) * 5
-    if torch._C._are_functorch_transforms_active():
-        # Under torch.func the backward op must itself be a Function to be differentiable.
-        return tuple(TwoLayerSquareBackward.apply(grad, z, W, V, B, A, mask))
-    if not torch.is_grad_enabled() and _plain_eager():
-        # First-order backward: nothing to record, so skip the Autograd key.
-        with torch._C._AutoDispatchBelowAutograd():
-            return tuple(_ops.two_layer_square_backward(grad, z, W, V, B, A, mask))
-    # create_graph=True or compile tracing: the op's own registration (same
-    # formula as TwoLayerSquareBackward) records the double backward.
-    return tuple(_ops.two_layer_square_backward(grad, z, W, V, B, A, mask))
+    return tuple(_call_backward(grad, z, W, V, B, A, None, None, "auto", mask))
 
 
 def _setup_backward_context(ctx, inputs, output):
@@ -76,24 +67,81 @@ def stack_members(results):
 
 
 class TwoLayerSquareBackward(torch.autograd.Function):
-    """The fused backward op as an autograd.Function, so that it is differentiable
-    under torch.func transforms too (jacrev(jacrev(...)), vmap(grad(...))); plain
-    autograd would also get there through the op's own registration below. Both
-    use double_backward."""
+    """The fused backward ops as an autograd.Function, so that they are
+    differentiable under torch.func transforms too (jacrev(jacrev(...)),
+    vmap(grad(...))); plain autograd gets there through the ops' own
+    registrations below. Both use double_backward. With r, q (saved by the
+    planned forward) it runs the internal backward op, else the public one."""
 
     @staticmethod
-    def forward(grad, z, W, V, B, A, output_mask):
-        return _ops.two_layer_square_backward(grad, z, W, V, B, A, output_mask)
-
-    setup_context = staticmethod(_setup_backward_context)
-    backward = staticmethod(_backward_of_backward)
+    def forward(grad, z, W, V, B, A, r, q, plan, output_mask):
+        if r is None:
+            return _ops.two_layer_square_backward(grad, z, W, V, B, A, output_mask)
+        return _ops._two_layer_square_backward(grad, z, W, V, B, A, r, q, plan, output_mask)
 
     @staticmethod
-    def vmap(info, in_dims, grad, z, W, V, B, A, output_mask):
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:6])
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        grad, z, W, V, B, A = ctx.saved_tensors
+        grads = double_backward(grad, z, W, V, B, A, cotangents, ctx.needs_input_grad[:6])
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, grad, z, W, V, B, A, r, q, plan, output_mask):
         # Weight gradients sum over the samples of one vmap member, never across
         # members, so each member gets its own fused backward call.
-        members = unbatched_slices(info, in_dims[:6], (grad, z, W, V, B, A))
-        return stack_members([TwoLayerSquareBackward.apply(*args, output_mask) for args in members])
+        members = unbatched_slices(info, in_dims[:8], (grad, z, W, V, B, A, r, q))
+        return stack_members([TwoLayerSquareBackward.apply(*args, plan, output_mask) for args in members])
+
+
+def _call_backward(grad, z, W, V, B, A, r, q, plan, mask):
+    """One call of a fused backward op, by the cheapest route that keeps the
+    result differentiable when it has to be."""
+    if torch._C._are_functorch_transforms_active():
+        return TwoLayerSquareBackward.apply(grad, z, W, V, B, A, r, q, plan, mask)
+    if r is None:
+        op, args = _ops.two_layer_square_backward, (grad, z, W, V, B, A, mask)
+    else:
+        op, args = _ops._two_layer_square_backward, (grad, z, W, V, B, A, r, q, plan, mask)
+    if not torch.is_grad_enabled() and _plain_eager():
+        # First-order backward: nothing to record, so skip the Autograd key.
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    # create_graph=True or compile tracing: the op's own registration (same
+    # formula as TwoLayerSquareBackward) records the double backward.
+    return op(*args)
+
+
+def planned_forward(z, W, V, B, A, plan, save):
+    """The internal forward op (f, r, q), as called from inside an autograd.Function."""
+    if _plain_eager():
+        with torch._C._AutoDispatchBelowAutograd():
+            return _ops._two_layer_square_forward(z, W, V, B, A, plan, save)
+    return _ops._two_layer_square_forward(z, W, V, B, A, plan, save)
+
+
+def setup_planned_context(ctx, inputs, output):
+    z, W, V, B, A, plan, save = inputs
+    _, r, q = output
+    ctx.mark_non_differentiable(r, q)
+    ctx.save_for_backward(z, W, V, B, A, r, q)
+    ctx.plan = plan
+
+
+def planned_backward(ctx, grad, _grad_r=None, _grad_q=None):
+    """Backward of the planned forward: the internal fused backward op from the
+    saved r and q (or the public one, which recomputes them, if the forward did
+    not save them)."""
+    z, W, V, B, A, r, q = ctx.saved_tensors
+    mask = [bool(b) for b in ctx.needs_input_grad[:5]]
+    if not any(mask):
+        return (None,) * 7
+    if r.shape[0] != grad.numel():
+        r = q = None
+    return (*_call_backward(grad, z, W, V, B, A, r, q, ctx.plan, mask), None, None)
 
 
 def double_backward(g, z, W, V, B, A, cotangents, needs):
@@ -149,6 +197,16 @@ def double_backward(g, z, W, V, B, A, cotangents, needs):
     return out
 
 
+def _backward_of_internal_backward(ctx, *cotangents):
+    grad, z, W, V, B, A = ctx.saved_tensors
+    grads = double_backward(grad, z, W, V, B, A, cotangents, ctx.needs_input_grad[:6])
+    return (*grads, None, None, None, None)
+
+
+def _setup_internal_backward_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+
+
 torch.library.register_autograd(
     "torchext::two_layer_square", backward, setup_context=setup_context
 )
@@ -156,4 +214,12 @@ torch.library.register_autograd(
     "torchext::two_layer_square_backward",
     _backward_of_backward,
     setup_context=_setup_backward_context,
+)
+torch.library.register_autograd(
+    "torchext::_two_layer_square_forward", planned_backward, setup_context=setup_planned_context
+)
+torch.library.register_autograd(
+    "torchext::_two_layer_square_backward",
+    _backward_of_internal_backward,
+    setup_context=_setup_internal_backward_context,
 )

@@ -41,13 +41,50 @@ class TwoLayerSquare(torch.autograd.Function):
         return torch.stack([TwoLayerSquare.apply(*args) for args in members]), 0
 
 
-def two_layer_square(z, W, V, B, A):
+class PlannedTwoLayerSquare(torch.autograd.Function):
+    """The face behind two_layer_square and TwoLayerSquareNet: forward returns
+    (f, r, q) from the internal fused forward op with the requested plan, and
+    saves r and q (two N×k tensors) so the fused backward recomputes nothing.
+    Same backward formula and torch.func support as TwoLayerSquare."""
+
+    @staticmethod
+    def forward(z, W, V, B, A, plan, save):
+        return _autograd.planned_forward(z, W, V, B, A, plan, save)
+
+    setup_context = staticmethod(_autograd.setup_planned_context)
+    backward = staticmethod(_autograd.planned_backward)
+
+    @staticmethod
+    def vmap(info, in_dims, z, W, V, B, A, plan, save):
+        if all(dim is None for dim in in_dims[1:5]):
+            zb = z.movedim(in_dims[0], 0)
+            f, r, q = PlannedTwoLayerSquare.apply(zb, W, V, B, A, plan, save)
+            rows = r.shape[0] // info.batch_size
+            shape = (info.batch_size, rows, r.shape[-1])
+            return (f, r.reshape(shape), q.reshape(shape)), (0, 0, 0)
+        members = _autograd.unbatched_slices(info, in_dims[:5], (z, W, V, B, A))
+        outs = [PlannedTwoLayerSquare.apply(*args, plan, save) for args in members]
+        return tuple(torch.stack([o[i] for o in outs]) for i in range(3)), (0, 0, 0)
+
+
+PLANS = ("auto", "direct", "folded", "quadratic")
+
+
+def two_layer_square(z, W, V, B, A, *, plan="auto"):
     """f = A · (B · V · relu(W z))² for z of shape (..., d); returns shape z.shape[:-1].
 
     W: (k, d), V: (m, k), B: (ell, m), A: (1, ell) or (ell,), all of z's dtype and device.
     Differentiable in every input (gradients from one fused backward call).
+
+    plan: "auto" (the cheapest association for these sizes, by a cost model of the
+    shapes alone), or force "direct" (B(V r), the eager order), "folded"
+    (M = B V once per call) or "quadratic" (f = rᵀ Q r with Q = Mᵀ diag(a) M).
     """
-    return TwoLayerSquare.apply(z, W, V, B, A)
+    _check_tensors((z, W, V, B, A))
+    if plan not in PLANS:
+        raise ValueError(f"two_layer_square: plan must be one of {PLANS}; got {plan!r}")
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (z, W, V, B, A))
+    return PlannedTwoLayerSquare.apply(z, W, V, B, A, plan, save)[0]
 
 
 @torch.library.register_vmap("torchext::two_layer_square")

@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from .function import two_layer_square
+from .function import PLANS, two_layer_square
 
 
 class TwoLayerSquareNet(nn.Module):
@@ -21,15 +21,19 @@ class TwoLayerSquareNet(nn.Module):
       of squares: f ≈ 1 for standard-normal z, whatever the widths).
 
     ``reset_parameters()`` redraws W and V, and A and B unless they were passed in.
+    ``plan`` is passed to :func:`torchext.two_layer_square` ("auto" by default).
     """
 
-    def __init__(self, d, k, m, ell, *, A=None, B=None, trainable_AB=False, device=None, dtype=None):
+    def __init__(self, d, k, m, ell, *, A=None, B=None, trainable_AB=False, plan="auto", device=None, dtype=None):
         super().__init__()
         for name, value in (("d", d), ("k", k), ("m", m), ("ell", ell)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TwoLayerSquareNet: {name} must be a non-negative int; got {value!r}")
         self.d, self.k, self.m, self.ell = d, k, m, ell
         self.trainable_AB = bool(trainable_AB)
+        if plan not in PLANS:
+            raise ValueError(f"TwoLayerSquareNet: plan must be one of {PLANS}; got {plan!r}")
+        self.plan = plan
         factory = {"device": device, "dtype": dtype}
         self.W = nn.Parameter(torch.empty(k, d, **factory))
         self.V = nn.Parameter(torch.empty(m, k, **factory))
@@ -65,7 +69,7 @@ class TwoLayerSquareNet(nn.Module):
             nn.init.uniform_(self.A, 0.0, 2.0 / max(self.ell, 1))
 
     def forward(self, z):
-        return two_layer_square(z, self.W, self.V, self.B, self.A)
+        return two_layer_square(z, self.W, self.V, self.B, self.A, plan=self.plan)
 
     def extra_repr(self):
-        return f"d={self.d}, k={self.k}, m={self.m}, ell={self.ell}, trainable_AB={self.trainable_AB}"
+        return f"d={self.d}, k={self.k}, m={self.m}, ell={self.ell}, trainable_AB={self.trainable_AB}, plan={self.plan!r}"

@@ -1,13 +1,16 @@
-// CPU kernels. The batch is cut into chunks of rows (see BatchPlan) whose
-// working set (x, r, u, y and their gradients) stays in cache while BLAS
-// products run on it; partitions of consecutive chunks run in parallel, each
-// accumulating its own partial weight gradients, summed in a fixed order.
+// CPU kernels for every plan. The batch is cut into chunks of rows (see
+// BatchPlan) whose working set (x, r, q and the head's vectors) stays in cache
+// while BLAS products run on it; chunks (forward) or partitions of chunks
+// (backward, each with its own partial weight gradients, summed in a fixed
+// order) run in parallel.
 #include "../two_layer_square.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <c10/util/SmallVector.h>
 
 #include <limits>
 #include <vector>
@@ -78,169 +81,296 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
   }
 }
 
-// torch.relu semantics: NaN stays NaN (a plain max(x, 0) would turn it into 0).
+// Elementwise loops over whole chunks, on restrict pointers and without
+// branches so that they vectorise (a data-dependent branch per element costs
+// more than the BLAS products at narrow widths).
+
+// torch.relu semantics, in place: NaN stays NaN (max(x, 0) would give 0).
 template <typename T>
-inline T relu(T x) {
-  return x > T(0) ? x : (x != x ? x : T(0));
+void relu_inplace(T* __restrict__ x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    x[i] = (v > T(0) || v != v) ? v : T(0);
+  }
 }
 
-// ReLU's derivative as torch's threshold_backward(grad, r, 0): a select, not a
-// product (a NaN upstream stays out of inactive units), and a NaN unit (r NaN)
-// passes its gradient through, as `r <= 0` is false for it.
+// p = (2 g_i q_ij) where not r_ij <= 0, else 0: ReLU's derivative as torch's
+// threshold_backward — a select, so a NaN upstream stays out of inactive
+// units, and a NaN unit (r NaN) passes its gradient through.
 template <typename T>
-inline T relu_backward(T grad, T r) {
-  return r <= T(0) ? T(0) : grad;
-}
-
-// Per-thread buffers for one chunk of `rows` samples.
-template <typename T>
-struct ChunkScratch {
-  std::vector<T> r, u, y, e, gu, gx;
-  ChunkScratch(const Dims& dims, int64_t rows, bool backward)
-      : r(rows * dims.k), u(rows * dims.m), y(rows * dims.ell) {
-    if (backward) {
-      e.resize(rows * dims.ell);
-      gu.resize(rows * dims.m);
-      gx.resize(rows * dims.k);
+void relu_grad_rows(int64_t n, int64_t k, const T* __restrict__ g,
+                    const T* __restrict__ q, const T* __restrict__ r,
+                    T* __restrict__ p) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = T(2) * g[i];
+    for (int64_t j = 0; j < k; ++j) {
+      const T v = s * q[i * k + j];
+      p[i * k + j] = r[i * k + j] <= T(0) ? T(0) : v;
     }
   }
+}
+
+// out_ij = g_i x_ij
+template <typename T>
+void scale_rows(int64_t n, int64_t k, const T* __restrict__ g,
+                const T* __restrict__ x, T* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = g[i];
+    for (int64_t j = 0; j < k; ++j) out[i * k + j] = s * x[i * k + j];
+  }
+}
+
+// y_ij *= a_j
+template <typename T>
+void scale_cols(int64_t n, int64_t ell, const T* __restrict__ a, T* __restrict__ y) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < ell; ++j) y[i * ell + j] *= a[j];
+}
+
+// f_i = Σ_j x_ij w_ij (w = x for squares, times a_j when a is given).
+template <typename T>
+void row_dots(int64_t n, int64_t k, const T* __restrict__ x,
+              const T* __restrict__ w, const T* __restrict__ a,
+              T* __restrict__ f) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * k;
+    const T* wi = w + i * k;
+    T acc = 0;
+    if (a != nullptr) {
+      for (int64_t j = 0; j < k; ++j) acc += a[j] * (xi[j] * wi[j]);
+    } else {
+      for (int64_t j = 0; j < k; ++j) acc += xi[j] * wi[j];
+    }
+    f[i] = acc;
+  }
+}
+
+// Gram blocks: only blocks on or above the diagonal are multiplied (about
+// half the work of a full product), the rest is mirrored at the end.
+constexpr int64_t kGramBlock = 64;
+
+// Per-thread buffers for one chunk; inline storage covers the tiny-N case
+// (z a single vector) without a heap allocation.
+template <typename T>
+using Buffer = c10::SmallVector<T, 64>;
+
+template <typename T>
+struct ChunkScratch {
+  Buffer<T> r, q, u, y, p;
+  ChunkScratch(const Dims& d, int64_t rows)
+      : r(rows * d.k), q(rows * d.k), u(rows * d.m), y(rows * d.ell), p(rows * d.k) {}
 };
 
-// r = relu(z W^T), u = r V^T, y = u B^T for rows [0, n) of the chunk at zc.
 template <typename T>
-void chunk_forward(const Dims& dims, const T* zc, int64_t n, const T* W,
-                   const T* V, const T* B, ChunkScratch<T>& s) {
+struct Operands {
+  const T *z, *W, *V, *B, *a, *M, *Q;
+};
+
+template <typename T>
+Operands<T> operands(const ComputeInputs& in, const Head& head) {
+  return {in.z.const_data_ptr<T>(), in.W.const_data_ptr<T>(),
+          in.V.const_data_ptr<T>(), in.B.const_data_ptr<T>(),
+          in.a.const_data_ptr<T>(),
+          head.M.defined() ? head.M.const_data_ptr<T>() : nullptr,
+          head.Q.defined() ? head.Q.const_data_ptr<T>() : nullptr};
+}
+
+// One chunk of the forward: r = relu(z Wᵀ), then the plan's head gives f and,
+// when save, q = Mᵀ diag(a) M r in the plan's association order.
+template <typename T>
+void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
+                   const T* zc, int64_t n, bool save, T* f, T* r, T* q,
+                   ChunkScratch<T>& s) {
   const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
-  gemm_rm<T>(false, true, n, k, d, zc, d, W, d, T(0), s.r.data(), k);
-  for (int64_t i = 0; i < n * k; ++i) s.r[i] = relu(s.r[i]);
-  gemm_rm<T>(false, true, n, m, k, s.r.data(), k, V, k, T(0), s.u.data(), m);
-  gemm_rm<T>(false, true, n, ell, m, s.u.data(), m, B, m, T(0), s.y.data(), ell);
+  gemm_rm<T>(false, true, n, k, d, zc, d, op.W, d, T(0), r, k);
+  relu_inplace(r, n * k);
+  T* y = s.y.data();
+  switch (plan) {
+    case Plan::kDirect:
+      gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), s.u.data(), m);
+      gemm_rm<T>(false, true, n, ell, m, s.u.data(), m, op.B, m, T(0), y, ell);
+      row_dots(n, ell, y, y, op.a, f);
+      if (save) {  // q = Vᵀ (Bᵀ (a ⊙ y))
+        scale_cols(n, ell, op.a, y);
+        gemm_rm<T>(false, false, n, m, ell, y, ell, op.B, m, T(0), s.u.data(), m);
+        gemm_rm<T>(false, false, n, k, m, s.u.data(), m, op.V, k, T(0), q, k);
+      }
+      break;
+    case Plan::kFolded:
+      gemm_rm<T>(false, true, n, ell, k, r, k, op.M, k, T(0), y, ell);
+      row_dots(n, ell, y, y, op.a, f);
+      if (save) {  // q = Mᵀ (a ⊙ y)
+        scale_cols(n, ell, op.a, y);
+        gemm_rm<T>(false, false, n, k, ell, y, ell, op.M, k, T(0), q, k);
+      }
+      break;
+    case Plan::kQuadratic:
+      gemm_rm<T>(false, true, n, k, k, r, k, op.Q, k, T(0), q, k);
+      row_dots<T>(n, k, r, q, nullptr, f);
+      break;
+  }
 }
 
 template <typename T>
-void forward_impl(const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
-  const BatchPlan plan = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
-  const T* z = in.z.const_data_ptr<T>();
-  const T* W = in.W.const_data_ptr<T>();
-  const T* V = in.V.const_data_ptr<T>();
-  const T* B = in.B.const_data_ptr<T>();
-  const T* a = in.a.const_data_ptr<T>();
-  T* out = f.mutable_data_ptr<T>();
+void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
+                  ForwardOutputs& out) {
+  const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
+  const Head head = fold_head(in, plan);
+  const Operands<T> op = operands<T>(in, head);
+  const bool save = out.r.size(0) == dims.N;
+  T* f = out.f.mutable_data_ptr<T>();
+  T* r_saved = save ? out.r.mutable_data_ptr<T>() : nullptr;
+  T* q_saved = save ? out.q.mutable_data_ptr<T>() : nullptr;
   // No reduction across samples here, so chunks are the unit of parallelism.
-  at::parallel_for(0, plan.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    ChunkScratch<T> s(dims, plan.chunk_rows, /*backward=*/false);
+  at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    ChunkScratch<T> s(dims, std::min(bp.chunk_rows, dims.N));
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * plan.chunk_rows;
-      const int64_t n = std::min(plan.chunk_rows, dims.N - r0);
-      chunk_forward(dims, z + r0 * dims.d, n, W, V, B, s);
-      for (int64_t i = 0; i < n; ++i) {
-        const T* yi = s.y.data() + i * dims.ell;
-        T acc = 0;
-        for (int64_t q = 0; q < dims.ell; ++q) acc += a[q] * (yi[q] * yi[q]);
-        out[r0 + i] = acc;
-      }
+      const int64_t r0 = c * bp.chunk_rows;
+      const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
+      T* r = save ? r_saved + r0 * dims.k : s.r.data();
+      T* q = save ? q_saved + r0 * dims.k : s.q.data();
+      forward_chunk(dims, plan, op, op.z + r0 * dims.d, n, save, f + r0, r, q, s);
     }
   });
 }
 
 template <typename T>
 void backward_impl(const Dims& dims, const ComputeInputs& in,
-                   const at::Tensor& grad, const OutputMask& mask,
+                   const at::Tensor& grad, const at::Tensor& r_saved,
+                   const at::Tensor& q_saved, Plan plan, const OutputMask& mask,
                    GradBuffers& bufs) {
-  const BatchPlan plan = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
+  const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
   const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
-  const T* z = in.z.const_data_ptr<T>();
-  const T* W = in.W.const_data_ptr<T>();
-  const T* V = in.V.const_data_ptr<T>();
-  const T* B = in.B.const_data_ptr<T>();
-  const T* a = in.a.const_data_ptr<T>();
+  const Operands<T> op = operands<T>(in, Head{});
   const T* g = grad.const_data_ptr<T>();
+  const T* rs = r_saved.const_data_ptr<T>();
+  const T* qs = q_saved.const_data_ptr<T>();
   T* gz = mask[kZ] ? bufs.acc[kZ].mutable_data_ptr<T>() : nullptr;
-  const bool need_gu = mask[kZ] || mask[kW] || mask[kV];
-  const bool need_gx = mask[kZ] || mask[kW];
-  const bool need_e = need_gu || mask[kB];
+  const bool need_p = mask[kZ] || mask[kW];
+  const bool need_head = mask[kV] || mask[kB] || mask[kA];
+  const bool use_gram = need_head && plan != Plan::kDirect;
 
-  // Partition 0 accumulates straight into the result buffers; the others get
-  // zeroed partials, added afterwards in partition order.
-  std::vector<std::array<at::Tensor, kNumInputs>> partials(plan.partitions);
-  for (int64_t p = 0; p < plan.partitions; ++p) {
-    for (int i = kW; i < kNumInputs; ++i) {
-      if (!mask[i]) continue;
-      partials[p][i] = p == 0 ? bufs.acc[i] : at::zeros_like(bufs.acc[i]);
-    }
-  }
-  auto ptr = [&](int64_t p, int i) -> T* {
-    return mask[i] ? partials[p][i].mutable_data_ptr<T>() : nullptr;
-  };
+  // What each partition accumulates: dW, and either the Gram (k×k) or the
+  // direct chain's dV, dB, dA. Partition 0 writes into the results (or the
+  // Gram) directly; the others get zeroed partials, added in partition order.
+  enum Slot { kSlotW, kSlotV, kSlotB, kSlotA, kSlotGram, kSlots };
+  at::Tensor gram = use_gram ? at::zeros({k, k}, in.z.options()) : at::Tensor();
+  std::array<at::Tensor, kSlots> total = {
+      mask[kW] ? bufs.acc[kW] : at::Tensor(),
+      mask[kV] && !use_gram ? bufs.acc[kV] : at::Tensor(),
+      mask[kB] && !use_gram ? bufs.acc[kB] : at::Tensor(),
+      mask[kA] && !use_gram ? bufs.acc[kA] : at::Tensor(), gram};
+  std::vector<std::array<at::Tensor, kSlots>> partials(bp.partitions);
+  for (int64_t p = 0; p < bp.partitions; ++p)
+    for (int i = 0; i < kSlots; ++i)
+      if (total[i].defined())
+        partials[p][i] = p == 0 ? total[i] : at::zeros_like(total[i]);
 
-  at::parallel_for(0, plan.partitions, 1, [&](int64_t p0, int64_t p1) {
-    ChunkScratch<T> s(dims, plan.chunk_rows, /*backward=*/true);
-    for (int64_t p = p0; p < p1; ++p) {
-      T* gW = ptr(p, kW);
-      T* gV = ptr(p, kV);
-      T* gB = ptr(p, kB);
-      T* gA = ptr(p, kA);
-      const int64_t c_end =
-          std::min(plan.num_chunks, (p + 1) * plan.chunks_per_partition);
-      for (int64_t c = p * plan.chunks_per_partition; c < c_end; ++c) {
-        const int64_t r0 = c * plan.chunk_rows;
-        const int64_t n = std::min(plan.chunk_rows, dims.N - r0);
-        const T* zc = z + r0 * d;
+  at::parallel_for(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
+    ChunkScratch<T> s(dims, std::min(bp.chunk_rows, dims.N));
+    for (int64_t part = p0; part < p1; ++part) {
+      auto slot = [&](int i) -> T* {
+        return partials[part][i].defined() ? partials[part][i].template mutable_data_ptr<T>() : nullptr;
+      };
+      T *gW = slot(kSlotW), *gV = slot(kSlotV), *gB = slot(kSlotB),
+        *gA = slot(kSlotA), *G = slot(kSlotGram);
+      const int64_t c_end = std::min(bp.num_chunks, (part + 1) * bp.chunks_per_partition);
+      for (int64_t c = part * bp.chunks_per_partition; c < c_end; ++c) {
+        const int64_t r0 = c * bp.chunk_rows;
+        const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
+        const T* zc = op.z + r0 * d;
         const T* gc = g + r0;
-        chunk_forward(dims, zc, n, W, V, B, s);
-        if (gA) {
-          for (int64_t i = 0; i < n; ++i) {
-            const T* yi = s.y.data() + i * ell;
-            for (int64_t q = 0; q < ell; ++q) gA[q] += gc[i] * (yi[q] * yi[q]);
+        const T* r = rs + r0 * k;
+        const T* q = qs + r0 * k;
+        T* pbuf = s.p.data();
+        if (need_p) {  // p = 2 g q ⊙ 1[r > 0]
+          relu_grad_rows(n, k, gc, q, r, pbuf);
+          if (gW) gemm_rm<T>(true, false, k, d, n, pbuf, k, zc, d, T(1), gW, d);
+          if (gz) gemm_rm<T>(false, false, n, d, k, pbuf, k, op.W, d, T(0), gz + r0 * d, d);
+        }
+        if (!need_head) continue;
+        if (use_gram) {  // G += (g ⊙ r)ᵀ r, upper block triangle only
+          scale_rows(n, k, gc, r, pbuf);
+          for (int64_t b0 = 0; b0 < k; b0 += kGramBlock) {
+            const int64_t bn = std::min(kGramBlock, k - b0);
+            gemm_rm<T>(true, false, bn, k - b0, n, pbuf + b0, k, r + b0, k, T(1),
+                       G + b0 * k + b0, k);
+          }
+          continue;
+        }
+        // direct: the chain again in the eager association order.
+        T* u = s.u.data();
+        T* y = s.y.data();
+        gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), u, m);
+        gemm_rm<T>(false, true, n, ell, m, u, m, op.B, m, T(0), y, ell);
+        for (int64_t i = 0; i < n; ++i) {
+          for (int64_t j = 0; j < ell; ++j) {
+            T& yij = y[i * ell + j];
+            if (gA) gA[j] += gc[i] * (yij * yij);
+            yij = T(2) * (gc[i] * op.a[j]) * yij;  // y becomes e = 2 g a ⊙ y
           }
         }
-        if (!need_e) continue;
-        for (int64_t i = 0; i < n; ++i) {
-          const T* yi = s.y.data() + i * ell;
-          T* ei = s.e.data() + i * ell;
-          for (int64_t q = 0; q < ell; ++q) ei[q] = T(2) * (gc[i] * a[q]) * yi[q];
+        if (gB) gemm_rm<T>(true, false, ell, m, n, y, ell, u, m, T(1), gB, m);
+        if (gV) {
+          gemm_rm<T>(false, false, n, m, ell, y, ell, op.B, m, T(0), u, m);  // u becomes Bᵀe
+          gemm_rm<T>(true, false, m, k, n, u, m, r, k, T(1), gV, k);
         }
-        if (gB) gemm_rm<T>(true, false, ell, m, n, s.e.data(), ell, s.u.data(), m, T(1), gB, m);
-        if (!need_gu) continue;
-        gemm_rm<T>(false, false, n, m, ell, s.e.data(), ell, B, m, T(0), s.gu.data(), m);
-        if (gV) gemm_rm<T>(true, false, m, k, n, s.gu.data(), m, s.r.data(), k, T(1), gV, k);
-        if (!need_gx) continue;
-        gemm_rm<T>(false, false, n, k, m, s.gu.data(), m, V, k, T(0), s.gx.data(), k);
-        for (int64_t i = 0; i < n * k; ++i) s.gx[i] = relu_backward(s.gx[i], s.r[i]);
-        if (gW) gemm_rm<T>(true, false, k, d, n, s.gx.data(), k, zc, d, T(1), gW, d);
-        if (gz) gemm_rm<T>(false, false, n, d, k, s.gx.data(), k, W, d, T(0), gz + r0 * d, d);
       }
     }
   });
 
-  for (int64_t p = 1; p < plan.partitions; ++p) {
-    for (int i = kW; i < kNumInputs; ++i) {
-      if (mask[i]) bufs.acc[i].add_(partials[p][i]);
-    }
+  for (int64_t p = 1; p < bp.partitions; ++p)
+    for (int i = 0; i < kSlots; ++i)
+      if (total[i].defined()) total[i].add_(partials[p][i]);
+
+  if (use_gram) {
+    T* G = gram.mutable_data_ptr<T>();
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < i; ++j) G[i * k + j] = G[j * k + i];
+    add_grads_from_gram(in, fold_head(in, Plan::kFolded).M, gram, mask, bufs);
   }
+}
+
+ForwardResult forward_internal_cpu(const at::Tensor& z, const at::Tensor& W,
+                                   const at::Tensor& V, const at::Tensor& B,
+                                   const at::Tensor& A, c10::string_view plan,
+                                   bool save_for_backward) {
+  return run_forward(z, W, V, B, A, plan, save_for_backward,
+                     [](const Dims& dims, const ComputeInputs& in, Plan p, ForwardOutputs& out) {
+    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cpu", [&] {
+      forward_impl<scalar_t>(dims, in, p, out);
+    });
+  });
+}
+
+BackwardResult backward_internal_cpu(const at::Tensor& grad, const at::Tensor& z,
+                                     const at::Tensor& W, const at::Tensor& V,
+                                     const at::Tensor& B, const at::Tensor& A,
+                                     const at::Tensor& r, const at::Tensor& q,
+                                     c10::string_view plan,
+                                     std::array<bool, 5> output_mask) {
+  return run_backward(grad, z, W, V, B, A, r, q, plan, output_mask,
+                      [](const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
+                         const at::Tensor& r, const at::Tensor& q, Plan p,
+                         const OutputMask& mask, GradBuffers& bufs) {
+    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cpu", [&] {
+      backward_impl<scalar_t>(dims, in, g, r, q, p, mask, bufs);
+    });
+  });
 }
 
 at::Tensor two_layer_square_cpu(const at::Tensor& z, const at::Tensor& W,
                                 const at::Tensor& V, const at::Tensor& B,
                                 const at::Tensor& A) {
-  return run_forward(z, W, V, B, A, [](const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
-    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cpu", [&] {
-      forward_impl<scalar_t>(dims, in, f);
-    });
-  });
+  return public_forward(z, W, V, B, A, forward_internal_cpu);
 }
 
 BackwardResult two_layer_square_backward_cpu(
     const at::Tensor& grad, const at::Tensor& z, const at::Tensor& W,
     const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
     std::array<bool, 5> output_mask) {
-  return run_backward(grad, z, W, V, B, A, output_mask,
-                      [](const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
-                         const OutputMask& mask, GradBuffers& bufs) {
-    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cpu", [&] {
-      backward_impl<scalar_t>(dims, in, g, mask, bufs);
-    });
-  });
+  return public_backward(grad, z, W, V, B, A, output_mask, forward_internal_cpu,
+                         backward_internal_cpu);
 }
 
 }  // namespace
@@ -248,6 +378,8 @@ BackwardResult two_layer_square_backward_cpu(
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {
   m.impl("two_layer_square", &two_layer_square_cpu);
   m.impl("two_layer_square_backward", &two_layer_square_backward_cpu);
+  m.impl("_two_layer_square_forward", &forward_internal_cpu);
+  m.impl("_two_layer_square_backward", &backward_internal_cpu);
 }
 
 }  // namespace torchext

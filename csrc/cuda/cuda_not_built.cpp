@@ -30,11 +30,26 @@ BackwardResult backward_unavailable(const at::Tensor&, const at::Tensor&,
   fail();
 }
 
+ForwardResult internal_forward_unavailable(const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, c10::string_view, bool) {
+  fail();
+}
+
+BackwardResult internal_backward_unavailable(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    c10::string_view, std::array<bool, 5>) {
+  fail();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchext, CUDA, m) {
   m.impl("two_layer_square", &forward_unavailable);
   m.impl("two_layer_square_backward", &backward_unavailable);
+  m.impl("_two_layer_square_forward", &internal_forward_unavailable);
+  m.impl("_two_layer_square_backward", &internal_backward_unavailable);
 }
 
 }  // namespace torchext

@@ -1,10 +1,11 @@
-// CUDA kernels. One warp owns one sample at a time: its lanes split the
-// output features of each layer, the per-sample vectors live in shared memory
-// (or, for very wide layers, in a global scratch slice of the warp), and the
-// square-and-weight reduction is a fixed shuffle tree, so f is deterministic.
-// The backward writes the per-sample vectors of a chunk of rows and folds them
-// into the weight gradients with cuBLAS products, chunk after chunk in order:
-// no floating-point atomics, bitwise reproducible.
+// CUDA backend. The direct plan's inference forward is one fused kernel: a
+// warp owns a sample at a time, its lanes split the output features of each
+// layer, the per-sample vectors live in shared memory (or, for very wide
+// layers, in a global scratch slice of the warp), and the square-and-weight
+// reduction is a fixed shuffle tree, so f is deterministic. Everything else
+// runs the device-generic ATen implementation (two_layer_square_aten.cpp) on
+// cuBLAS, chunk after chunk in a fixed order: no floating-point atomics,
+// bitwise reproducible.
 #include "../two_layer_square.h"
 
 #include <ATen/ATen.h>
@@ -24,8 +25,10 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kThreads = kWarp * kWarpsPerBlock;
 constexpr int64_t kMaxBlocks = 8192;
 constexpr size_t kSharedLimit = 48 * 1024;  // no opt-in needed on any arch
-// Elements of per-chunk buffers in the backward (64 MiB in float32).
+// Per-chunk working set of the ATen path (64 MiB in float32), and enough rows
+// for the weight-gradient products to be efficient.
 constexpr int64_t kChunkScratchElems = int64_t{1} << 24;
+constexpr int64_t kChunkMinRows = 1024;
 
 // torch.relu semantics: NaN stays NaN.
 template <typename T>
@@ -98,55 +101,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Per-sample vectors of one chunk of rows, written to the chunk buffers
-// (row n of each): r = relu(W z), u = V r, e = 2 g a*y, y2 = y*y,
-// gu = B^T e, gx = (V^T gu) where not r <= 0, gz = W^T gx. A null pointer means
-// "not requested"; the buffers double as the warp's working storage.
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-    backward_rows_kernel(const T* __restrict__ z, const T* __restrict__ g,
-                         const T* __restrict__ W, const T* __restrict__ V,
-                         const T* __restrict__ B, const T* __restrict__ a,
-                         int64_t rows, int64_t d, int64_t k, int64_t m,
-                         int64_t ell, T* __restrict__ R, T* __restrict__ U,
-                         T* __restrict__ E, T* __restrict__ Y2,
-                         T* __restrict__ GU, T* __restrict__ GX,
-                         T* __restrict__ GZ) {
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  const int64_t stride = int64_t(gridDim.x) * kWarpsPerBlock;
-  for (int64_t n = int64_t(blockIdx.x) * kWarpsPerBlock + warp; n < rows; n += stride) {
-    const T* zn = z + n * d;
-    T* r = R + n * k;
-    T* u = U + n * m;
-    T* e = E + n * ell;
-    for (int64_t j = lane; j < k; j += kWarp) r[j] = relu(dot_row(W + j * d, zn, d));
-    __syncwarp();
-    for (int64_t i = lane; i < m; i += kWarp) u[i] = dot_row(V + i * k, r, k);
-    __syncwarp();
-    const T gn = g[n];
-    for (int64_t q = lane; q < ell; q += kWarp) {
-      const T y = dot_row(B + q * m, u, m);
-      e[q] = T(2) * (gn * a[q]) * y;
-      if (Y2 != nullptr) Y2[n * ell + q] = y * y;
-    }
-    if (GU == nullptr) continue;
-    __syncwarp();
-    T* gu = GU + n * m;
-    for (int64_t i = lane; i < m; i += kWarp) gu[i] = dot_col(B, m, i, e, ell);
-    if (GX == nullptr) continue;
-    __syncwarp();
-    T* gx = GX + n * k;
-    for (int64_t j = lane; j < k; j += kWarp) {
-      const T gr = dot_col(V, k, j, gu, m);
-      gx[j] = r[j] <= T(0) ? T(0) : gr;  // threshold_backward: a select; NaN passes
-    }
-    if (GZ == nullptr) continue;
-    __syncwarp();
-    for (int64_t s = lane; s < d; s += kWarp) GZ[n * d + s] = dot_col(W, d, s, gx, k);
-  }
-}
-
 template <typename T>
 T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
@@ -170,67 +124,52 @@ void launch_forward(const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void launch_backward(const Dims& dims, const ComputeInputs& in,
-                     const at::Tensor& g, const OutputMask& mask,
-                     GradBuffers& bufs) {
-  const BatchPlan plan = make_batch_plan(dims, kChunkScratchElems, /*min_rows=*/1024, /*max_partitions=*/1);
-  const int64_t C = std::min(plan.chunk_rows, dims.N);
-  const auto opts = in.z.options();
-  const bool need_gu = mask[kZ] || mask[kW] || mask[kV];
-  const bool need_gx = mask[kZ] || mask[kW];
-  at::Tensor R = at::empty({C, dims.k}, opts);
-  at::Tensor U = at::empty({C, dims.m}, opts);
-  at::Tensor E = at::empty({C, dims.ell}, opts);
-  at::Tensor Y2 = mask[kA] ? at::empty({C, dims.ell}, opts) : at::Tensor();
-  at::Tensor GU = need_gu ? at::empty({C, dims.m}, opts) : at::Tensor();
-  at::Tensor GX = need_gx ? at::empty({C, dims.k}, opts) : at::Tensor();
-  auto stream = at::cuda::getCurrentCUDAStream();
+ForwardResult forward_internal_cuda(const at::Tensor& z, const at::Tensor& W,
+                                    const at::Tensor& V, const at::Tensor& B,
+                                    const at::Tensor& A, c10::string_view plan,
+                                    bool save_for_backward) {
+  return run_forward(z, W, V, B, A, plan, save_for_backward,
+                     [&z](const Dims& dims, const ComputeInputs& in, Plan p, ForwardOutputs& out) {
+    const c10::cuda::CUDAGuard device_guard(z.device());
+    if (p == Plan::kDirect && out.r.size(0) == 0) {
+      AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cuda", [&] {
+        launch_forward<scalar_t>(dims, in, out.f);
+      });
+      return;
+    }
+    const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
+    forward_aten(dims, in, p, bp.chunk_rows, out);
+  });
+}
 
-  for (int64_t c = 0; c < plan.num_chunks; ++c) {
-    const int64_t r0 = c * plan.chunk_rows;
-    const int64_t n = std::min(plan.chunk_rows, dims.N - r0);
-    const int64_t blocks = std::min(ceil_div(n, kWarpsPerBlock), kMaxBlocks);
-    T* gz = mask[kZ] ? bufs.acc[kZ].mutable_data_ptr<T>() + r0 * dims.d : nullptr;
-    backward_rows_kernel<T><<<blocks, kThreads, 0, stream>>>(
-        in.z.const_data_ptr<T>() + r0 * dims.d, g.const_data_ptr<T>() + r0,
-        in.W.const_data_ptr<T>(), in.V.const_data_ptr<T>(),
-        in.B.const_data_ptr<T>(), in.a.const_data_ptr<T>(), n, dims.d, dims.k,
-        dims.m, dims.ell, R.mutable_data_ptr<T>(), U.mutable_data_ptr<T>(),
-        E.mutable_data_ptr<T>(), ptr_or_null<T>(Y2), ptr_or_null<T>(GU),
-        ptr_or_null<T>(GX), gz);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    // Weight gradients: sums over the chunk's rows, chunk after chunk.
-    if (mask[kW]) bufs.acc[kW].addmm_(GX.narrow(0, 0, n).t(), in.z.narrow(0, r0, n));
-    if (mask[kV]) bufs.acc[kV].addmm_(GU.narrow(0, 0, n).t(), R.narrow(0, 0, n));
-    if (mask[kB]) bufs.acc[kB].addmm_(E.narrow(0, 0, n).t(), U.narrow(0, 0, n));
-    if (mask[kA]) bufs.acc[kA].addmv_(Y2.narrow(0, 0, n).t(), g.narrow(0, r0, n));
-  }
+BackwardResult backward_internal_cuda(const at::Tensor& grad, const at::Tensor& z,
+                                      const at::Tensor& W, const at::Tensor& V,
+                                      const at::Tensor& B, const at::Tensor& A,
+                                      const at::Tensor& r, const at::Tensor& q,
+                                      c10::string_view plan,
+                                      std::array<bool, 5> output_mask) {
+  return run_backward(grad, z, W, V, B, A, r, q, plan, output_mask,
+                      [&z](const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
+                           const at::Tensor& r, const at::Tensor& q, Plan p,
+                           const OutputMask& mask, GradBuffers& bufs) {
+    const c10::cuda::CUDAGuard device_guard(z.device());
+    const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
+    backward_aten(dims, in, g, r, q, p, mask, bp.chunk_rows, bufs);
+  });
 }
 
 at::Tensor two_layer_square_cuda(const at::Tensor& z, const at::Tensor& W,
                                  const at::Tensor& V, const at::Tensor& B,
                                  const at::Tensor& A) {
-  return run_forward(z, W, V, B, A, [&z](const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
-    const c10::cuda::CUDAGuard device_guard(z.device());
-    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cuda", [&] {
-      launch_forward<scalar_t>(dims, in, f);
-    });
-  });
+  return public_forward(z, W, V, B, A, forward_internal_cuda);
 }
 
 BackwardResult two_layer_square_backward_cuda(
     const at::Tensor& grad, const at::Tensor& z, const at::Tensor& W,
     const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
     std::array<bool, 5> output_mask) {
-  return run_backward(grad, z, W, V, B, A, output_mask,
-                      [&z](const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
-                           const OutputMask& mask, GradBuffers& bufs) {
-    const c10::cuda::CUDAGuard device_guard(z.device());
-    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cuda", [&] {
-      launch_backward<scalar_t>(dims, in, g, mask, bufs);
-    });
-  });
+  return public_backward(grad, z, W, V, B, A, output_mask, forward_internal_cuda,
+                         backward_internal_cuda);
 }
 
 }  // namespace
@@ -238,6 +177,8 @@ BackwardResult two_layer_square_backward_cuda(
 TORCH_LIBRARY_IMPL(torchext, CUDA, m) {
   m.impl("two_layer_square", &two_layer_square_cuda);
   m.impl("two_layer_square_backward", &two_layer_square_backward_cuda);
+  m.impl("_two_layer_square_forward", &forward_internal_cuda);
+  m.impl("_two_layer_square_backward", &backward_internal_cuda);
 }
 
 }  // namespace torchext

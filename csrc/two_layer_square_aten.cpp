@@ -1,0 +1,128 @@
+// The device-generic implementation of every plan in ATen ops, chunk by
+// chunk. The CUDA backend runs it around its fused kernels; for CPU tensors it
+// is registered as the test-only ops `_two_layer_square_{forward,backward}_aten`
+// so that the algorithm the GPU runs is checked by CI on machines without one.
+#include "two_layer_square.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace torchext {
+
+// ReLU's derivative as torch's threshold_backward(grad, r, 0): a select, so a
+// NaN upstream stays out of inactive units, and a NaN unit passes its gradient.
+static at::Tensor relu_backward(const at::Tensor& grad, const at::Tensor& r) {
+  return at::where(r <= 0, at::zeros({}, grad.options()), grad);
+}
+
+void forward_aten(const Dims& dims, const ComputeInputs& in, Plan plan,
+                  int64_t chunk_rows, ForwardOutputs& out) {
+  const bool save = out.r.size(0) == dims.N;
+  const Head head = fold_head(in, plan);
+  for (int64_t r0 = 0; r0 < dims.N; r0 += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, dims.N - r0);
+    const at::Tensor zc = in.z.narrow(0, r0, n);
+    at::Tensor r = at::relu(at::mm(zc, in.W.t()));
+    at::Tensor f, q;
+    switch (plan) {
+      case Plan::kDirect: {
+        const at::Tensor y = at::mm(at::mm(r, in.V.t()), in.B.t());
+        f = at::mv(y * y, in.a);
+        if (save) q = at::mm(at::mm(y * in.a, in.B), in.V);
+        break;
+      }
+      case Plan::kFolded: {
+        const at::Tensor y = at::mm(r, head.M.t());
+        f = at::mv(y * y, in.a);
+        if (save) q = at::mm(y * in.a, head.M);
+        break;
+      }
+      case Plan::kQuadratic:
+        q = at::mm(r, head.Q.t());
+        f = (r * q).sum(1);
+        break;
+    }
+    out.f.narrow(0, r0, n).copy_(f);
+    if (save) {
+      out.r.narrow(0, r0, n).copy_(r);
+      out.q.narrow(0, r0, n).copy_(q);
+    }
+  }
+}
+
+void backward_aten(const Dims& dims, const ComputeInputs& in,
+                   const at::Tensor& g, const at::Tensor& r_all,
+                   const at::Tensor& q_all, Plan plan, const OutputMask& mask,
+                   int64_t chunk_rows, GradBuffers& bufs) {
+  const bool need_p = mask[kZ] || mask[kW];
+  const bool need_head = mask[kV] || mask[kB] || mask[kA];
+  const bool use_gram = need_head && plan != Plan::kDirect;
+  at::Tensor G = use_gram ? at::zeros({dims.k, dims.k}, in.z.options()) : at::Tensor();
+  for (int64_t r0 = 0; r0 < dims.N; r0 += chunk_rows) {
+    const int64_t n = std::min(chunk_rows, dims.N - r0);
+    const at::Tensor zc = in.z.narrow(0, r0, n);
+    const at::Tensor r = r_all.narrow(0, r0, n);
+    const at::Tensor gc = g.narrow(0, r0, n).unsqueeze(1);
+    if (need_p) {
+      const at::Tensor p = relu_backward(2 * gc * q_all.narrow(0, r0, n), r);
+      if (mask[kW]) bufs.acc[kW].addmm_(p.t(), zc);
+      if (mask[kZ]) {
+        at::Tensor gz = bufs.acc[kZ].narrow(0, r0, n);
+        at::mm_out(gz, p, in.W);
+      }
+    }
+    if (!need_head) continue;
+    if (use_gram) {
+      G.addmm_((r * gc).t(), r);
+      continue;
+    }
+    // direct: the chain again, in the eager association order.
+    const at::Tensor u = at::mm(r, in.V.t());
+    const at::Tensor y = at::mm(u, in.B.t());
+    if (mask[kA]) bufs.acc[kA].addmv_((y * y).t(), gc.squeeze(1));
+    const at::Tensor e = 2 * gc * in.a * y;
+    if (mask[kB]) bufs.acc[kB].addmm_(e.t(), u);
+    if (mask[kV]) bufs.acc[kV].addmm_(at::mm(e, in.B).t(), r);
+  }
+  if (use_gram) add_grads_from_gram(in, fold_head(in, Plan::kFolded).M, G, mask, bufs);
+}
+
+namespace {
+
+// Chunks for the test ops: small, so CI runs the multi-chunk paths.
+constexpr int64_t kTestChunkRows = 64;
+
+ForwardResult forward_aten_op(const at::Tensor& z, const at::Tensor& W,
+                              const at::Tensor& V, const at::Tensor& B,
+                              const at::Tensor& A, c10::string_view plan,
+                              bool save) {
+  return run_forward(z, W, V, B, A, plan, save,
+                     [](const Dims& dims, const ComputeInputs& in, Plan p,
+                        ForwardOutputs& out) {
+                       forward_aten(dims, in, p, kTestChunkRows, out);
+                     });
+}
+
+BackwardResult backward_aten_op(const at::Tensor& grad, const at::Tensor& z,
+                                const at::Tensor& W, const at::Tensor& V,
+                                const at::Tensor& B, const at::Tensor& A,
+                                const at::Tensor& r, const at::Tensor& q,
+                                c10::string_view plan,
+                                std::array<bool, 5> output_mask) {
+  return run_backward(grad, z, W, V, B, A, r, q, plan, output_mask,
+                      [](const Dims& dims, const ComputeInputs& in,
+                         const at::Tensor& g, const at::Tensor& r,
+                         const at::Tensor& q, Plan p, const OutputMask& mask,
+                         GradBuffers& bufs) {
+                        backward_aten(dims, in, g, r, q, p, mask, kTestChunkRows, bufs);
+                      });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchext, CPU, m) {
+  m.impl("_two_layer_square_forward_aten", &forward_aten_op);
+  m.impl("_two_layer_square_backward_aten", &backward_aten_op);
+}
+
+}  // namespace torchext
