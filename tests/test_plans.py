@@ -1,0 +1,208 @@
+"""The algebraic plan: every path against the float64 reference, the cost
+model's choices, the accuracy bound, cancellation, NaN, and saved memory."""
+import pytest
+import torch
+
+import torchext
+from conftest import DEVICES, SHAPES, assert_matches, make_inputs, reference_outputs, rel_err
+
+OPS = torch.ops.torchext
+PLANS = ["direct", "folded", "quadratic"]
+NAMES = ("z", "W", "V", "B", "A")
+# Shape families for the plans, including ell < k and ell > k.
+PLAN_SHAPES = {
+    "ell<k": ((37,), 9, 24, 11, 5),
+    "ell>k": ((29,), 7, 5, 13, 31),
+    "square": ((64,), 16, 16, 16, 16),
+    "primes": SHAPES["primes"],
+    "vector": SHAPES["vector"],
+    "two-leading": SHAPES["two-leading"],
+    "empty-batch": SHAPES["empty-batch"],
+    "many-chunks": ((1500,), 8, 12, 10, 6),
+}
+
+
+def planned(inputs, g, plan, wants=(True,) * 5):
+    leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
+    f = torchext.two_layer_square(*leaves, plan=plan)
+    req = [t for t in leaves if t.requires_grad]
+    grads = iter(torch.autograd.grad(f, req, g.to(f.dtype).to(f.device)) if req else ())
+    return f, [next(grads) if w else None for w in wants]
+
+
+def eager32(inputs, g):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    f = torchext.reference.two_layer_square(*leaves)
+    return f, list(torch.autograd.grad(f, leaves, g.to(f.dtype)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("shape", list(PLAN_SHAPES), ids=list(PLAN_SHAPES))
+def test_each_plan_float64(shape, plan, device):
+    inputs = make_inputs(PLAN_SHAPES[shape], torch.float64, device, seed=hash(shape) % 1000)
+    f_ref, g, grads_ref = reference_outputs(inputs)
+    f, grads = planned(inputs, g, plan)
+    assert_matches(f, f_ref, torch.float64, "f")
+    for name, gr, ref in zip(NAMES, grads, grads_ref):
+        assert_matches(gr, ref, torch.float64, "d" + name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("shape", ["ell<k", "ell>k", "square", "many-chunks"])
+def test_each_plan_float32_within_10x_of_eager(shape, plan, device):
+    # error = ‖out − out₆₄‖ / ‖out₆₄‖ for f and each gradient, on fresh random inputs
+    for seed in range(2):
+        inputs = make_inputs(PLAN_SHAPES[shape], torch.float32, device, seed=100 + seed)
+        f_ref, g, grads_ref = reference_outputs(inputs)
+        f, grads = planned(inputs, g, plan)
+        f_e, grads_e = eager32(inputs, g)
+        for name, got, eag, ref in zip(("f",) + NAMES, [f] + grads, [f_e] + grads_e, [f_ref] + grads_ref):
+            bound = 10 * max(rel_err(eag, ref), 1e-7)
+            assert rel_err(got, ref) <= bound, f"{plan} {name}: {rel_err(got, ref):.2e} > {bound:.2e}"
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_every_subset_requiring_grad(plan):
+    import itertools
+
+    inputs = make_inputs(PLAN_SHAPES["ell>k"], torch.float64, seed=5)
+    for wants in itertools.product([False, True], repeat=5):
+        f_ref, g, grads_ref = reference_outputs(inputs, wants=wants)
+        f, grads = planned(inputs, g, plan, wants)
+        for name, gr, ref in zip(NAMES, grads, grads_ref):
+            assert (gr is None) == (ref is None)
+            if ref is not None:
+                assert_matches(gr, ref, torch.float64, f"{plan} {wants} d{name}")
+
+
+def test_plans_really_differ():
+    # Forcing a plan changes the association order: the float32 results are
+    # close but not bitwise equal, so each test above exercises its own path.
+    inputs = make_inputs(((200,), 32, 24, 20, 28), torch.float32, seed=3)
+    outs = [torchext.two_layer_square(*inputs, plan=p) for p in PLANS]
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2]) and not torch.equal(outs[0], outs[2])
+
+
+def test_cost_model_choices():
+    plan = OPS._plan
+    assert plan(1, 16, 16, 16, 16) == "direct"              # z a vector: no per-call products
+    assert plan(8192, 64, 64, 1024, 1024) == "quadratic"    # wide m, ell: per-sample cost k·d + k²
+    assert plan(4096, 128, 128, 128, 128) == "quadratic"
+    assert plan(4096, 128, 256, 128, 8) == "folded"         # ell ≪ k: M r is cheaper than Q r
+    for shape in [(1, 3, 5, 7, 11), (10**5, 512, 3, 512, 512)]:
+        assert plan(*shape, plan="direct") == "direct"
+    with pytest.raises(ValueError, match='plan must be "auto", "direct", "folded" or "quadratic"; got "fast"'):
+        plan(3, 3, 3, 3, 3, plan="fast")
+
+
+def test_bad_plan_name():
+    inputs = make_inputs(SHAPES["small"], torch.float32)
+    with pytest.raises(ValueError, match=r"plan must be one of \('auto', 'direct', 'folded', 'quadratic'\); got 'fast'"):
+        torchext.two_layer_square(*inputs, plan="fast")
+    with pytest.raises(ValueError, match='plan must be "auto"'):
+        OPS._two_layer_square_forward(*inputs, "fast", False)
+    with pytest.raises(ValueError, match="plan must be one of"):
+        torchext.TwoLayerSquareNet(3, 3, 3, 3, plan="fast")
+
+
+def cancelling_inputs(n=256, d=12, k=8, ell=6, scale=1e4, seed=0, dtype=torch.float32):
+    """A with mixed signs and |y| ≪ ‖B‖‖V r‖: M = B V has rows s·(e₀ − e₁) + O(1)
+    and W's first two rows almost agree, so y = M r = s (r₀ − r₁) + O(1) cancels
+    for every sample while each term is O(s)."""
+    gen = torch.Generator().manual_seed(seed)
+    opts = {"generator": gen, "dtype": torch.float64}
+    z = torch.randn(n, d, **opts)
+    W = torch.randn(k, d, **opts) / d ** 0.5
+    W[1] = W[0] + 1e-5 * torch.randn(d, **opts)
+    V = torch.randn(k, k, **opts) / k ** 0.5 + 2 * torch.eye(k, dtype=torch.float64)  # m = k, invertible
+    M = torch.randn(ell, k, **opts)
+    M[:, 0] += scale
+    M[:, 1] -= scale
+    B = M @ torch.linalg.inv(V)
+    A = torch.where(torch.arange(ell) % 2 == 0, 1.0, -1.0).to(torch.float64).reshape(1, ell)
+    return [t.to(dtype) for t in (z, W, V, B, A)]
+
+
+def cancellation_errors():
+    """Relative errors (f and each gradient) of each plan and of eager float32."""
+    inputs = cancelling_inputs()
+    f_ref, g, grads_ref = reference_outputs(inputs)
+    errors = {}
+    f_e, grads_e = eager32(inputs, g)
+    errors["eager"] = [rel_err(o, r) for o, r in zip([f_e] + grads_e, [f_ref] + grads_ref)]
+    for plan in PLANS:
+        f, grads = planned(inputs, g, plan)
+        errors[plan] = [rel_err(o, r) for o, r in zip([f] + grads, [f_ref] + grads_ref)]
+    return errors
+
+
+def test_cancellation_direct_plan_stays_within_bound():
+    errors = cancellation_errors()
+    for i, name in enumerate(("f",) + NAMES):
+        bound = 10 * max(errors["eager"][i], 1e-7)
+        assert errors["direct"][i] <= bound, (name, errors["direct"][i], bound)
+    # ...while the quadratic form really does lose accuracy there (documented).
+    assert errors["quadratic"][0] > 20 * errors["eager"][0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("index", range(5), ids=NAMES)
+def test_nan_on_every_plan(index, plan, device):
+    inputs = list(make_inputs(PLAN_SHAPES["primes"], torch.float64, device, seed=index))
+    t = inputs[index].clone()
+    t.view(-1)[t.numel() // 2] = float("nan")
+    inputs[index] = t
+    f, grads = planned(inputs, torch.ones(13, dtype=torch.float64), plan)
+    f_ref, _, grads_ref = reference_outputs([x.cpu() for x in inputs])
+    # Each output is NaN where eager's is: elementwise on the direct plan; as a
+    # tensor on the others, whose association spreads a NaN differently inside it.
+    for name, got, ref in zip(("f",) + NAMES, [f] + grads, [f_ref] + grads_ref):
+        got, ref = torch.isnan(got.cpu()), torch.isnan(ref)
+        assert got.any() == ref.any(), name
+        if plan == "direct":
+            assert torch.equal(got, ref), name
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_saved_for_backward_is_inputs_plus_two_n_by_k(plan):
+    N, d, k, m, ell = 300, 9, 7, 40, 50
+    inputs = [t.requires_grad_() for t in make_inputs(((N,), d, k, m, ell), torch.float32, seed=1)]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f = torchext.two_layer_square(*inputs, plan=plan)
+    input_ptrs = {t.data_ptr() for t in inputs}
+    extra = [t for t in saved if t.data_ptr() not in input_ptrs]
+    assert sum(t.numel() for t in extra) <= 2 * N * k
+    assert all(t.shape == (N, k) for t in extra)
+    f.sum().backward()
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_generic_aten_path_matches(plan):
+    # The device-generic ATen implementation (what the CUDA backend runs) on CPU,
+    # with chunks of 64 rows, against the float64 reference.
+    for shape in ["many-chunks", "ell<k", "ell>k", "vector"]:
+        inputs = make_inputs(PLAN_SHAPES[shape], torch.float64, seed=7)
+        f_ref, g, grads_ref = reference_outputs(inputs)
+        f, r, q = OPS._two_layer_square_forward_aten(*inputs, plan, True)
+        assert_matches(f, f_ref, torch.float64, "f")
+        grads = OPS._two_layer_square_backward_aten(g.reshape(f.shape), *inputs, r, q, plan, [True] * 5)
+        for name, gr, ref in zip(NAMES, grads, grads_ref):
+            assert_matches(gr, ref, torch.float64, f"{shape} d{name}")
+        f_nosave, r0, _ = OPS._two_layer_square_forward_aten(*inputs, plan, False)
+        assert r0.shape[0] == 0 and torch.allclose(f_nosave, f)
+
+
+def test_module_plan_argument():
+    net = torchext.TwoLayerSquareNet(6, 5, 4, 3, plan="quadratic", dtype=torch.float64)
+    assert "plan='quadratic'" in repr(net)
+    z = torch.randn(11, 6, dtype=torch.float64)
+    assert_matches(net(z), torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A), torch.float64)
