@@ -349,7 +349,8 @@ ForwardResult forward_internal_meta(const at::Tensor& z, const at::Tensor& W,
   SymDims dims = check_forward_args(z, W, V, B, A);
   check_plan_name(plan);
   const auto opts = z.options().dtype(compute_dtype(z.scalar_type()));
-  const c10::SymInt rows = save_for_backward ? dims.N : c10::SymInt(0);
+  const c10::SymInt rows =
+      save_for_backward && keeps_saved(dims.d, dims.k) ? dims.N : c10::SymInt(0);
   return {at::empty_symint(dims.batch_shape, z.options()),
           at::empty_symint({rows, dims.k}, opts),
           at::empty_symint({rows, dims.k}, opts)};
@@ -358,8 +359,8 @@ ForwardResult forward_internal_meta(const at::Tensor& z, const at::Tensor& W,
 BackwardResult backward_internal_meta(
     const at::Tensor& grad, const at::Tensor& z, const at::Tensor& W,
     const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
-    const at::Tensor& r, const at::Tensor& q, c10::string_view plan,
-    std::array<bool, 5> output_mask) {
+    const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& q,
+    c10::string_view plan, std::array<bool, 5> output_mask) {
   check_plan_name(plan);
   return two_layer_square_backward_meta(grad, z, W, V, B, A, output_mask);
 }
@@ -382,15 +383,17 @@ TORCH_LIBRARY(torchext, m) {
       "Tensor B, Tensor A, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
   // Internal: the forward that also returns what the backward needs (r and
-  // q, see Plan), and the backward that consumes them. `plan` is "auto" or a
-  // forced plan; the backward resolves it as the training forward did.
+  // q, see Plan; (0, k) when keeps_saved says to recompute them), and the
+  // backward that consumes them (r, q None: recomputed chunk by chunk).
+  // `plan` is "auto" or a forced plan; the backward resolves it as the
+  // training forward did.
   m.def(
       "_two_layer_square_forward(Tensor z, Tensor W, Tensor V, Tensor B, "
       "Tensor A, str plan=\"auto\", bool save_for_backward=False) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "_two_layer_square_backward(Tensor grad, Tensor z, Tensor W, Tensor V, "
-      "Tensor B, Tensor A, Tensor r, Tensor q, str plan, bool[5] output_mask) "
+      "Tensor B, Tensor A, Tensor? r, Tensor? q, str plan, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
   m.def(
       "_plan(int N, int d, int k, int m, int ell, str plan=\"auto\", "
@@ -404,7 +407,7 @@ TORCH_LIBRARY(torchext, m) {
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "_two_layer_square_backward_aten(Tensor grad, Tensor z, Tensor W, "
-      "Tensor V, Tensor B, Tensor A, Tensor r, Tensor q, str plan, "
+      "Tensor V, Tensor B, Tensor A, Tensor? r, Tensor? q, str plan, "
       "bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
 }
 

@@ -48,6 +48,16 @@ SymDims check_backward_args(const at::Tensor& grad, const at::Tensor& z,
 
 Dims concrete(const SymDims& dims);
 
+// Whether a training forward keeps r and q for the backward. Saving costs
+// about 64·k per sample in memory traffic (written, read back, fresh pages);
+// recomputing them chunk by chunk in the backward costs about k·(d + k):
+// narrow layers recompute. Depends on d and k only, never on N, so a batch
+// size that changes under torch.compile never changes the outputs' shapes.
+template <typename Int>
+bool keeps_saved(const Int& d, const Int& k) {
+  return d + k >= 64;
+}
+
 // The saved r and q of the internal backward: (N, k) each, compute dtype, z's device.
 void check_saved(const Dims& dims, const at::Tensor& z, const at::Tensor& r,
                  const at::Tensor& q);
@@ -156,6 +166,7 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // `_..._aten` test ops run on the CPU, so CPU CI checks the CUDA algorithm.
 void forward_aten(const Dims& dims, const ComputeInputs& in, Plan plan,
                   int64_t chunk_rows, ForwardOutputs& out);
+// r and q undefined: the backward recomputes them chunk by chunk.
 void backward_aten(const Dims& dims, const ComputeInputs& in,
                    const at::Tensor& g, const at::Tensor& r,
                    const at::Tensor& q, Plan plan, const OutputMask& mask,
@@ -175,7 +186,7 @@ ForwardResult run_forward(const at::Tensor& z, const at::Tensor& W,
   check_plan_name(plan_name);
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
   const Plan plan = resolve_plan(dims, plan_name, save);
-  const int64_t saved_rows = save ? dims.N : 0;
+  const int64_t saved_rows = save && keeps_saved(dims.d, dims.k) ? dims.N : 0;
   ForwardOutputs out{at::empty({dims.N}, in.z.options()),
                      at::empty({saved_rows, dims.k}, in.z.options()),
                      at::empty({saved_rows, dims.k}, in.z.options())};
@@ -184,17 +195,22 @@ ForwardResult run_forward(const at::Tensor& z, const at::Tensor& W,
           std::move(out.q)};
 }
 
-// Internal backward from the saved r and q: kernel(dims, inputs, g, r, q,
-// plan, mask, buffers) runs on a non-empty batch with some gradient requested.
+// Internal backward from the saved r and q (or, when they are absent, with r
+// and q recomputed chunk by chunk): kernel(dims, inputs, g, r, q, plan, mask,
+// buffers) runs on a non-empty batch with some gradient requested; r and q
+// reach it contiguous, or undefined.
+using OptionalTensor = std::optional<at::Tensor>;
+
 template <typename Kernel>
 BackwardResult run_backward(const at::Tensor& grad, const at::Tensor& z,
                             const at::Tensor& W, const at::Tensor& V,
                             const at::Tensor& B, const at::Tensor& A,
-                            const at::Tensor& r, const at::Tensor& q,
+                            const OptionalTensor& r, const OptionalTensor& q,
                             c10::string_view plan_name, const OutputMask& mask,
                             Kernel&& kernel) {
   const Dims dims = concrete(check_backward_args(grad, z, W, V, B, A));
-  check_saved(dims, z, r, q);
+  const bool saved = r.has_value() && q.has_value();
+  if (saved) check_saved(dims, z, *r, *q);
   check_plan_name(plan_name);
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
   const Plan plan = resolve_plan(dims, plan_name, /*training=*/true);
@@ -202,15 +218,16 @@ BackwardResult run_backward(const at::Tensor& grad, const at::Tensor& z,
   bool any = false;
   for (bool b : mask) any = any || b;
   if (dims.N > 0 && any) {
-    kernel(dims, in, grad_to_compute(dims, grad), r.contiguous(), q.contiguous(),
-           plan, mask, bufs);
+    kernel(dims, in, grad_to_compute(dims, grad),
+           saved ? r->contiguous() : at::Tensor(),
+           saved ? q->contiguous() : at::Tensor(), plan, mask, bufs);
   }
   return to_tuple(finish_grads(dims, std::move(bufs), z, W, V, B, A));
 }
 
 // The public ops in terms of a backend's internal forward and backward: the
 // public forward is the internal one with plan "auto" and nothing saved; the
-// public backward recomputes r and q, then runs the internal backward.
+// public backward is the internal one recomputing r and q chunk by chunk.
 template <typename Forward>
 at::Tensor public_forward(const at::Tensor& z, const at::Tensor& W,
                           const at::Tensor& V, const at::Tensor& B,
@@ -218,16 +235,12 @@ at::Tensor public_forward(const at::Tensor& z, const at::Tensor& W,
   return std::get<0>(forward(z, W, V, B, A, "auto", false));
 }
 
-template <typename Forward, typename Backward>
+template <typename Backward>
 BackwardResult public_backward(const at::Tensor& grad, const at::Tensor& z,
                                const at::Tensor& W, const at::Tensor& V,
                                const at::Tensor& B, const at::Tensor& A,
-                               std::array<bool, 5> mask, Forward&& forward,
-                               Backward&& backward) {
-  check_backward_args(grad, z, W, V, B, A);
-  auto saved = forward(z, W, V, B, A, "auto", true);
-  return backward(grad, z, W, V, B, A, std::get<1>(saved), std::get<2>(saved),
-                  "auto", mask);
+                               std::array<bool, 5> mask, Backward&& backward) {
+  return backward(grad, z, W, V, B, A, std::nullopt, std::nullopt, "auto", mask);
 }
 
 }  // namespace torchext

@@ -15,37 +15,51 @@ static at::Tensor relu_backward(const at::Tensor& grad, const at::Tensor& r) {
   return at::where(r <= 0, at::zeros({}, grad.options()), grad);
 }
 
+namespace {
+
+struct ChunkOutputs {
+  at::Tensor f, r, q;
+};
+
+// One chunk: r = relu(z Wᵀ), then the plan's head gives f and (want_q) q.
+ChunkOutputs forward_chunk(const ComputeInputs& in, const Head& head, Plan plan,
+                           const at::Tensor& zc, bool want_q) {
+  ChunkOutputs out;
+  out.r = at::relu(at::mm(zc, in.W.t()));
+  switch (plan) {
+    case Plan::kDirect: {
+      const at::Tensor y = at::mm(at::mm(out.r, in.V.t()), in.B.t());
+      out.f = at::mv(y * y, in.a);
+      if (want_q) out.q = at::mm(at::mm(y * in.a, in.B), in.V);
+      break;
+    }
+    case Plan::kFolded: {
+      const at::Tensor y = at::mm(out.r, head.M.t());
+      out.f = at::mv(y * y, in.a);
+      if (want_q) out.q = at::mm(y * in.a, head.M);
+      break;
+    }
+    case Plan::kQuadratic:
+      out.q = at::mm(out.r, head.Q.t());
+      out.f = (out.r * out.q).sum(1);
+      break;
+  }
+  return out;
+}
+
+}  // namespace
+
 void forward_aten(const Dims& dims, const ComputeInputs& in, Plan plan,
                   int64_t chunk_rows, ForwardOutputs& out) {
   const bool save = out.r.size(0) == dims.N;
   const Head head = fold_head(in, plan);
   for (int64_t r0 = 0; r0 < dims.N; r0 += chunk_rows) {
     const int64_t n = std::min(chunk_rows, dims.N - r0);
-    const at::Tensor zc = in.z.narrow(0, r0, n);
-    at::Tensor r = at::relu(at::mm(zc, in.W.t()));
-    at::Tensor f, q;
-    switch (plan) {
-      case Plan::kDirect: {
-        const at::Tensor y = at::mm(at::mm(r, in.V.t()), in.B.t());
-        f = at::mv(y * y, in.a);
-        if (save) q = at::mm(at::mm(y * in.a, in.B), in.V);
-        break;
-      }
-      case Plan::kFolded: {
-        const at::Tensor y = at::mm(r, head.M.t());
-        f = at::mv(y * y, in.a);
-        if (save) q = at::mm(y * in.a, head.M);
-        break;
-      }
-      case Plan::kQuadratic:
-        q = at::mm(r, head.Q.t());
-        f = (r * q).sum(1);
-        break;
-    }
-    out.f.narrow(0, r0, n).copy_(f);
+    const ChunkOutputs c = forward_chunk(in, head, plan, in.z.narrow(0, r0, n), save);
+    out.f.narrow(0, r0, n).copy_(c.f);
     if (save) {
-      out.r.narrow(0, r0, n).copy_(r);
-      out.q.narrow(0, r0, n).copy_(q);
+      out.r.narrow(0, r0, n).copy_(c.r);
+      out.q.narrow(0, r0, n).copy_(c.q);
     }
   }
 }
@@ -57,14 +71,24 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
   const bool need_p = mask[kZ] || mask[kW];
   const bool need_head = mask[kV] || mask[kB] || mask[kA];
   const bool use_gram = need_head && plan != Plan::kDirect;
+  const bool recompute = !r_all.defined();
+  const Head head = recompute ? fold_head(in, plan) : Head{};
   at::Tensor G = use_gram ? at::zeros({dims.k, dims.k}, in.z.options()) : at::Tensor();
   for (int64_t r0 = 0; r0 < dims.N; r0 += chunk_rows) {
     const int64_t n = std::min(chunk_rows, dims.N - r0);
     const at::Tensor zc = in.z.narrow(0, r0, n);
-    const at::Tensor r = r_all.narrow(0, r0, n);
+    at::Tensor r, q;
+    if (recompute) {
+      ChunkOutputs c = forward_chunk(in, head, plan, zc, need_p);
+      r = c.r;
+      q = c.q;
+    } else {
+      r = r_all.narrow(0, r0, n);
+      q = q_all.narrow(0, r0, n);
+    }
     const at::Tensor gc = g.narrow(0, r0, n).unsqueeze(1);
     if (need_p) {
-      const at::Tensor p = relu_backward(2 * gc * q_all.narrow(0, r0, n), r);
+      const at::Tensor p = relu_backward(2 * gc * q, r);
       if (mask[kW]) bufs.acc[kW].addmm_(p.t(), zc);
       if (mask[kZ]) {
         at::Tensor gz = bufs.acc[kZ].narrow(0, r0, n);
@@ -84,7 +108,10 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
     if (mask[kB]) bufs.acc[kB].addmm_(e.t(), u);
     if (mask[kV]) bufs.acc[kV].addmm_(at::mm(e, in.B).t(), r);
   }
-  if (use_gram) add_grads_from_gram(in, fold_head(in, Plan::kFolded).M, G, mask, bufs);
+  if (use_gram) {
+    add_grads_from_gram(in, head.M.defined() ? head.M : fold_head(in, Plan::kFolded).M, G,
+                        mask, bufs);
+  }
 }
 
 namespace {
@@ -106,7 +133,7 @@ ForwardResult forward_aten_op(const at::Tensor& z, const at::Tensor& W,
 BackwardResult backward_aten_op(const at::Tensor& grad, const at::Tensor& z,
                                 const at::Tensor& W, const at::Tensor& V,
                                 const at::Tensor& B, const at::Tensor& A,
-                                const at::Tensor& r, const at::Tensor& q,
+                                const OptionalTensor& r, const OptionalTensor& q,
                                 c10::string_view plan,
                                 std::array<bool, 5> output_mask) {
   return run_backward(grad, z, W, V, B, A, r, q, plan, output_mask,

@@ -19,6 +19,7 @@ PLAN_SHAPES = {
     "two-leading": SHAPES["two-leading"],
     "empty-batch": SHAPES["empty-batch"],
     "many-chunks": ((1500,), 8, 12, 10, 6),
+    "many-chunks-kept": ((700,), 40, 30, 10, 6),  # d + k >= 64: r and q are saved
 }
 
 
@@ -50,7 +51,7 @@ def test_each_plan_float64(shape, plan, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("plan", PLANS)
-@pytest.mark.parametrize("shape", ["ell<k", "ell>k", "square", "many-chunks"])
+@pytest.mark.parametrize("shape", ["ell<k", "ell>k", "square", "many-chunks", "many-chunks-kept"])
 def test_each_plan_float32_within_10x_of_eager(shape, plan, device):
     # error = ‖out − out₆₄‖ / ‖out₆₄‖ for f and each gradient, on fresh random inputs
     for seed in range(2):
@@ -167,8 +168,10 @@ def test_nan_on_every_plan(index, plan, device):
 
 
 @pytest.mark.parametrize("plan", PLANS)
-def test_saved_for_backward_is_inputs_plus_two_n_by_k(plan):
-    N, d, k, m, ell = 300, 9, 7, 40, 50
+@pytest.mark.parametrize("d,k,kept", [(40, 30, True), (9, 7, False)])
+def test_saved_for_backward_is_inputs_plus_two_n_by_k(plan, d, k, kept):
+    # Wide enough (d + k >= 64): r and q are kept; narrower: recomputed in the backward.
+    N, m, ell = 300, 40, 50
     inputs = [t.requires_grad_() for t in make_inputs(((N,), d, k, m, ell), torch.float32, seed=1)]
     saved = []
 
@@ -179,24 +182,31 @@ def test_saved_for_backward_is_inputs_plus_two_n_by_k(plan):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         f = torchext.two_layer_square(*inputs, plan=plan)
     input_ptrs = {t.data_ptr() for t in inputs}
-    extra = [t for t in saved if t.data_ptr() not in input_ptrs]
+    extra = [t for t in saved if t.data_ptr() not in input_ptrs and t.numel()]
     assert sum(t.numel() for t in extra) <= 2 * N * k
-    assert all(t.shape == (N, k) for t in extra)
+    assert len(extra) == (2 if kept else 0) and all(t.shape == (N, k) for t in extra)
     f.sum().backward()
+    grads = [t.grad for t in inputs]
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    torchext.reference.two_layer_square(*leaves).sum().backward()
+    for got, want in zip(grads, leaves):
+        assert rel_err(got, want.grad) < 1e-4
 
 
 @pytest.mark.parametrize("plan", PLANS)
 def test_generic_aten_path_matches(plan):
     # The device-generic ATen implementation (what the CUDA backend runs) on CPU,
     # with chunks of 64 rows, against the float64 reference.
-    for shape in ["many-chunks", "ell<k", "ell>k", "vector"]:
+    for shape in ["many-chunks", "many-chunks-kept", "ell<k", "ell>k", "vector"]:
         inputs = make_inputs(PLAN_SHAPES[shape], torch.float64, seed=7)
         f_ref, g, grads_ref = reference_outputs(inputs)
         f, r, q = OPS._two_layer_square_forward_aten(*inputs, plan, True)
         assert_matches(f, f_ref, torch.float64, "f")
-        grads = OPS._two_layer_square_backward_aten(g.reshape(f.shape), *inputs, r, q, plan, [True] * 5)
-        for name, gr, ref in zip(NAMES, grads, grads_ref):
-            assert_matches(gr, ref, torch.float64, f"{shape} d{name}")
+        kept = r.shape[0] > 0
+        for saved in ([(r, q)] if kept else []) + [(None, None)]:  # from saved r, q / recomputed
+            grads = OPS._two_layer_square_backward_aten(g.reshape(f.shape), *inputs, *saved, plan, [True] * 5)
+            for name, gr, ref in zip(NAMES, grads, grads_ref):
+                assert_matches(gr, ref, torch.float64, f"{shape} d{name}")
         f_nosave, r0, _ = OPS._two_layer_square_forward_aten(*inputs, plan, False)
         assert r0.shape[0] == 0 and torch.allclose(f_nosave, f)
 

@@ -9,7 +9,7 @@ from . import _library  # noqa: F401  (loads the operators)
 _ops = torch.ops.torchext
 
 
-def _plain_eager():
+def plain_eager():
     """True outside torch.func transforms and torch.compile tracing: then the
     autograd.Function has already taken care of autograd, and the op can be
     called below the Autograd key, skipping its (redundant) registered autograd
@@ -19,7 +19,7 @@ def _plain_eager():
 
 def forward(z, W, V, B, A):
     """The fused forward op, as called from inside an autograd.Function."""
-    if _plain_eager():
+    if plain_eager():
         with torch._C._AutoDispatchBelowAutograd():
             return _ops.two_layer_square(z, W, V, B, A)
     return _ops.two_layer_square(z, W, V, B, A)
@@ -75,8 +75,6 @@ class TwoLayerSquareBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(grad, z, W, V, B, A, r, q, plan, output_mask):
-        if r is None:
-            return _ops.two_layer_square_backward(grad, z, W, V, B, A, output_mask)
         return _ops._two_layer_square_backward(grad, z, W, V, B, A, r, q, plan, output_mask)
 
     @staticmethod
@@ -102,11 +100,11 @@ def _call_backward(grad, z, W, V, B, A, r, q, plan, mask):
     result differentiable when it has to be."""
     if torch._C._are_functorch_transforms_active():
         return TwoLayerSquareBackward.apply(grad, z, W, V, B, A, r, q, plan, mask)
-    if r is None:
+    if r is None and plan == "auto":  # the raw op's face: its public backward op
         op, args = _ops.two_layer_square_backward, (grad, z, W, V, B, A, mask)
     else:
         op, args = _ops._two_layer_square_backward, (grad, z, W, V, B, A, r, q, plan, mask)
-    if not torch.is_grad_enabled() and _plain_eager():
+    if not torch.is_grad_enabled() and plain_eager():
         # First-order backward: nothing to record, so skip the Autograd key.
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
@@ -117,7 +115,7 @@ def _call_backward(grad, z, W, V, B, A, r, q, plan, mask):
 
 def planned_forward(z, W, V, B, A, plan, save):
     """The internal forward op (f, r, q), as called from inside an autograd.Function."""
-    if _plain_eager():
+    if plain_eager():
         with torch._C._AutoDispatchBelowAutograd():
             return _ops._two_layer_square_forward(z, W, V, B, A, plan, save)
     return _ops._two_layer_square_forward(z, W, V, B, A, plan, save)
@@ -132,16 +130,16 @@ def setup_planned_context(ctx, inputs, output):
 
 
 def planned_backward(ctx, grad, _grad_r=None, _grad_q=None):
-    """Backward of the planned forward: the internal fused backward op from the
-    saved r and q (or the public one, which recomputes them, if the forward did
-    not save them)."""
+    """Backward of the planned forward: the internal fused backward op, from the
+    saved r and q, or recomputing them where the forward did not keep them."""
     z, W, V, B, A, r, q = ctx.saved_tensors
-    mask = [bool(b) for b in ctx.needs_input_grad[:5]]
+    mask = list(ctx.needs_input_grad[:5])
     if not any(mask):
         return (None,) * 7
     if r.shape[0] != grad.numel():
         r = q = None
-    return (*_call_backward(grad, z, W, V, B, A, r, q, ctx.plan, mask), None, None)
+    dz, dW, dV, dB, dA = _call_backward(grad, z, W, V, B, A, r, q, ctx.plan, mask)
+    return dz, dW, dV, dB, dA, None, None
 
 
 def double_backward(g, z, W, V, B, A, cotangents, needs):

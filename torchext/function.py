@@ -8,6 +8,8 @@ _NAMES = ("z", "W", "V", "B", "A")
 
 
 def _check_tensors(args):
+    if all(isinstance(value, torch.Tensor) for value in args):
+        return
     for name, value in zip(_NAMES, args):
         if not isinstance(value, torch.Tensor):
             raise TypeError(
@@ -47,9 +49,11 @@ class PlannedTwoLayerSquare(torch.autograd.Function):
     saves r and q (two N×k tensors) so the fused backward recomputes nothing.
     Same backward formula and torch.func support as TwoLayerSquare."""
 
+    # (*args): autograd.Function.apply binds the arguments to forward's signature
+    # on every call, and that costs about twice as much for seven named parameters.
     @staticmethod
-    def forward(z, W, V, B, A, plan, save):
-        return _autograd.planned_forward(z, W, V, B, A, plan, save)
+    def forward(*args):
+        return _autograd.planned_forward(*args)
 
     setup_context = staticmethod(_autograd.setup_planned_context)
     backward = staticmethod(_autograd.planned_backward)
@@ -65,6 +69,23 @@ class PlannedTwoLayerSquare(torch.autograd.Function):
         members = _autograd.unbatched_slices(info, in_dims[:5], (z, W, V, B, A))
         outs = [PlannedTwoLayerSquare.apply(*args, plan, save) for args in members]
         return tuple(torch.stack([o[i] for o in outs]) for i in range(3)), (0, 0, 0)
+
+
+class _PlannedEagerTwoLayerSquare(torch.autograd.Function):
+    """The plain-eager twin of PlannedTwoLayerSquare: the same ops, saved tensors
+    and backward, but an old-style forward(ctx, ...) — autograd.Function.apply
+    then skips binding the arguments to forward's signature, which costs as much
+    as the fused kernels at small sizes. Used only outside torch.func transforms
+    and torch.compile tracing (those need setup_context)."""
+
+    @staticmethod
+    def forward(ctx, z, W, V, B, A, plan, save):
+        with torch._C._AutoDispatchBelowAutograd():
+            out = _ops._two_layer_square_forward(z, W, V, B, A, plan, save)
+        _autograd.setup_planned_context(ctx, (z, W, V, B, A, plan, save), out)
+        return out
+
+    backward = staticmethod(_autograd.planned_backward)
 
 
 PLANS = ("auto", "direct", "folded", "quadratic")
@@ -83,7 +104,11 @@ def two_layer_square(z, W, V, B, A, *, plan="auto"):
     _check_tensors((z, W, V, B, A))
     if plan not in PLANS:
         raise ValueError(f"two_layer_square: plan must be one of {PLANS}; got {plan!r}")
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (z, W, V, B, A))
+    save = torch.is_grad_enabled() and (
+        z.requires_grad or W.requires_grad or V.requires_grad or B.requires_grad or A.requires_grad
+    )
+    if _autograd.plain_eager():
+        return _PlannedEagerTwoLayerSquare.apply(z, W, V, B, A, plan, save)[0]
     return PlannedTwoLayerSquare.apply(z, W, V, B, A, plan, save)[0]
 
 

@@ -25,6 +25,8 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*,
 void dgemm_(const char*, const char*, const int*, const int*, const int*,
             const double*, const double*, const int*, const double*,
             const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's per-thread thread count (absent with other BLAS libraries).
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // C interface (by value)
 }
 
 namespace torchext {
@@ -34,7 +36,7 @@ namespace {
 // never fewer rows than kChunkMinRows.
 constexpr int64_t kChunkScratchElems = int64_t{1} << 17;
 constexpr int64_t kChunkMinRows = 256;
-constexpr int64_t kMaxPartitions = 16;
+constexpr int64_t kMaxPartitions = 8;
 
 template <typename T>
 using FortranGemm = void (*)(const char*, const char*, const int*, const int*,
@@ -84,6 +86,27 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
 // Elementwise loops over whole chunks, on restrict pointers and without
 // branches so that they vectorise (a data-dependent branch per element costs
 // more than the BLAS products at narrow widths).
+
+// Our parallelism is the batch plan's (chunks, partitions); BLAS stays
+// sequential inside it. Inside an OpenMP region MKL is sequential anyway; this
+// also covers the single-chunk case that runs on the calling thread, where MKL
+// would otherwise fork threads for every small product (and change how a
+// product is split with the machine's thread count).
+class SequentialBlas {
+ public:
+  SequentialBlas() : active_(MKL_Set_Num_Threads_Local != nullptr) {
+    if (active_) previous_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (active_) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  bool active_;
+  int previous_ = 0;
+};
 
 // torch.relu semantics, in place: NaN stays NaN (max(x, 0) would give 0).
 template <typename T>
@@ -156,9 +179,9 @@ using Buffer = c10::SmallVector<T, 64>;
 
 template <typename T>
 struct ChunkScratch {
-  Buffer<T> r, q, u, y, p;
+  Buffer<T> r, q, u, y, p, f;
   ChunkScratch(const Dims& d, int64_t rows)
-      : r(rows * d.k), q(rows * d.k), u(rows * d.m), y(rows * d.ell), p(rows * d.k) {}
+      : r(rows * d.k), q(rows * d.k), u(rows * d.m), y(rows * d.ell), p(rows * d.k), f(rows) {}
 };
 
 template <typename T>
@@ -222,6 +245,7 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
   T* r_saved = save ? out.r.mutable_data_ptr<T>() : nullptr;
   T* q_saved = save ? out.q.mutable_data_ptr<T>() : nullptr;
   // No reduction across samples here, so chunks are the unit of parallelism.
+  const SequentialBlas sequential_blas;
   at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
     ChunkScratch<T> s(dims, std::min(bp.chunk_rows, dims.N));
     for (int64_t c = c0; c < c1; ++c) {
@@ -241,10 +265,13 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
                    GradBuffers& bufs) {
   const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
   const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
-  const Operands<T> op = operands<T>(in, Head{});
+  // Without saved r and q (see keeps_saved), each chunk recomputes them.
+  const bool recompute = !r_saved.defined();
+  const Head head = recompute ? fold_head(in, plan) : Head{};
+  const Operands<T> op = operands<T>(in, head);
   const T* g = grad.const_data_ptr<T>();
-  const T* rs = r_saved.const_data_ptr<T>();
-  const T* qs = q_saved.const_data_ptr<T>();
+  const T* rs = recompute ? nullptr : r_saved.const_data_ptr<T>();
+  const T* qs = recompute ? nullptr : q_saved.const_data_ptr<T>();
   T* gz = mask[kZ] ? bufs.acc[kZ].mutable_data_ptr<T>() : nullptr;
   const bool need_p = mask[kZ] || mask[kW];
   const bool need_head = mask[kV] || mask[kB] || mask[kA];
@@ -266,6 +293,8 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
       if (total[i].defined())
         partials[p][i] = p == 0 ? total[i] : at::zeros_like(total[i]);
 
+  {
+  const SequentialBlas sequential_blas;
   at::parallel_for(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
     ChunkScratch<T> s(dims, std::min(bp.chunk_rows, dims.N));
     for (int64_t part = p0; part < p1; ++part) {
@@ -280,8 +309,12 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
         const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
         const T* zc = op.z + r0 * d;
         const T* gc = g + r0;
-        const T* r = rs + r0 * k;
-        const T* q = qs + r0 * k;
+        const T* r = recompute ? s.r.data() : rs + r0 * k;
+        const T* q = recompute ? s.q.data() : qs + r0 * k;
+        if (recompute) {
+          forward_chunk(dims, plan, op, zc, n, /*save=*/need_p, s.f.data(), s.r.data(),
+                        s.q.data(), s);
+        }
         T* pbuf = s.p.data();
         if (need_p) {  // p = 2 g q ⊙ 1[r > 0]
           relu_grad_rows(n, k, gc, q, r, pbuf);
@@ -318,6 +351,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
       }
     }
   });
+  }
 
   for (int64_t p = 1; p < bp.partitions; ++p)
     for (int i = 0; i < kSlots; ++i)
@@ -327,7 +361,8 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
     T* G = gram.mutable_data_ptr<T>();
     for (int64_t i = 0; i < k; ++i)
       for (int64_t j = 0; j < i; ++j) G[i * k + j] = G[j * k + i];
-    add_grads_from_gram(in, fold_head(in, Plan::kFolded).M, gram, mask, bufs);
+    add_grads_from_gram(in, head.M.defined() ? head.M : fold_head(in, Plan::kFolded).M, gram,
+                        mask, bufs);
   }
 }
 
@@ -346,7 +381,7 @@ ForwardResult forward_internal_cpu(const at::Tensor& z, const at::Tensor& W,
 BackwardResult backward_internal_cpu(const at::Tensor& grad, const at::Tensor& z,
                                      const at::Tensor& W, const at::Tensor& V,
                                      const at::Tensor& B, const at::Tensor& A,
-                                     const at::Tensor& r, const at::Tensor& q,
+                                     const OptionalTensor& r, const OptionalTensor& q,
                                      c10::string_view plan,
                                      std::array<bool, 5> output_mask) {
   return run_backward(grad, z, W, V, B, A, r, q, plan, output_mask,
@@ -369,8 +404,7 @@ BackwardResult two_layer_square_backward_cpu(
     const at::Tensor& grad, const at::Tensor& z, const at::Tensor& W,
     const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
     std::array<bool, 5> output_mask) {
-  return public_backward(grad, z, W, V, B, A, output_mask, forward_internal_cpu,
-                         backward_internal_cpu);
+  return public_backward(grad, z, W, V, B, A, output_mask, backward_internal_cpu);
 }
 
 }  // namespace

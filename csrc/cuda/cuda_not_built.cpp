@@ -38,8 +38,8 @@ ForwardResult internal_forward_unavailable(const at::Tensor&, const at::Tensor&,
 
 BackwardResult internal_backward_unavailable(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    c10::string_view, std::array<bool, 5>) {
+    const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+    const OptionalTensor&, c10::string_view, std::array<bool, 5>) {
   fail();
 }
 

@@ -145,7 +145,7 @@ ForwardResult forward_internal_cuda(const at::Tensor& z, const at::Tensor& W,
 BackwardResult backward_internal_cuda(const at::Tensor& grad, const at::Tensor& z,
                                       const at::Tensor& W, const at::Tensor& V,
                                       const at::Tensor& B, const at::Tensor& A,
-                                      const at::Tensor& r, const at::Tensor& q,
+                                      const OptionalTensor& r, const OptionalTensor& q,
                                       c10::string_view plan,
                                       std::array<bool, 5> output_mask) {
   return run_backward(grad, z, W, V, B, A, r, q, plan, output_mask,
@@ -168,8 +168,7 @@ BackwardResult two_layer_square_backward_cuda(
     const at::Tensor& grad, const at::Tensor& z, const at::Tensor& W,
     const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
     std::array<bool, 5> output_mask) {
-  return public_backward(grad, z, W, V, B, A, output_mask, forward_internal_cuda,
-                         backward_internal_cuda);
+  return public_backward(grad, z, W, V, B, A, output_mask, backward_internal_cuda);
 }
 
 }  // namespace

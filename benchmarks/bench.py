@@ -1,0 +1,346 @@
+"""Benchmark: torchext vs eager PyTorch vs torch.compile vs a no-op floor.
+
+    python benchmarks/bench.py [--device cpu|cuda] [--quick] [--cases a,b] [--no-compile]
+
+Times forward+backward (W and V trainable, loss = f.sum()) and forward-only
+(under torch.no_grad()) side by side in one run: contenders are interleaved
+round by round, each timed with torch.utils.benchmark (medians), and the best
+median over the rounds is kept. Prints a table, writes JSON and a PNG plot to
+benchmarks/results/. A script, not a test: timings are noisy; compare ratios.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+
+import torch
+from torch.utils import benchmark
+
+import torchext
+from torchext import reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# name: (N or None for z a vector, d, k, m, ell)
+CPU_CASES = {
+    "seed-vector": (None, 16, 16, 16, 16),
+    "small": (64, 64, 64, 64, 64),
+    "medium": (4096, 128, 128, 128, 128),
+    "large": (65536, 256, 256, 256, 256),
+    "wide-mid": (8192, 64, 64, 1024, 1024),
+    "narrow-tall": (262144, 16, 16, 16, 16),
+}
+GPU_CASES = {
+    "gpu-seed-vector": (None, 16, 16, 16, 16),
+    "gpu-small": (4096, 64, 64, 64, 64),
+    "gpu-medium": (262144, 64, 64, 64, 64),
+    "gpu-large": (1048576, 256, 256, 256, 256),
+    "gpu-wide-mid": (65536, 64, 64, 1024, 1024),
+}
+# Targets from the issues: (vs eager, vs torch.compile), fwd+bwd.
+TARGETS = {
+    "seed-vector": (1.75, None), "small": (2.0, None), "medium": (2.5, 2.0),
+    "large": (2.5, 1.8), "wide-mid": (20, 15), "narrow-tall": (4, 3),
+    "gpu-seed-vector": (2, None), "gpu-small": (3, 1.5), "gpu-medium": (3, 2),
+    "gpu-large": (1.5, 1.2), "gpu-wide-mid": (20, 15),
+}
+
+
+class NoOpFloor(torch.autograd.Function):
+    """The floor: a Python autograd.Function that does no work — forward returns
+    zeros shaped like f, backward zeros shaped like W and V."""
+
+    @staticmethod
+    def forward(z, W, V, B, A):
+        return z.new_zeros(z.shape[:-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.shapes = (inputs[1].shape, inputs[2].shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad.new_zeros(ctx.shapes[0]), grad.new_zeros(ctx.shapes[1]), None, None
+
+
+def make_case(shape, device, dtype=torch.float32, seed=0):
+    N, d, k, m, ell = shape
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*(() if N is None else (N,)), d, generator=g).to(device, dtype)
+    W = (torch.randn(k, d, generator=g) * (2 / d) ** 0.5).to(device, dtype).requires_grad_()
+    V = (torch.randn(m, k, generator=g) / k ** 0.5).to(device, dtype).requires_grad_()
+    B = (torch.randn(ell, m, generator=g) / m ** 0.5).to(device, dtype)
+    A = (torch.rand(1, ell, generator=g) * 2 / ell).to(device, dtype)
+    return z, W, V, B, A
+
+
+def plan_flops(shape, plan):
+    """Floating-point operations (2 per multiply-add) of one fwd+bwd of the plan."""
+    N, d, k, m, ell = shape
+    N = N or 1
+    fold = ell * m * k
+    if plan == "direct":
+        macs = N * (2 * k * d + 4 * m * k + 4 * ell * m)
+    elif plan == "folded":
+        macs = 3 * fold + ell * k * k + N * (2 * k * d + 2 * ell * k + 0.5 * k * k)
+    else:  # quadratic: 4Nkd + 3Nk² flops per sample work, plus the per-call products
+        macs = 3 * fold + 2 * ell * k * k + N * (2 * k * d + 1.5 * k * k)
+    return 2 * macs
+
+
+def timer_for(fn, device):
+    sync = "torch.cuda.synchronize()" if device == "cuda" else ""
+    return benchmark.Timer(stmt=f"fn(); {sync}", globals={"fn": fn, "torch": torch})
+
+
+def interleaved_medians(fns, device, rounds, min_run_time):
+    """Best (over rounds) median seconds per call of each fn, contenders interleaved."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            m = timer_for(fn, device).blocked_autorange(min_run_time=min_run_time)
+            best[name] = min(best[name], m.median)
+    return best
+
+
+def matmul_peak_gflops(device, n=2048):
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    t = timer_for(lambda: a @ b, device).blocked_autorange(min_run_time=1.0).median
+    return 2 * n ** 3 / t / 1e9
+
+
+def saved_bytes(fn):
+    """Bytes of tensors autograd saves for backward that are not the inputs."""
+    seen = []
+
+    def pack(t):
+        seen.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+def extra_saved_bytes(fn, inputs):
+    _, seen = saved_bytes(fn)
+    ptrs = {t.data_ptr() for t in inputs}
+    uniq = {}
+    for t in seen:
+        if t.data_ptr() not in ptrs:
+            uniq[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+    return sum(uniq.values())
+
+
+PEAK_RSS_CHILD = r"""
+import sys, torch, torchext
+from torchext import reference
+sys.path.insert(0, {here!r})
+from bench import make_case
+def rss(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+torch.manual_seed(0)
+z, W, V, B, A = make_case({shape!r}, 'cpu')
+fn = {{'torchext': torchext.two_layer_square, 'eager': reference.two_layer_square}}[{who!r}]
+open('/proc/self/clear_refs', 'w').write('5')   # reset the peak (VmHWM) to the current RSS
+before = rss('VmRSS:')
+fn(z, W, V, B, A).sum().backward()
+print(rss('VmHWM:') - before)
+"""
+
+
+def peak_rss_added(shape, who):
+    code = PEAK_RSS_CHILD.format(here=HERE, shape=shape, who=who)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return None
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def sweep_shapes(count, seed):
+    rng = random.Random(seed)
+    shapes = []
+    for _ in range(count):
+        N = int(10 ** rng.uniform(0, 5))
+        d, k, m, ell = (int(2 ** rng.uniform(0, 9)) for _ in range(4))
+        shapes.append((N, d, k, m, ell))
+    return shapes
+
+
+def run_case(name, shape, device, rounds, min_run_time, use_compile, compiled):
+    z, W, V, B, A = make_case(shape, device)
+    N = shape[0] or 1
+    plan = torch.ops.torchext._plan(N, *shape[1:])
+    fns = {
+        "torchext": lambda: torchext.two_layer_square(z, W, V, B, A).sum().backward(),
+        "eager": lambda: reference.two_layer_square(z, W, V, B, A).sum().backward(),
+        "floor": lambda: NoOpFloor.apply(z, W, V, B, A).sum().backward(),
+    }
+    if use_compile:
+        fns["compile"] = lambda: compiled(z, W, V, B, A).sum().backward()
+        for _ in range(2):
+            fns["compile"]()  # compile outside the timing
+    for fn in fns.values():
+        fn()
+    t = interleaved_medians(fns, device, rounds, min_run_time)
+
+    def no_grad(f):
+        def run():
+            with torch.no_grad():
+                f(z, W, V, B, A)
+        return run
+
+    tf = interleaved_medians({"torchext": no_grad(torchext.two_layer_square), "eager": no_grad(reference.two_layer_square)},
+                             device, rounds, min_run_time)
+    flops = plan_flops(shape, plan)
+    row = {
+        "name": name, "N": shape[0], "d": shape[1], "k": shape[2], "m": shape[3], "ell": shape[4],
+        "dtype": "float32", "plan": plan,
+        "torchext_ms": t["torchext"] * 1e3, "eager_ms": t["eager"] * 1e3,
+        "compile_ms": t["compile"] * 1e3 if "compile" in t else None, "floor_ms": t["floor"] * 1e3,
+        "torchext_fwd_ms": tf["torchext"] * 1e3, "eager_fwd_ms": tf["eager"] * 1e3,
+        "plan_gflop": flops / 1e9, "torchext_gflops": flops / t["torchext"] / 1e9,
+        "saved_bytes_torchext": extra_saved_bytes(lambda: torchext.two_layer_square(z, W, V, B, A), (z, W, V, B, A)),
+        "saved_bytes_eager": extra_saved_bytes(lambda: reference.two_layer_square(z, W, V, B, A), (z, W, V, B, A)),
+        "saved_bytes_limit": 2 * N * shape[2] * 4,
+    }
+    row["vs_eager"] = row["eager_ms"] / row["torchext_ms"]
+    row["vs_compile"] = row["compile_ms"] / row["torchext_ms"] if row["compile_ms"] else None
+    row["vs_floor"] = row["torchext_ms"] / row["floor_ms"]
+    row["fwd_vs_eager"] = row["eager_fwd_ms"] / row["torchext_fwd_ms"]
+    return row
+
+
+def fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all of the device's cases)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--min-run-time", type=float, default=0.5)
+    ap.add_argument("--sweep", type=int, default=12, help="random shapes in the guard-rail sweep (0: none)")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocess measurement")
+    ap.add_argument("--quick", action="store_true", help="1 round, short timings, 4 sweep shapes")
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rounds, args.min_run_time, args.sweep = 1, 0.2, min(args.sweep, 4)
+    device = args.device
+    cases = GPU_CASES if device == "cuda" else CPU_CASES
+    if args.cases:
+        cases = {n: cases[n] for n in args.cases.split(",")}
+    torch._dynamo.config.cache_size_limit = 64
+    compiled = None if args.no_compile else torch.compile(reference.two_layer_square)
+
+    card = torch.cuda.get_device_name(0) if device == "cuda" else (platform.processor() or platform.machine())
+    print(f"torchext benchmark on {device} ({card}, {torch.get_num_threads()} threads), torch {torch.__version__}")
+    peak = matmul_peak_gflops(device)
+    print(f"float32 matmul peak measured: {peak:.1f} GFLOP/s")
+
+    rows = []
+    hdr = f"{'case':<16}{'N':>8}{'d,k,m,ell':>18}{'plan':>11}{'torchext':>11}{'eager':>11}{'compile':>11}{'floor':>9}{'x eager':>9}{'x compile':>10}{'/floor':>8}{'fwd x':>7}{'% peak':>8}"
+    print(hdr)
+    for name, shape in cases.items():
+        row = run_case(name, shape, device, args.rounds, args.min_run_time, not args.no_compile, compiled)
+        row["fraction_of_peak"] = row["torchext_gflops"] / peak
+        rows.append(row)
+        widths = ",".join(str(x) for x in shape[1:])
+        print(f"{name:<16}{str(shape[0] or '(d,)'):>8}{widths:>18}{row['plan']:>11}"
+              f"{fmt(row['torchext_ms'])+'ms':>11}{fmt(row['eager_ms'])+'ms':>11}{fmt(row['compile_ms'])+'ms':>11}"
+              f"{fmt(row['floor_ms'], '.2g')+'ms':>9}{fmt(row['vs_eager'], '.2f'):>9}{fmt(row['vs_compile'], '.2f'):>10}"
+              f"{fmt(row['vs_floor'], '.2f'):>8}{fmt(row['fwd_vs_eager'], '.2f'):>7}{100 * row['fraction_of_peak']:>7.0f}%", flush=True)
+
+    sweep = []
+    if args.sweep:
+        print(f"\nguard-rail sweep ({args.sweep} seeded random shapes, fwd+bwd, torchext vs eager):")
+        for shape in sweep_shapes(args.sweep, seed=2026):
+            z, W, V, B, A = make_case(shape, device)
+            fns = {
+                "torchext": lambda: torchext.two_layer_square(z, W, V, B, A).sum().backward(),
+                "eager": lambda: reference.two_layer_square(z, W, V, B, A).sum().backward(),
+            }
+            t = interleaved_medians(fns, device, args.rounds, min(args.min_run_time, 0.3))
+            entry = {"N": shape[0], "d": shape[1], "k": shape[2], "m": shape[3], "ell": shape[4],
+                     "plan": torch.ops.torchext._plan(*shape), "torchext_ms": t["torchext"] * 1e3,
+                     "eager_ms": t["eager"] * 1e3, "vs_eager": t["eager"] / t["torchext"]}
+            sweep.append(entry)
+            print(f"  N={shape[0]:>6} d,k,m,ell={str(shape[1:]):<22} {entry['plan']:<10} {entry['vs_eager']:6.2f}x", flush=True)
+        print(f"  min ratio over the sweep: {min(e['vs_eager'] for e in sweep):.2f}x")
+
+    memory = {}
+    if not args.no_memory and device == "cpu" and "large" in cases:
+        for who in ("torchext", "eager"):
+            memory[f"peak_rss_added_{who}_bytes"] = peak_rss_added(cases["large"], who)
+        print(f"\npeak RSS added by one fwd+bwd at 'large' (fresh process): "
+              f"torchext {memory['peak_rss_added_torchext_bytes'] / 2**20:.0f} MiB, "
+              f"eager {memory['peak_rss_added_eager_bytes'] / 2**20:.0f} MiB")
+
+    print("\ntargets (fwd+bwd speed-up):")
+    for row in rows:
+        te, tc = TARGETS.get(row["name"], (None, None))
+        ok_e = te is None or row["vs_eager"] >= te
+        ok_c = tc is None or (row["vs_compile"] or 0) >= tc
+        print(f"  {row['name']:<16} vs eager {row['vs_eager']:.2f}x (target {te}x) {'ok' if ok_e else 'MISSED'}; "
+              f"vs compile {fmt(row['vs_compile'], '.2f')}x (target {tc}x) {'ok' if ok_c else 'MISSED'}")
+
+    record = {
+        "device": card, "device_type": device, "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__, "torchext_build": torchext.build_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "matmul_peak_gflops": peak, "rounds": args.rounds, "cases": rows, "sweep": sweep, "memory": memory,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = f"{datetime.date.today().isoformat()}-{device}"
+    with open(os.path.join(args.out, stem + ".json"), "w") as fh:
+        json.dump(record, fh, indent=1)
+    plot(rows, sweep, os.path.join(args.out, stem + ".png"), card)
+    print(f"\nwrote {os.path.join(args.out, stem + '.json')} and .png")
+    return record
+
+
+def plot(rows, sweep, path, card):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install '.[bench]')")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r["name"] for r in rows]
+    x = range(len(rows))
+    ax1.bar([i - 0.2 for i in x], [r["vs_eager"] for r in rows], 0.4, label="vs eager")
+    ax1.bar([i + 0.2 for i in x], [r["vs_compile"] or 0 for r in rows], 0.4, label="vs torch.compile")
+    ax1.set_xticks(list(x), names, rotation=30, ha="right")
+    ax1.set_yscale("log")
+    ax1.axhline(1, color="k", lw=0.8)
+    ax1.set_ylabel("speed-up, fwd+bwd (×)")
+    ax1.set_title("cases")
+    ax1.legend()
+    if sweep:
+        work = [(e["N"] or 1) * (e["k"] * e["d"] + e["m"] * e["k"] + e["ell"] * e["m"]) for e in sweep]
+        ax2.scatter(work, [e["vs_eager"] for e in sweep], c=["C0" if e["plan"] == "direct" else "C1" if e["plan"] == "folded" else "C2" for e in sweep])
+        ax2.set_xscale("log")
+        ax2.set_yscale("log")
+        ax2.axhline(1, color="k", lw=0.8)
+        ax2.set_xlabel("eager multiply-adds per forward, N·(kd + mk + ℓm)")
+        ax2.set_ylabel("speed-up vs eager (×)")
+        ax2.set_title("random-shape sweep (blue direct, orange folded, green quadratic)")
+    fig.suptitle(f"torchext fwd+bwd speed-up, float32, {card}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
