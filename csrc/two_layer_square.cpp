@@ -260,8 +260,10 @@ double plan_cost(const Dims& dims, Plan plan, bool training) {
   const double N = double(dims.N), d = double(dims.d), k = double(dims.k),
                m = double(dims.m), ell = double(dims.ell);
   // Per-call products: M = B V, Q = Mᵀ diag(a) M, and in the backward the
-  // products with the Gram (M G, Bᵀ D, D Vᵀ).
-  const double fold = ell * m * k;
+  // products with the Gram (M G, Bᵀ D, D Vᵀ). They also cost a fixed handful
+  // of extra op launches (about a million multiply-adds' worth of time on a
+  // CPU core), which decides the smallest problems in favour of direct.
+  const double fold = ell * m * k + (training ? 1e6 : 2.5e5);
   switch (plan) {
     case Plan::kDirect:
       // forward x, u, y (+ q when training: Bᵀ(a y), Vᵀ(.)); backward

@@ -12,6 +12,10 @@
 
 #include <c10/util/SmallVector.h>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include <limits>
 #include <vector>
 
@@ -81,6 +85,24 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
       }
     }
   }
+}
+
+// The saved r and q (and dz) are large, freshly allocated outputs written
+// once per call; first-touch page faults on them can cost as much as the
+// arithmetic. Where transparent huge pages are on "madvise", ask for them on
+// the 2 MiB-aligned interior of such a buffer (memory this call owns).
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes < 2 * kHuge) return;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 // Elementwise loops over whole chunks, on restrict pointers and without
@@ -242,6 +264,10 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
   const Operands<T> op = operands<T>(in, head);
   const bool save = out.r.size(0) == dims.N;
   T* f = out.f.mutable_data_ptr<T>();
+  if (save) {
+    advise_huge_pages(out.r);
+    advise_huge_pages(out.q);
+  }
   T* r_saved = save ? out.r.mutable_data_ptr<T>() : nullptr;
   T* q_saved = save ? out.q.mutable_data_ptr<T>() : nullptr;
   // No reduction across samples here, so chunks are the unit of parallelism.
@@ -272,6 +298,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
   const T* g = grad.const_data_ptr<T>();
   const T* rs = recompute ? nullptr : r_saved.const_data_ptr<T>();
   const T* qs = recompute ? nullptr : q_saved.const_data_ptr<T>();
+  if (mask[kZ]) advise_huge_pages(bufs.acc[kZ]);
   T* gz = mask[kZ] ? bufs.acc[kZ].mutable_data_ptr<T>() : nullptr;
   const bool need_p = mask[kZ] || mask[kW];
   const bool need_head = mask[kV] || mask[kB] || mask[kA];
