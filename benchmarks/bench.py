@@ -147,8 +147,9 @@ def rss(field):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 torch.manual_seed(0)
-z, W, V, B, A = make_case({shape!r}, 'cpu')
 fn = {{'torchext': torchext.two_layer_square, 'eager': reference.two_layer_square}}[{who!r}]
+fn(*make_case((64,) + {shape!r}[1:], 'cpu')).sum().backward()  # load code, start threads
+z, W, V, B, A = make_case({shape!r}, 'cpu')
 open('/proc/self/clear_refs', 'w').write('5')   # reset the peak (VmHWM) to the current RSS
 before = rss('VmRSS:')
 fn(z, W, V, B, A).sum().backward()
@@ -305,8 +306,40 @@ def main(argv=None):
     with open(os.path.join(args.out, stem + ".json"), "w") as fh:
         json.dump(record, fh, indent=1)
     plot(rows, sweep, os.path.join(args.out, stem + ".png"), card)
-    print(f"\nwrote {os.path.join(args.out, stem + '.json')} and .png")
+    with open(os.path.join(args.out, stem + ".md"), "w") as fh:
+        fh.write(markdown_table(record))
+    print(f"\nwrote {os.path.join(args.out, stem)}.json, .png and .md")
     return record
+
+
+def markdown_table(record):
+    """The README's table, from a run's record."""
+    lines = [
+        f"Measured {record['date']} on {record['device']} ({record['device_type']}, {record['threads']} threads), "
+        f"torch {record['torch_version']}, float32; median ms of fwd+bwd (W, V trainable, loss = f.sum()); "
+        f"best of {record['rounds']} interleaved rounds. Matmul peak measured in the same run: "
+        f"{record['matmul_peak_gflops']:.0f} GFLOP/s.",
+        "",
+        "| case | N | d, k, m, ℓ | plan | torchext | eager | torch.compile | no-op floor | × eager | × compile | / floor | fwd-only × eager | % of peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["cases"]:
+        lines.append(
+            f"| {r['name']} | {r['N'] or '(d,)'} | {r['d']}, {r['k']}, {r['m']}, {r['ell']} | {r['plan']} | "
+            f"{r['torchext_ms']:.3g} | {r['eager_ms']:.3g} | {fmt(r['compile_ms'])} | {r['floor_ms']:.2g} | "
+            f"{r['vs_eager']:.2f} | {fmt(r['vs_compile'], '.2f')} | {r['vs_floor']:.2f} | {r['fwd_vs_eager']:.2f} | "
+            f"{100 * r['fraction_of_peak']:.0f}% |"
+        )
+    if record["sweep"]:
+        ratios = [e["vs_eager"] for e in record["sweep"]]
+        lines += ["", f"Guard-rail sweep over {len(ratios)} seeded random shapes (in the JSON): "
+                      f"speed-up vs eager from {min(ratios):.2f}× to {max(ratios):.2f}×."]
+    mem = record.get("memory") or {}
+    if mem.get("peak_rss_added_torchext_bytes"):
+        lines += ["", f"Peak RSS added by one fwd+bwd at `large` (fresh process): torchext "
+                      f"{mem['peak_rss_added_torchext_bytes'] / 2**20:.0f} MiB, eager "
+                      f"{mem['peak_rss_added_eager_bytes'] / 2**20:.0f} MiB."]
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows, sweep, path, card):

@@ -5,6 +5,7 @@ import torch
 
 import torchext
 from conftest import DEVICES, SHAPES, assert_matches, make_inputs, reference_outputs, rel_err
+from torchext.testing import cancelling_inputs
 
 OPS = torch.ops.torchext
 PLANS = ["direct", "folded", "quadratic"]
@@ -108,27 +109,9 @@ def test_bad_plan_name():
         torchext.TwoLayerSquareNet(3, 3, 3, 3, plan="fast")
 
 
-def cancelling_inputs(n=256, d=12, k=8, ell=6, scale=1e4, seed=0, dtype=torch.float32):
-    """A with mixed signs and |y| ≪ ‖B‖‖V r‖: M = B V has rows s·(e₀ − e₁) + O(1)
-    and W's first two rows almost agree, so y = M r = s (r₀ − r₁) + O(1) cancels
-    for every sample while each term is O(s)."""
-    gen = torch.Generator().manual_seed(seed)
-    opts = {"generator": gen, "dtype": torch.float64}
-    z = torch.randn(n, d, **opts)
-    W = torch.randn(k, d, **opts) / d ** 0.5
-    W[1] = W[0] + 1e-5 * torch.randn(d, **opts)
-    V = torch.randn(k, k, **opts) / k ** 0.5 + 2 * torch.eye(k, dtype=torch.float64)  # m = k, invertible
-    M = torch.randn(ell, k, **opts)
-    M[:, 0] += scale
-    M[:, 1] -= scale
-    B = M @ torch.linalg.inv(V)
-    A = torch.where(torch.arange(ell) % 2 == 0, 1.0, -1.0).to(torch.float64).reshape(1, ell)
-    return [t.to(dtype) for t in (z, W, V, B, A)]
-
-
 def cancellation_errors():
     """Relative errors (f and each gradient) of each plan and of eager float32."""
-    inputs = cancelling_inputs()
+    inputs = cancelling_inputs()  # torchext.testing
     f_ref, g, grads_ref = reference_outputs(inputs)
     errors = {}
     f_e, grads_e = eager32(inputs, g)

@@ -125,6 +125,9 @@ def setup_planned_context(ctx, inputs, output):
     z, W, V, B, A, plan, save = inputs
     _, r, q = output
     ctx.mark_non_differentiable(r, q)
+    # r and q never receive gradients; without this autograd would hand the
+    # backward two zero-filled N×k tensors for them on every call.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(z, W, V, B, A, r, q)
     ctx.plan = plan
 
