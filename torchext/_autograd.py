@@ -137,7 +137,7 @@ def planned_backward(ctx, grad, _grad_r=None, _grad_q=None):
     saved r and q, or recomputing them where the forward did not keep them."""
     z, W, V, B, A, r, q = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:5])
-    if not any(mask):
+    if grad is None or not any(mask):  # (grads are not materialised: None means zero)
         return (None,) * 7
     if r.shape[0] != grad.numel():
         r = q = None
