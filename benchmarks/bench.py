@@ -84,7 +84,7 @@ def plan_flops(shape, plan):
     N = N or 1
     fold = ell * m * k
     if plan == "direct":
-        macs = N * (2 * k * d + 4 * m * k + 4 * ell * m)
+        macs = N * (2 * k * d + 4 * m * k + 3 * ell * m)
     elif plan == "folded":
         macs = 3 * fold + ell * k * k + N * (2 * k * d + 2 * ell * k + 0.5 * k * k)
     else:  # quadratic: 4Nkd + 3Nk² flops per sample work, plus the per-call products

@@ -266,9 +266,8 @@ double plan_cost(const Dims& dims, Plan plan, bool training) {
   const double fold = ell * m * k + (training ? 1e6 : 2.5e5);
   switch (plan) {
     case Plan::kDirect:
-      // forward x, u, y (+ q when training: Bᵀ(a y), Vᵀ(.)); backward
-      // recomputes u, y and forms dB, Bᵀe, dV, dW.
-      return training ? N * (2 * k * d + 4 * m * k + 4 * ell * m)
+      // forward x, u, y; backward runs u, y, Bᵀe, Vᵀ(.) again and forms dV, dW.
+      return training ? N * (2 * k * d + 4 * m * k + 3 * ell * m)
                       : N * (k * d + m * k + ell * m);
     case Plan::kFolded:
       return training ? 3 * fold + ell * k * k + N * (2 * k * d + 2 * ell * k + 0.5 * k * k)

@@ -126,9 +126,10 @@ BackwardResult to_tuple(std::array<std::optional<at::Tensor>, kNumInputs>&& g);
 //   direct     y = B (V r), f = Σ a y²                per sample k·d + m·k + ell·m
 //   folded     M = B V once; y = M r                  per sample k·d + ell·k
 //   quadratic  Q = Mᵀ diag(a) M once; f = rᵀ Q r      per sample k·d + k²
-// Every plan also yields q = ½ ∂f/∂r = Mᵀ diag(a) M r (in its own association
-// order), so the backward needs p = 2 g q ⊙ 1[r > 0] and, for V, B and A,
-// either the direct chain again (direct) or the Gram G = Σ g r rᵀ (others).
+// The folded and quadratic plans also yield q = ½ ∂f/∂r = Mᵀ diag(a) M r, so
+// their backward needs p = 2 g q ⊙ 1[r > 0] and, for V, B and A, the Gram
+// G = Σ g r rᵀ. The direct plan's backward runs the chain again in eager's
+// order instead (its saved q is zero and unused).
 enum class Plan { kDirect = 0, kFolded = 1, kQuadratic = 2 };
 
 const char* plan_name(Plan plan);

@@ -30,7 +30,8 @@ ChunkOutputs forward_chunk(const ComputeInputs& in, const Head& head, Plan plan,
     case Plan::kDirect: {
       const at::Tensor y = at::mm(at::mm(out.r, in.V.t()), in.B.t());
       out.f = at::mv(y * y, in.a);
-      if (want_q) out.q = at::mm(at::mm(y * in.a, in.B), in.V);
+      // The direct backward runs the chain again and needs no q.
+      if (want_q) out.q = at::zeros_like(out.r);
       break;
     }
     case Plan::kFolded: {
@@ -78,7 +79,9 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
     const int64_t n = std::min(chunk_rows, dims.N - r0);
     const at::Tensor zc = in.z.narrow(0, r0, n);
     at::Tensor r, q;
-    if (recompute) {
+    if (recompute && plan == Plan::kDirect) {
+      r = at::relu(at::mm(zc, in.W.t()));
+    } else if (recompute) {
       ChunkOutputs c = forward_chunk(in, head, plan, zc, need_p);
       r = c.r;
       q = c.q;
@@ -87,26 +90,30 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
       q = q_all.narrow(0, r0, n);
     }
     const at::Tensor gc = g.narrow(0, r0, n).unsqueeze(1);
+    at::Tensor p;
+    if (plan == Plan::kDirect) {
+      // The chain again, in the eager association order.
+      const at::Tensor u = at::mm(r, in.V.t());
+      const at::Tensor y = at::mm(u, in.B.t());
+      if (mask[kA]) bufs.acc[kA].addmv_((y * y).t(), gc.squeeze(1));
+      const at::Tensor e = 2 * gc * in.a * y;
+      if (mask[kB]) bufs.acc[kB].addmm_(e.t(), u);
+      if (mask[kV] || need_p) {
+        const at::Tensor gu = at::mm(e, in.B);
+        if (mask[kV]) bufs.acc[kV].addmm_(gu.t(), r);
+        if (need_p) p = relu_backward(at::mm(gu, in.V), r);
+      }
+    } else {
+      if (need_p) p = relu_backward(2 * gc * q, r);
+      if (use_gram) G.addmm_((r * gc).t(), r);
+    }
     if (need_p) {
-      const at::Tensor p = relu_backward(2 * gc * q, r);
       if (mask[kW]) bufs.acc[kW].addmm_(p.t(), zc);
       if (mask[kZ]) {
         at::Tensor gz = bufs.acc[kZ].narrow(0, r0, n);
         at::mm_out(gz, p, in.W);
       }
     }
-    if (!need_head) continue;
-    if (use_gram) {
-      G.addmm_((r * gc).t(), r);
-      continue;
-    }
-    // direct: the chain again, in the eager association order.
-    const at::Tensor u = at::mm(r, in.V.t());
-    const at::Tensor y = at::mm(u, in.B.t());
-    if (mask[kA]) bufs.acc[kA].addmv_((y * y).t(), gc.squeeze(1));
-    const at::Tensor e = 2 * gc * in.a * y;
-    if (mask[kB]) bufs.acc[kB].addmm_(e.t(), u);
-    if (mask[kV]) bufs.acc[kV].addmm_(at::mm(e, in.B).t(), r);
   }
   if (use_gram) {
     add_grads_from_gram(in, head.M.defined() ? head.M : fold_head(in, Plan::kFolded).M, G,

@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #endif
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -155,6 +156,12 @@ void relu_grad_rows(int64_t n, int64_t k, const T* __restrict__ g,
   }
 }
 
+// p = p where not r <= 0, else 0 (threshold_backward on a ready gradient).
+template <typename T>
+void relu_grad_inplace(int64_t n, const T* __restrict__ r, T* __restrict__ p) {
+  for (int64_t i = 0; i < n; ++i) p[i] = r[i] <= T(0) ? T(0) : p[i];
+}
+
 // out_ij = g_i x_ij
 template <typename T>
 void scale_rows(int64_t n, int64_t k, const T* __restrict__ g,
@@ -235,11 +242,9 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
       gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), s.u.data(), m);
       gemm_rm<T>(false, true, n, ell, m, s.u.data(), m, op.B, m, T(0), y, ell);
       row_dots(n, ell, y, y, op.a, f);
-      if (save) {  // q = Vᵀ (Bᵀ (a ⊙ y))
-        scale_cols(n, ell, op.a, y);
-        gemm_rm<T>(false, false, n, m, ell, y, ell, op.B, m, T(0), s.u.data(), m);
-        gemm_rm<T>(false, false, n, k, m, s.u.data(), m, op.V, k, T(0), q, k);
-      }
+      // The direct backward runs the chain again (eager's order) and needs no
+      // q: keep the saved slot zero rather than pay two products for it.
+      if (save) std::fill(q, q + n * k, T(0));
       break;
     case Plan::kFolded:
       gemm_rm<T>(false, true, n, ell, k, r, k, op.M, k, T(0), y, ell);
@@ -338,17 +343,43 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
         const T* gc = g + r0;
         const T* r = recompute ? s.r.data() : rs + r0 * k;
         const T* q = recompute ? s.q.data() : qs + r0 * k;
-        if (recompute) {
+        const bool direct = plan == Plan::kDirect;
+        if (recompute && direct) {  // the direct chain below needs r only
+          gemm_rm<T>(false, true, n, k, d, zc, d, op.W, d, T(0), s.r.data(), k);
+          relu_inplace(s.r.data(), n * k);
+        } else if (recompute) {
           forward_chunk(dims, plan, op, zc, n, /*save=*/need_p, s.f.data(), s.r.data(),
                         s.q.data(), s);
         }
         T* pbuf = s.p.data();
-        if (need_p) {  // p = 2 g q ⊙ 1[r > 0]
+        if (direct) {
+          // The chain again in the eager association order:
+          // u = V r, y = B u, e = 2 g a ⊙ y, gu = Bᵀ e, gr = Vᵀ gu.
+          T* u = s.u.data();
+          T* y = s.y.data();
+          gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), u, m);
+          gemm_rm<T>(false, true, n, ell, m, u, m, op.B, m, T(0), y, ell);
+          for (int64_t i = 0; i < n; ++i) {
+            for (int64_t j = 0; j < ell; ++j) {
+              T& yij = y[i * ell + j];
+              if (gA) gA[j] += gc[i] * (yij * yij);
+              yij = T(2) * (gc[i] * op.a[j]) * yij;  // y becomes e = 2 g a ⊙ y
+            }
+          }
+          if (gB) gemm_rm<T>(true, false, ell, m, n, y, ell, u, m, T(1), gB, m);
+          if (!(gV || need_p)) continue;
+          gemm_rm<T>(false, false, n, m, ell, y, ell, op.B, m, T(0), u, m);  // u becomes gu
+          if (gV) gemm_rm<T>(true, false, m, k, n, u, m, r, k, T(1), gV, k);
+          if (!need_p) continue;
+          gemm_rm<T>(false, false, n, k, m, u, m, op.V, k, T(0), pbuf, k);  // gr
+          relu_grad_inplace(n * k, r, pbuf);
+        } else if (need_p) {  // p = 2 g q ⊙ 1[r > 0]
           relu_grad_rows(n, k, gc, q, r, pbuf);
+        }
+        if (need_p) {
           if (gW) gemm_rm<T>(true, false, k, d, n, pbuf, k, zc, d, T(1), gW, d);
           if (gz) gemm_rm<T>(false, false, n, d, k, pbuf, k, op.W, d, T(0), gz + r0 * d, d);
         }
-        if (!need_head) continue;
         if (use_gram) {  // G += (g ⊙ r)ᵀ r, upper block triangle only
           scale_rows(n, k, gc, r, pbuf);
           for (int64_t b0 = 0; b0 < k; b0 += kGramBlock) {
@@ -356,24 +387,6 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
             gemm_rm<T>(true, false, bn, k - b0, n, pbuf + b0, k, r + b0, k, T(1),
                        G + b0 * k + b0, k);
           }
-          continue;
-        }
-        // direct: the chain again in the eager association order.
-        T* u = s.u.data();
-        T* y = s.y.data();
-        gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), u, m);
-        gemm_rm<T>(false, true, n, ell, m, u, m, op.B, m, T(0), y, ell);
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t j = 0; j < ell; ++j) {
-            T& yij = y[i * ell + j];
-            if (gA) gA[j] += gc[i] * (yij * yij);
-            yij = T(2) * (gc[i] * op.a[j]) * yij;  // y becomes e = 2 g a ⊙ y
-          }
-        }
-        if (gB) gemm_rm<T>(true, false, ell, m, n, y, ell, u, m, T(1), gB, m);
-        if (gV) {
-          gemm_rm<T>(false, false, n, m, ell, y, ell, op.B, m, T(0), u, m);  // u becomes Bᵀe
-          gemm_rm<T>(true, false, m, k, n, u, m, r, k, T(1), gV, k);
         }
       }
     }
