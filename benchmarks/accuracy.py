@@ -62,7 +62,12 @@ def show(title, table):
         print(f"  {who:<10}" + "".join(f"{e:>10.1e}" for e in errs))
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = ap.parse_args(argv)
     record = {"torch_version": torch.__version__, "date": datetime.date.today().isoformat(), "random": {}, "cancelling": None}
     for name, shape in FAMILIES.items():
         table = errors(random_inputs(shape, seed=0))
@@ -71,7 +76,7 @@ def main():
     table = errors(cancelling_inputs())
     record["cancelling"] = table
     show("inputs built to cancel (torchext.testing.cancelling_inputs: mixed-sign A, |y| ≪ ‖B‖‖V r‖)", table)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    out = args.out
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"{record['date']}-accuracy.json")
     with open(path, "w") as fh:

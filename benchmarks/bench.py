@@ -67,6 +67,15 @@ class NoOpFloor(torch.autograd.Function):
         return None, grad.new_zeros(ctx.shapes[0]), grad.new_zeros(ctx.shapes[1]), None, None
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
 def make_case(shape, device, dtype=torch.float32, seed=0):
     N, d, k, m, ell = shape
     g = torch.Generator().manual_seed(seed)
@@ -244,7 +253,7 @@ def main(argv=None):
     torch._dynamo.config.cache_size_limit = 64
     compiled = None if args.no_compile else torch.compile(reference.two_layer_square)
 
-    card = torch.cuda.get_device_name(0) if device == "cuda" else (platform.processor() or platform.machine())
+    card = torch.cuda.get_device_name(0) if device == "cuda" else cpu_name()
     print(f"torchext benchmark on {device} ({card}, {torch.get_num_threads()} threads), torch {torch.__version__}")
     peak = matmul_peak_gflops(device)
     print(f"float32 matmul peak measured: {peak:.1f} GFLOP/s")

@@ -37,10 +37,14 @@ if [ "$build" = ok ]; then
   timeout 240 $PY -m pytest -q -p no:cacheprovider -rs --junitxml="$DIR/junit.xml" tests > "$DIR/pytest.log" 2>&1
   tests=$(tail -n 1 "$DIR/pytest.log" | sed -E 's/=+//g; s/^ +| +$//g')
   timeout 120 $PY -m torchext --device cuda > "$DIR/demo.log" 2>&1 && demo=ok || demo=FAILED
+  # GPU timings (no torch.compile, one round: the budget is minutes).
+  timeout 150 $PY benchmarks/bench.py --device cuda --quick --no-compile --sweep 0 --no-memory \
+    --out "$DIR/bench" > "$DIR/bench.log" 2>&1 && bench=ok || bench=FAILED
 else
   demo="not run"
+  bench="not run"
 fi
 
-summary="gpu_check: device=${device} torch=${torch_version} build=${build} (${build_s}s) tests: ${tests} demo=${demo} total=$(( $(date +%s) - T0 ))s"
+summary="gpu_check: device=${device} torch=${torch_version} build=${build} (${build_s}s) tests: ${tests} demo=${demo} bench=${bench} total=$(( $(date +%s) - T0 ))s"
 echo "$summary" > "$DIR/summary.txt"
 echo "$summary"
