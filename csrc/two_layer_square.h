@@ -8,6 +8,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/SymInt.h>
 #include <c10/util/string_view.h>
+#include <torch/library.h>
 
 #include <array>
 #include <cstdint>
@@ -226,22 +227,31 @@ BackwardResult run_backward(const at::Tensor& grad, const at::Tensor& z,
   return to_tuple(finish_grads(dims, std::move(bufs), z, W, V, B, A));
 }
 
-// The public ops in terms of a backend's internal forward and backward: the
-// public forward is the internal one with plan "auto" and nothing saved; the
-// public backward is the internal one recomputing r and q chunk by chunk.
-template <typename Forward>
+// A backend registers its internal forward and backward; the public ops are
+// derived from them: the public forward is the internal one with plan "auto"
+// and nothing saved, the public backward is the internal one recomputing r and
+// q chunk by chunk.
+template <auto Forward>
 at::Tensor public_forward(const at::Tensor& z, const at::Tensor& W,
                           const at::Tensor& V, const at::Tensor& B,
-                          const at::Tensor& A, Forward&& forward) {
-  return std::get<0>(forward(z, W, V, B, A, "auto", false));
+                          const at::Tensor& A) {
+  return std::get<0>(Forward(z, W, V, B, A, "auto", false));
 }
 
-template <typename Backward>
+template <auto Backward>
 BackwardResult public_backward(const at::Tensor& grad, const at::Tensor& z,
                                const at::Tensor& W, const at::Tensor& V,
                                const at::Tensor& B, const at::Tensor& A,
-                               std::array<bool, 5> mask, Backward&& backward) {
-  return backward(grad, z, W, V, B, A, std::nullopt, std::nullopt, "auto", mask);
+                               std::array<bool, 5> mask) {
+  return Backward(grad, z, W, V, B, A, std::nullopt, std::nullopt, "auto", mask);
+}
+
+template <auto Forward, auto Backward>
+void register_kernels(torch::Library& m) {
+  m.impl("two_layer_square", &public_forward<Forward>);
+  m.impl("two_layer_square_backward", &public_backward<Backward>);
+  m.impl("_two_layer_square_forward", Forward);
+  m.impl("_two_layer_square_backward", Backward);
 }
 
 }  // namespace torchext

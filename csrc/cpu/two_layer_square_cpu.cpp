@@ -434,26 +434,10 @@ BackwardResult backward_internal_cpu(const at::Tensor& grad, const at::Tensor& z
   });
 }
 
-at::Tensor two_layer_square_cpu(const at::Tensor& z, const at::Tensor& W,
-                                const at::Tensor& V, const at::Tensor& B,
-                                const at::Tensor& A) {
-  return public_forward(z, W, V, B, A, forward_internal_cpu);
-}
-
-BackwardResult two_layer_square_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& W,
-    const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
-    std::array<bool, 5> output_mask) {
-  return public_backward(grad, z, W, V, B, A, output_mask, backward_internal_cpu);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {
-  m.impl("two_layer_square", &two_layer_square_cpu);
-  m.impl("two_layer_square_backward", &two_layer_square_backward_cpu);
-  m.impl("_two_layer_square_forward", &forward_internal_cpu);
-  m.impl("_two_layer_square_backward", &backward_internal_cpu);
+  register_kernels<&forward_internal_cpu, &backward_internal_cpu>(m);
 }
 
 }  // namespace torchext

@@ -17,26 +17,13 @@ namespace {
               "(see `python -m torchext --build-info`).");
 }
 
-at::Tensor forward_unavailable(const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&, const at::Tensor&,
-                               const at::Tensor&) {
-  fail();
-}
-
-BackwardResult backward_unavailable(const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&,
-                                    std::array<bool, 5>) {
-  fail();
-}
-
-ForwardResult internal_forward_unavailable(const at::Tensor&, const at::Tensor&,
+ForwardResult forward_unavailable(const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, c10::string_view, bool) {
   fail();
 }
 
-BackwardResult internal_backward_unavailable(
+BackwardResult backward_unavailable(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const at::Tensor&, const OptionalTensor&,
     const OptionalTensor&, c10::string_view, std::array<bool, 5>) {
@@ -46,10 +33,7 @@ BackwardResult internal_backward_unavailable(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchext, CUDA, m) {
-  m.impl("two_layer_square", &forward_unavailable);
-  m.impl("two_layer_square_backward", &backward_unavailable);
-  m.impl("_two_layer_square_forward", &internal_forward_unavailable);
-  m.impl("_two_layer_square_backward", &internal_backward_unavailable);
+  register_kernels<&forward_unavailable, &backward_unavailable>(m);
 }
 
 }  // namespace torchext

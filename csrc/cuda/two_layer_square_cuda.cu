@@ -158,26 +158,10 @@ BackwardResult backward_internal_cuda(const at::Tensor& grad, const at::Tensor& 
   });
 }
 
-at::Tensor two_layer_square_cuda(const at::Tensor& z, const at::Tensor& W,
-                                 const at::Tensor& V, const at::Tensor& B,
-                                 const at::Tensor& A) {
-  return public_forward(z, W, V, B, A, forward_internal_cuda);
-}
-
-BackwardResult two_layer_square_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& z, const at::Tensor& W,
-    const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
-    std::array<bool, 5> output_mask) {
-  return public_backward(grad, z, W, V, B, A, output_mask, backward_internal_cuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchext, CUDA, m) {
-  m.impl("two_layer_square", &two_layer_square_cuda);
-  m.impl("two_layer_square_backward", &two_layer_square_backward_cuda);
-  m.impl("_two_layer_square_forward", &forward_internal_cuda);
-  m.impl("_two_layer_square_backward", &backward_internal_cuda);
+  register_kernels<&forward_internal_cuda, &backward_internal_cuda>(m);
 }
 
 }  // namespace torchext
