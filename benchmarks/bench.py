@@ -314,10 +314,10 @@ def main(argv=None):
     stem = f"{datetime.date.today().isoformat()}-{device}"
     with open(os.path.join(args.out, stem + ".json"), "w") as fh:
         json.dump(record, fh, indent=1)
-    plot(rows, sweep, os.path.join(args.out, stem + ".png"), card)
+    plotted = plot(rows, sweep, os.path.join(args.out, stem + ".png"), card)
     with open(os.path.join(args.out, stem + ".md"), "w") as fh:
         fh.write(markdown_table(record))
-    print(f"\nwrote {os.path.join(args.out, stem)}.json, .png and .md")
+    print(f"\nwrote {os.path.join(args.out, stem)}.json, .md" + (" and .png" if plotted else ""))
     return record
 
 
@@ -358,7 +358,7 @@ def plot(rows, sweep, path, card):
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no plot (pip install '.[bench]')")
-        return
+        return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     names = [r["name"] for r in rows]
     x = range(len(rows))
@@ -382,6 +382,7 @@ def plot(rows, sweep, path, card):
     fig.suptitle(f"torchext fwd+bwd speed-up, float32, {card}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return True
 
 
 if __name__ == "__main__":
