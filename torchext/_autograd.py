@@ -29,6 +29,16 @@ def setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+def tangent_of_f(z, W, V, B, A, tangents):
+    """Forward-mode derivative of f along the input tangents (None = 0): the
+    directional derivative that double_backward also gives for the incoming
+    gradient's slot."""
+    ones = z.new_ones(z.shape[:-1])
+    needs = (True, False, False, False, False, False)
+    return double_backward(ones, z, W, V, B, A, tangents, needs)[0]
+
+
+
 def backward(ctx, grad):
     """One call of the fused backward op: every requested gradient, None for the rest."""
     z, W, V, B, A = ctx.saved_tensors
@@ -80,12 +90,25 @@ class TwoLayerSquareBackward(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:6])
+        ctx.save_for_forward(*inputs[:6])
+        ctx.plan, ctx.output_mask = inputs[8], list(inputs[9])
 
     @staticmethod
     def backward(ctx, *cotangents):
         grad, z, W, V, B, A = ctx.saved_tensors
         grads = double_backward(grad, z, W, V, B, A, cotangents, ctx.needs_input_grad[:6])
         return (*grads, None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t_grad, tz, tW, tV, tB, tA, *_):
+        # d(∇_θ Σ g f) = ∇_θ Σ ġ f (the backward op with ġ) + H θ̇ (double_backward).
+        grad, z, W, V, B, A = ctx.saved_tensors[:6]
+        mask = ctx.output_mask
+        out = double_backward(grad, z, W, V, B, A, (tz, tW, tV, tB, tA), [False, *mask])[1:]
+        if t_grad is not None:
+            extra = _ops._two_layer_square_backward(t_grad, z, W, V, B, A, None, None, ctx.plan, mask)
+            out = [o if e is None else o + e for o, e in zip(out, extra)]
+        return tuple(o if m else None for o, m in zip(out, mask))
 
     @staticmethod
     def vmap(info, in_dims, grad, z, W, V, B, A, r, q, plan, output_mask):
@@ -129,7 +152,15 @@ def setup_planned_context(ctx, inputs, output):
     # backward two zero-filled N×k tensors for them on every call.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(z, W, V, B, A, r, q)
+    ctx.save_for_forward(z, W, V, B, A)
     ctx.plan = plan
+
+
+def planned_jvp(ctx, *tangents):
+    """Forward-mode AD of the planned forward (jvp, jacfwd, hessian): f's tangent;
+    r and q are not differentiable."""
+    z, W, V, B, A = ctx.saved_tensors[:5]
+    return tangent_of_f(z, W, V, B, A, tangents[:5]), None, None
 
 
 def planned_backward(ctx, grad, _grad_r=None, _grad_q=None):

@@ -62,13 +62,22 @@ class PlannedTwoLayerSquare(torch.autograd.Function):
     def vmap(info, in_dims, z, W, V, B, A, plan, save):
         if all(dim is None for dim in in_dims[1:5]):
             zb = z.movedim(in_dims[0], 0)
-            f, r, q = PlannedTwoLayerSquare.apply(zb, W, V, B, A, plan, save)
+            f, r, q = TorchFuncTwoLayerSquare.apply(zb, W, V, B, A, plan, save)
             rows = r.shape[0] // info.batch_size
             shape = (info.batch_size, rows, r.shape[-1])
             return (f, r.reshape(shape), q.reshape(shape)), (0, 0, 0)
         members = _autograd.unbatched_slices(info, in_dims[:5], (z, W, V, B, A))
-        outs = [PlannedTwoLayerSquare.apply(*args, plan, save) for args in members]
+        outs = [TorchFuncTwoLayerSquare.apply(*args, plan, save) for args in members]
         return tuple(torch.stack([o[i] for o in outs]) for i in range(3)), (0, 0, 0)
+
+
+class TorchFuncTwoLayerSquare(PlannedTwoLayerSquare):
+    """PlannedTwoLayerSquare plus forward-mode AD (jvp, jacfwd, hessian), for
+    torch.func transforms. Kept apart because Dynamo refuses to trace an
+    autograd.Function that defines jvp; under torch.compile the planned face
+    itself is used."""
+
+    jvp = staticmethod(_autograd.planned_jvp)
 
 
 class _PlannedEagerTwoLayerSquare(torch.autograd.Function):
@@ -86,6 +95,7 @@ class _PlannedEagerTwoLayerSquare(torch.autograd.Function):
         return out
 
     backward = staticmethod(_autograd.planned_backward)
+    jvp = staticmethod(_autograd.planned_jvp)
 
 
 PLANS = ("auto", "direct", "folded", "quadratic")
@@ -107,9 +117,13 @@ def two_layer_square(z, W, V, B, A, *, plan="auto"):
     save = torch.is_grad_enabled() and (
         z.requires_grad or W.requires_grad or V.requires_grad or B.requires_grad or A.requires_grad
     )
-    if _autograd.plain_eager():
-        return _PlannedEagerTwoLayerSquare.apply(z, W, V, B, A, plan, save)[0]
-    return PlannedTwoLayerSquare.apply(z, W, V, B, A, plan, save)[0]
+    if torch.compiler.is_compiling():
+        face = PlannedTwoLayerSquare
+    elif torch._C._are_functorch_transforms_active():
+        face = TorchFuncTwoLayerSquare
+    else:
+        face = _PlannedEagerTwoLayerSquare
+    return face.apply(z, W, V, B, A, plan, save)[0]
 
 
 @torch.library.register_vmap("torchext::two_layer_square")
