@@ -115,7 +115,20 @@ SymDims check_backward_args(const at::Tensor& grad, const at::Tensor& z,
                             const at::Tensor& W, const at::Tensor& V,
                             const at::Tensor& B, const at::Tensor& A) {
   SymDims dims = check_forward_args(z, W, V, B, A);
-  check_like_z(grad, "grad", z);
+  check_dense(grad, "grad");
+  // f of half-precision inputs may come back as float32 (autocast returns it
+  // so), hence its gradient may be either dtype.
+  const auto gdt = grad.scalar_type();
+  TORCH_CHECK_TYPE(gdt == z.scalar_type() || gdt == compute_dtype(z.scalar_type()), kOp,
+                   ": grad must have dtype ", dtype_name(z.scalar_type()),
+                   " (the dtype of z)",
+                   compute_dtype(z.scalar_type()) != z.scalar_type()
+                       ? " or " + dtype_name(compute_dtype(z.scalar_type()))
+                       : std::string(),
+                   "; got ", dtype_name(gdt));
+  TORCH_CHECK(grad.device() == z.device(), kOp,
+              ": grad must be on the same device as z (", z.device(), "); got ",
+              grad.device());
   auto gs = grad.sym_sizes();
   bool same = gs.size() == dims.batch_shape.size();
   for (size_t i = 0; same && i < gs.size(); ++i) {

@@ -105,3 +105,37 @@ def test_inference_mode_and_no_grad():
         assert torch.equal(torchext.two_layer_square(*inputs), expected)
     with torch.inference_mode():
         assert torch.equal(torchext.two_layer_square(*inputs), expected)
+
+
+@pytest.mark.parametrize("face", ["functional", "Function", "raw-op", "module"])
+def test_autocast_cpu_bfloat16(face):
+    # Low-precision z with float32 weights under autocast: no dtype error, f in
+    # float32, gradients in each input's own dtype.
+    torch.manual_seed(0)
+    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float32, seed=12)
+    z = z.to(torch.bfloat16).requires_grad_()
+    W.requires_grad_()
+    V.requires_grad_()
+    net = torchext.TwoLayerSquareNet(11, 7, 5, 3, A=A, B=B)
+    with torch.no_grad():
+        net.W.copy_(W)
+        net.V.copy_(V)
+    fns = {
+        "functional": lambda: torchext.two_layer_square(z, W, V, B, A),
+        "Function": lambda: torchext.TwoLayerSquare.apply(z, W, V, B, A),
+        "raw-op": lambda: torch.ops.torchext.two_layer_square(z, W, V, B, A),
+        "module": lambda: net(z),
+    }
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        f = fns[face]()
+    assert f.dtype == torch.float32
+    f.sum().backward()
+    weights = (net.W, net.V) if face == "module" else (W, V)
+    assert z.grad.dtype == torch.bfloat16 and all(w.grad.dtype == torch.float32 for w in weights)
+    leaves = [t.detach().double().requires_grad_() for t in (z, W, V)]
+    ref = torchext.reference.two_layer_square(leaves[0], leaves[1], leaves[2], B.double(), A.double())
+    ref.sum().backward()
+    assert ((f.double() - ref).norm() / ref.norm()).item() < 1e-5
+    for got, want in zip((z.grad,) + tuple(w.grad for w in weights), leaves):
+        tol = 1e-2 if got.dtype == torch.bfloat16 else 1e-5
+        assert ((got.double() - want.grad).norm() / want.grad.norm()).item() < tol

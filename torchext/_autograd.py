@@ -118,9 +118,23 @@ class TwoLayerSquareBackward(torch.autograd.Function):
         return stack_members([TwoLayerSquareBackward.apply(*args, plan, output_mask) for args in members])
 
 
+def _common_dtype(grad, z, W, V, B, A):
+    """Under autocast the op ran on float32 casts of mixed-dtype inputs, but
+    autograd saved the inputs themselves: bring them to one dtype again (autograd
+    casts each gradient back to its input's dtype)."""
+    dtypes = {t.dtype for t in (z, W, V, B, A)}
+    if len(dtypes) == 1:
+        return grad, z, W, V, B, A
+    dtype = torch.float32
+    for d in dtypes:
+        dtype = torch.promote_types(dtype, d)
+    return tuple(t.to(dtype) for t in (grad, z, W, V, B, A))
+
+
 def _call_backward(grad, z, W, V, B, A, r, q, plan, mask):
     """One call of a fused backward op, by the cheapest route that keeps the
     result differentiable when it has to be."""
+    grad, z, W, V, B, A = _common_dtype(grad, z, W, V, B, A)
     if torch._C._are_functorch_transforms_active():
         return TwoLayerSquareBackward.apply(grad, z, W, V, B, A, r, q, plan, mask)
     if r is None and plan == "auto":  # the raw op's face: its public backward op
@@ -238,6 +252,13 @@ def _backward_of_internal_backward(ctx, *cotangents):
 def _setup_internal_backward_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:6])
 
+
+# Autocast: the forward ops run on float32 casts of their floating inputs
+# (accumulation and the square in float32, f returned in float32); the casts
+# are recorded by autograd, so gradients come back in each input's own dtype.
+for _op in ("torchext::two_layer_square", "torchext::_two_layer_square_forward"):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(_op, _device, torch.float32)
 
 torch.library.register_autograd(
     "torchext::two_layer_square", backward, setup_context=setup_context
