@@ -1,0 +1,66 @@
+"""DistributedDataParallel over gloo, two processes on loopback: the averaged
+gradients and the trained weights equal a single-process run on the whole batch."""
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import torchext
+
+STEPS, N, D, K, M, ELL = 3, 64, 6, 5, 4, 3
+
+
+def make_model_and_data():
+    torch.manual_seed(0)
+    net = torchext.TwoLayerSquareNet(D, K, M, ELL, dtype=torch.float64)
+    z = torch.randn(STEPS, N, D, dtype=torch.float64)
+    target = torch.randn(STEPS, N, dtype=torch.float64)
+    return net, z, target
+
+
+def train(net, z, target, rank=0, world=1):
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    grads = []
+    share = N // world
+    for step in range(STEPS):
+        rows = slice(rank * share, (rank + 1) * share)
+        loss = torch.mean((net(z[step, rows]) - target[step, rows]) ** 2)
+        opt.zero_grad()
+        loss.backward()
+        grads.append([p.grad.detach().clone() for p in net.parameters()])
+        opt.step()
+    return grads, [p.detach().clone() for p in net.parameters()]
+
+
+def worker(rank, world, port, out_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        net, z, target = make_model_and_data()
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        grads, params = train(ddp, z, target, rank, world)
+        if rank == 0:
+            torch.save({"grads": grads, "params": params}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_ddp_two_processes_match_single_process(tmp_path):
+    out = str(tmp_path / "ddp.pt")
+    mp.start_processes(worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    result = torch.load(out)
+    net, z, target = make_model_and_data()
+    grads, params = train(net, z, target)
+    for step_ddp, step_single in zip(result["grads"], grads):
+        for a, b in zip(step_ddp, step_single):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(result["params"], params):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
