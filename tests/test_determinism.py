@@ -52,3 +52,15 @@ def test_concurrent_callers_match_serial():
     for got, want in zip(results, serial):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+
+
+def test_runs_under_use_deterministic_algorithms():
+    inputs = make_inputs(SHAPES[0], torch.float32, seed=5)
+    free = run(inputs, "auto")
+    torch.use_deterministic_algorithms(True)
+    try:
+        strict = run(inputs, "auto")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(free, strict):
+        assert torch.equal(a, b)
