@@ -226,3 +226,32 @@ def test_forward_ad_dual_tensors_in_eager():
         got = fwAD.unpack_dual(f).tangent
     _, want = torch.func.jvp(lambda W: torchext.reference.two_layer_square(z, W, V, B, A), (W,), (tW,))
     assert_matches(got, want, torch.float64)
+
+
+def test_compile_max_autotune_no_cudagraphs():
+    torch._dynamo.reset()
+    net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
+    z = torch.randn(21, 8, dtype=torch.float64)
+    compiled = torch.compile(net, mode="max-autotune-no-cudagraphs", fullgraph=True)
+    f = compiled(z)
+    (gW,) = torch.autograd.grad(f.sum(), [net.W])
+    f_ref = torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A)
+    (gW_ref,) = torch.autograd.grad(f_ref.sum(), [net.W])
+    assert_matches(f, f_ref, torch.float64)
+    assert_matches(gW, gW_ref, torch.float64)
+
+
+def test_mark_dynamic_batch_compiles_once():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
+    compiled = torch.compile(net, backend=counter, fullgraph=True)
+    for n in (2, 3, 17, 64, 1000):
+        z = torch.randn(n, 8, dtype=torch.float64)
+        torch._dynamo.mark_dynamic(z, 0)
+        f = compiled(z)
+        f.sum().backward()
+        assert_matches(f, torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A), torch.float64)
+    assert counter.frame_count == 1
