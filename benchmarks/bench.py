@@ -288,6 +288,26 @@ def main(argv=None):
             print(f"  N={shape[0]:>6} d,k,m,ell={str(shape[1:]):<22} {entry['plan']:<10} {entry['vs_eager']:6.2f}x", flush=True)
         print(f"  min ratio over the sweep: {min(e['vs_eager'] for e in sweep):.2f}x")
 
+    denormal = {}
+    if not args.quick or args.cases:
+        # Cost of denormal inputs (a report, not a test): z scaled into the
+        # float32 subnormal range (below 1.2e-38), and so x = W z too.
+        shape = (1024, 64, 64, 64, 64)
+        z, W, V, B, A = make_case(shape, device)
+        zs = z * 1e-39
+        fns = {
+            "torchext": lambda: torchext.two_layer_square(z, W, V, B, A).sum().backward(),
+            "torchext_denormal": lambda: torchext.two_layer_square(zs, W, V, B, A).sum().backward(),
+            "eager": lambda: reference.two_layer_square(z, W, V, B, A).sum().backward(),
+            "eager_denormal": lambda: reference.two_layer_square(zs, W, V, B, A).sum().backward(),
+        }
+        t = interleaved_medians(fns, device, args.rounds, min(args.min_run_time, 0.3))
+        denormal = {"shape": shape, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+                    "torchext_slowdown": t["torchext_denormal"] / t["torchext"],
+                    "eager_slowdown": t["eager_denormal"] / t["eager"]}
+        print(f"\ndenormal inputs at {shape}: torchext {denormal['torchext_slowdown']:.2f}x slower, "
+              f"eager {denormal['eager_slowdown']:.2f}x slower than with normal inputs")
+
     memory = {}
     if not args.no_memory and device == "cpu" and "large" in cases:
         for who in ("torchext", "eager"):
@@ -308,7 +328,7 @@ def main(argv=None):
         "device": card, "device_type": device, "threads": torch.get_num_threads(),
         "torch_version": torch.__version__, "torchext_build": torchext.build_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "matmul_peak_gflops": peak, "rounds": args.rounds, "cases": rows, "sweep": sweep, "memory": memory,
+        "matmul_peak_gflops": peak, "rounds": args.rounds, "cases": rows, "sweep": sweep, "memory": memory, "denormal": denormal,
     }
     os.makedirs(args.out, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{device}"

@@ -125,9 +125,24 @@ def test_export_of_module():
     assert torch.allclose(ep.module()(z), net(z))
 
 
-def test_torch_func_grad_and_hessian():
-    fn = torchext.two_layer_square  # the torch.func face: TwoLayerSquare
+def make_face(face, W, V, B, A):
+    """A public face as a function of (z, W, V, B, A); the Module through
+    torch.func.functional_call (built here, outside any transform)."""
+    if face == "functional":
+        return torchext.two_layer_square
+    if face == "Function":
+        return lambda *a: torchext.TwoLayerSquare.apply(*a)
+    net = torchext.TwoLayerSquareNet(W.shape[1], W.shape[0], V.shape[0], B.shape[0], A=A, B=B, dtype=W.dtype)
+    return lambda z, W, V, B, A: torch.func.functional_call(net, {"W": W, "V": V}, (z,))
+
+
+FUNC_FACES = ["functional", "Function", "Module"]
+
+
+@pytest.mark.parametrize("face", FUNC_FACES)
+def test_torch_func_grad_and_hessian(face):
     z, W, V, B, A = [t.detach() for t in away_from_kink(SHAPES["small"], seed=70)]
+    fn = make_face(face, W, V, B, A)
 
     def loss(W, V):
         return fn(z, W, V, B, A).sum()
@@ -144,21 +159,30 @@ def test_torch_func_grad_and_hessian():
             assert_matches(H[i][j], H_ref[i][j], torch.float64, f"H[{i}][{j}]")
 
 
-def test_vmap_over_batch_and_weights():
+@pytest.mark.parametrize("face", FUNC_FACES)
+def test_vmap_over_batch_and_weights(face):
+    ref_fn = torchext.reference.two_layer_square
     z, W, V, B, A = make_inputs(((4, 5), 6, 3, 4, 2), torch.float64, seed=9)
-    out = torch.func.vmap(torchext.two_layer_square, in_dims=(0, None, None, None, None))(z, W, V, B, A)
-    assert_matches(out, torchext.reference.two_layer_square(z, W, V, B, A), torch.float64)
+    fn = make_face(face, W, V, B, A)
+    out = torch.func.vmap(fn, in_dims=(0, None, None, None, None))(z, W, V, B, A)  # over z's batch
+    assert_matches(out, ref_fn(z, W, V, B, A), torch.float64)
+    out = torch.func.vmap(torch.func.vmap(fn, in_dims=(0, None, None, None, None)), in_dims=(0, None, None, None, None))(z, W, V, B, A)
+    assert_matches(out, ref_fn(z, W, V, B, A), torch.float64)  # over an extra leading dim
     Ws = torch.stack([W, 2 * W, -W])
-    out = torch.func.vmap(torchext.two_layer_square, in_dims=(None, 0, None, None, None))(z, Ws, V, B, A)
-    ref = torch.stack([torchext.reference.two_layer_square(z, w, V, B, A) for w in Ws])
-    assert_matches(out, ref, torch.float64)
+    out = torch.func.vmap(fn, in_dims=(None, 0, None, None, None))(z, Ws, V, B, A)  # ensemble over W
+    assert_matches(out, torch.stack([ref_fn(z, w, V, B, A) for w in Ws]), torch.float64)
+    Vs = torch.stack([V, 0.5 * V])
+    out = torch.func.vmap(fn, in_dims=(None, None, 0, None, None))(z, W, Vs, B, A)  # ensemble over V
+    assert_matches(out, torch.stack([ref_fn(z, W, v, B, A) for v in Vs]), torch.float64)
 
 
-def test_per_sample_gradients_are_not_summed():
+@pytest.mark.parametrize("face", FUNC_FACES)
+def test_per_sample_gradients_are_not_summed(face):
     z, W, V, B, A = make_inputs(((5,), 6, 3, 4, 2), torch.float64, seed=10)
+    fn = make_face(face, W, V, B, A)
 
     def f1(W, V, zi):
-        return torchext.two_layer_square(zi, W, V, B, A)
+        return fn(zi, W, V, B, A)
 
     per = torch.func.vmap(torch.func.grad(f1, argnums=(0, 1)), in_dims=(None, None, 0))(W, V, z)
     for n in range(5):
