@@ -1,7 +1,9 @@
-"""Autograd of the two compiled ops, registered once and shared by both faces:
-the raw op `torch.ops.torchext.two_layer_square` (torch.library.register_autograd)
-and `torchext.TwoLayerSquare` (autograd.Function), whose backward is the same
-function. The backward op is differentiable too (double backward, Hessians)."""
+"""Autograd of the compiled ops, one formula for every face: the raw ops get it
+through torch.library.register_autograd, and the autograd.Functions
+(`TwoLayerSquare` and the planned twins in function.py) call the same backward
+functions, which call a fused backward op once. The backward ops are
+differentiable too (double_backward: Hessian-vector products in closed form),
+and forward mode reuses the same closed form (tangent_of_f)."""
 import torch
 
 from . import _library  # noqa: F401  (loads the operators)
@@ -36,7 +38,6 @@ def tangent_of_f(z, W, V, B, A, tangents):
     ones = z.new_ones(z.shape[:-1])
     needs = (True, False, False, False, False, False)
     return double_backward(ones, z, W, V, B, A, tangents, needs)[0]
-
 
 
 def backward(ctx, grad):
@@ -80,8 +81,8 @@ class TwoLayerSquareBackward(torch.autograd.Function):
     """The fused backward ops as an autograd.Function, so that they are
     differentiable under torch.func transforms too (jacrev(jacrev(...)),
     vmap(grad(...))); plain autograd gets there through the ops' own
-    registrations below. Both use double_backward. With r, q (saved by the
-    planned forward) it runs the internal backward op, else the public one."""
+    registrations below. Both use double_backward. r and q are the planned
+    forward's saved tensors, or None (recomputed chunk by chunk)."""
 
     @staticmethod
     def forward(grad, z, W, V, B, A, r, q, plan, output_mask):

@@ -46,8 +46,10 @@ class TwoLayerSquare(torch.autograd.Function):
 class PlannedTwoLayerSquare(torch.autograd.Function):
     """The face behind two_layer_square and TwoLayerSquareNet: forward returns
     (f, r, q) from the internal fused forward op with the requested plan, and
-    saves r and q (two N×k tensors) so the fused backward recomputes nothing.
-    Same backward formula and torch.func support as TwoLayerSquare."""
+    saves r and q (two N×k tensors; for narrow layers, d + k < 64, they are
+    empty and the backward recomputes them chunk by chunk). Same backward
+    formula and torch.func support as TwoLayerSquare; this twin is the one
+    torch.compile traces."""
 
     # (*args): autograd.Function.apply binds the arguments to forward's signature
     # on every call, and that costs about twice as much for seven named parameters.
