@@ -192,18 +192,23 @@ def test_per_sample_gradients_are_not_summed(face):
         assert_matches(per[1][n], ref[1], torch.float64)
 
 
+def assert_compiled_module_matches(compiled, net, n):
+    """f and dW of a compiled TwoLayerSquareNet(8, ...) equal eager's at batch n."""
+    z = torch.randn(n, 8, dtype=torch.float64)
+    f = compiled(z)
+    (gW,) = torch.autograd.grad(f.sum(), [net.W])
+    f_ref = torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A)
+    (gW_ref,) = torch.autograd.grad(f_ref.sum(), [net.W])
+    assert_matches(f, f_ref, torch.float64)
+    assert_matches(gW, gW_ref, torch.float64)
+
+
 def test_compile_dynamic_batch_uses_symbolic_meta_kernels():
     torch._dynamo.reset()
     net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
     compiled = torch.compile(net, fullgraph=True, dynamic=True)
     for n in (5, 17, 33):
-        z = torch.randn(n, 8, dtype=torch.float64)
-        f = compiled(z)
-        (gW,) = torch.autograd.grad(f.sum(), [net.W])
-        f_ref = torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A)
-        (gW_ref,) = torch.autograd.grad(f_ref.sum(), [net.W])
-        assert_matches(f, f_ref, torch.float64)
-        assert_matches(gW, gW_ref, torch.float64)
+        assert_compiled_module_matches(compiled, net, n)
 
 
 def test_forward_mode_on_the_function_raises_clearly():
@@ -255,14 +260,8 @@ def test_forward_ad_dual_tensors_in_eager():
 def test_compile_max_autotune_no_cudagraphs():
     torch._dynamo.reset()
     net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
-    z = torch.randn(21, 8, dtype=torch.float64)
     compiled = torch.compile(net, mode="max-autotune-no-cudagraphs", fullgraph=True)
-    f = compiled(z)
-    (gW,) = torch.autograd.grad(f.sum(), [net.W])
-    f_ref = torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A)
-    (gW_ref,) = torch.autograd.grad(f_ref.sum(), [net.W])
-    assert_matches(f, f_ref, torch.float64)
-    assert_matches(gW, gW_ref, torch.float64)
+    assert_compiled_module_matches(compiled, net, 21)
 
 
 def test_mark_dynamic_batch_compiles_once():
