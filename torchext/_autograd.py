@@ -257,9 +257,10 @@ def _setup_internal_backward_context(ctx, inputs, output):
 # Autocast: the forward ops run on float32 casts of their floating inputs
 # (accumulation and the square in float32, f returned in float32); the casts
 # are recorded by autograd, so gradients come back in each input's own dtype.
-for _op in ("torchext::two_layer_square", "torchext::_two_layer_square_forward"):
-    for _device in ("cpu", "cuda"):
-        torch.library.register_autocast(_op, _device, torch.float32)
+if hasattr(torch.library, "register_autocast"):  # torch >= 2.5
+    for _op in ("torchext::two_layer_square", "torchext::_two_layer_square_forward"):
+        for _device in ("cpu", "cuda"):
+            torch.library.register_autocast(_op, _device, torch.float32)
 
 torch.library.register_autograd(
     "torchext::two_layer_square", backward, setup_context=setup_context
