@@ -1,5 +1,6 @@
 """DistributedDataParallel over gloo, two processes on loopback: the averaged
 gradients and the trained weights equal a single-process run on the whole batch."""
+import os
 import socket
 
 import pytest
@@ -35,6 +36,9 @@ def train(net, z, target, rank=0, world=1):
 
 
 def worker(rank, world, port, out_path):
+    # gloo would otherwise pick the interface its hostname resolves to; keep
+    # every connection on loopback.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         net, z, target = make_model_and_data()
@@ -42,6 +46,9 @@ def worker(rank, world, port, out_path):
         grads, params = train(ddp, z, target, rank, world)
         if rank == 0:
             torch.save({"grads": grads, "params": params}, out_path)
+        # Both ranks done before either tears down (gloo aborts a process whose
+        # peer vanished mid-teardown).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -55,7 +62,16 @@ def free_port():
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_ddp_two_processes_match_single_process(tmp_path):
     out = str(tmp_path / "ddp.pt")
-    mp.start_processes(worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    for attempt in range(2):
+        try:
+            mp.start_processes(worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+            break
+        except mp.ProcessExitedException as exc:
+            # A worker killed by a signal inside gloo's C++ runtime (seen about
+            # once in 20 runs with torch 2.14: "terminate called without an
+            # active exception") is infrastructure, not a wrong result: one retry.
+            if attempt or getattr(exc, "signal_name", None) is None:
+                raise
     result = torch.load(out)
     net, z, target = make_model_and_data()
     grads, params = train(net, z, target)
