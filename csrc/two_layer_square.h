@@ -174,16 +174,18 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
                    const at::Tensor& q, Plan plan, const OutputMask& mask,
                    int64_t chunk_rows, GradBuffers& bufs);
 
-// The frames every backend shares; backends differ only in the kernels.
+// The frames every backend shares; a backend writes only its kernels and gets
+// the op entry points from these templates.
 //
-// Internal forward: check, compute-dtype inputs, resolve the plan, allocate
-// the outputs, run kernel(dims, inputs, plan, outputs) on a non-empty batch,
-// cast f back to the input dtype.
-template <typename Kernel>
-ForwardResult run_forward(const at::Tensor& z, const at::Tensor& W,
-                          const at::Tensor& V, const at::Tensor& B,
-                          const at::Tensor& A, c10::string_view plan_name,
-                          bool save, Kernel&& kernel) {
+// Forward kernel: void(const Dims&, const ComputeInputs&, Plan, ForwardOutputs&).
+// The internal forward op checks, brings the inputs to the compute dtype,
+// resolves the plan, allocates the outputs, runs the kernel on a non-empty
+// batch and casts f back to the input dtype.
+template <auto Kernel>
+ForwardResult internal_forward(const at::Tensor& z, const at::Tensor& W,
+                               const at::Tensor& V, const at::Tensor& B,
+                               const at::Tensor& A, c10::string_view plan_name,
+                               bool save) {
   const Dims dims = concrete(check_forward_args(z, W, V, B, A));
   check_plan_name(plan_name);
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
@@ -192,24 +194,24 @@ ForwardResult run_forward(const at::Tensor& z, const at::Tensor& W,
   ForwardOutputs out{at::empty({dims.N}, in.z.options()),
                      at::empty({saved_rows, dims.k}, in.z.options()),
                      at::empty({saved_rows, dims.k}, in.z.options())};
-  if (dims.N > 0) kernel(dims, in, plan, out);
+  if (dims.N > 0) Kernel(dims, in, plan, out);
   return {finish_forward(dims, std::move(out.f), z), std::move(out.r),
           std::move(out.q)};
 }
 
-// Internal backward from the saved r and q (or, when they are absent, with r
-// and q recomputed chunk by chunk): kernel(dims, inputs, g, r, q, plan, mask,
-// buffers) runs on a non-empty batch with some gradient requested; r and q
-// reach it contiguous, or undefined.
+// Backward kernel: void(const Dims&, const ComputeInputs&, const at::Tensor& g,
+// const at::Tensor& r, const at::Tensor& q, Plan, const OutputMask&, GradBuffers&),
+// with r and q contiguous, or undefined when they were not saved (the kernel
+// recomputes them chunk by chunk). The internal backward op runs it on a
+// non-empty batch with some gradient requested.
 using OptionalTensor = std::optional<at::Tensor>;
 
-template <typename Kernel>
-BackwardResult run_backward(const at::Tensor& grad, const at::Tensor& z,
-                            const at::Tensor& W, const at::Tensor& V,
-                            const at::Tensor& B, const at::Tensor& A,
-                            const OptionalTensor& r, const OptionalTensor& q,
-                            c10::string_view plan_name, const OutputMask& mask,
-                            Kernel&& kernel) {
+template <auto Kernel>
+BackwardResult internal_backward(const at::Tensor& grad, const at::Tensor& z,
+                                 const at::Tensor& W, const at::Tensor& V,
+                                 const at::Tensor& B, const at::Tensor& A,
+                                 const OptionalTensor& r, const OptionalTensor& q,
+                                 c10::string_view plan_name, std::array<bool, 5> mask) {
   const Dims dims = concrete(check_backward_args(grad, z, W, V, B, A));
   const bool saved = r.has_value() && q.has_value();
   if (saved) check_saved(dims, z, *r, *q);
@@ -220,15 +222,14 @@ BackwardResult run_backward(const at::Tensor& grad, const at::Tensor& z,
   bool any = false;
   for (bool b : mask) any = any || b;
   if (dims.N > 0 && any) {
-    kernel(dims, in, grad_to_compute(dims, grad),
-           saved ? r->contiguous() : at::Tensor(),
+    Kernel(dims, in, grad_to_compute(dims, grad), saved ? r->contiguous() : at::Tensor(),
            saved ? q->contiguous() : at::Tensor(), plan, mask, bufs);
   }
   return to_tuple(finish_grads(dims, std::move(bufs), z, W, V, B, A));
 }
 
-// A backend registers its internal forward and backward; the public ops are
-// derived from them: the public forward is the internal one with plan "auto"
+// A backend registers its internal forward and backward entry points (from
+// the templates above, or stubs); the public ops are derived from them: the public forward is the internal one with plan "auto"
 // and nothing saved, the public backward is the internal one recomputing r and
 // q chunk by chunk.
 template <auto Forward>

@@ -126,37 +126,22 @@ namespace {
 // Chunks for the test ops: small, so CI runs the multi-chunk paths.
 constexpr int64_t kTestChunkRows = 64;
 
-ForwardResult forward_aten_op(const at::Tensor& z, const at::Tensor& W,
-                              const at::Tensor& V, const at::Tensor& B,
-                              const at::Tensor& A, c10::string_view plan,
-                              bool save) {
-  return run_forward(z, W, V, B, A, plan, save,
-                     [](const Dims& dims, const ComputeInputs& in, Plan p,
-                        ForwardOutputs& out) {
-                       forward_aten(dims, in, p, kTestChunkRows, out);
-                     });
+void forward_test_kernel(const Dims& dims, const ComputeInputs& in, Plan plan,
+                         ForwardOutputs& out) {
+  forward_aten(dims, in, plan, kTestChunkRows, out);
 }
 
-BackwardResult backward_aten_op(const at::Tensor& grad, const at::Tensor& z,
-                                const at::Tensor& W, const at::Tensor& V,
-                                const at::Tensor& B, const at::Tensor& A,
-                                const OptionalTensor& r, const OptionalTensor& q,
-                                c10::string_view plan,
-                                std::array<bool, 5> output_mask) {
-  return run_backward(grad, z, W, V, B, A, r, q, plan, output_mask,
-                      [](const Dims& dims, const ComputeInputs& in,
-                         const at::Tensor& g, const at::Tensor& r,
-                         const at::Tensor& q, Plan p, const OutputMask& mask,
-                         GradBuffers& bufs) {
-                        backward_aten(dims, in, g, r, q, p, mask, kTestChunkRows, bufs);
-                      });
+void backward_test_kernel(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
+                          const at::Tensor& r, const at::Tensor& q, Plan plan,
+                          const OutputMask& mask, GradBuffers& bufs) {
+  backward_aten(dims, in, g, r, q, plan, mask, kTestChunkRows, bufs);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {
-  m.impl("_two_layer_square_forward_aten", &forward_aten_op);
-  m.impl("_two_layer_square_backward_aten", &backward_aten_op);
+  m.impl("_two_layer_square_forward_aten", &internal_forward<&forward_test_kernel>);
+  m.impl("_two_layer_square_backward_aten", &internal_backward<&backward_test_kernel>);
 }
 
 }  // namespace torchext

@@ -71,3 +71,19 @@ def reference_outputs(inputs, grad_seed=1, wants=(True,) * 5):
     full = [next(it) if w else None for w in wants]
     full = [torch.zeros_like(t) if (w and gr is None) else gr for t, w, gr in zip(leaves, wants, full)]
     return f.detach(), g, full
+
+
+def fused_outputs(inputs, g, wants=(True,) * 5, plan="auto"):
+    """f and the requested gradients (of Σ g·f) from torchext.two_layer_square."""
+    leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
+    f = torchext.two_layer_square(*leaves, plan=plan)
+    req = [t for t in leaves if t.requires_grad]
+    grads = iter(torch.autograd.grad(f, req, g.to(f.dtype).to(f.device)) if req else ())
+    return f, [next(grads) if w else None for w in wants]
+
+
+def eager_outputs(inputs, g):
+    """f and all five gradients from the eager reference, in the inputs' dtype."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    f = torchext.reference.two_layer_square(*leaves)
+    return f, list(torch.autograd.grad(f, leaves, g.to(f.dtype)))

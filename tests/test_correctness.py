@@ -6,18 +6,11 @@ import pytest
 import torch
 
 import torchext
-from conftest import DEVICES, SHAPES, TOL, assert_matches, make_inputs, reference_outputs, rel_err
+from conftest import (
+    DEVICES, SHAPES, TOL, assert_matches, eager_outputs, fused_outputs, make_inputs, reference_outputs, rel_err,
+)
 
 NAMES = ("z", "W", "V", "B", "A")
-
-
-def fused_outputs(inputs, g, wants):
-    leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
-    f = torchext.two_layer_square(*leaves)
-    req = [t for t in leaves if t.requires_grad]
-    grads = torch.autograd.grad(f, req, g.to(f.dtype).to(f.device)) if req else ()
-    it = iter(grads)
-    return f, [next(it) if w else None for w in wants]
 
 
 def check_against_reference(inputs, dtype, wants=(True,) * 5, a_shape=None):
@@ -168,10 +161,8 @@ def test_float32_accuracy_close_to_eager():
     # The fused float32 result is as accurate as eager float32 (same association order).
     inputs = make_inputs(((257,), 64, 48, 40, 32), torch.float32, seed=21)
     f_ref, g, grads_ref = reference_outputs(inputs)
-    f, grads = fused_outputs(inputs, g, (True,) * 5)
-    eager_leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    f_eager = torchext.reference.two_layer_square(*eager_leaves)
-    grads_eager = torch.autograd.grad(f_eager, eager_leaves, g.float())
+    f, grads = fused_outputs(inputs, g)
+    f_eager, grads_eager = eager_outputs(inputs, g)
     assert rel_err(f, f_ref) <= 10 * max(rel_err(f_eager, f_ref), 1e-7)
     for gr, ge, ref in zip(grads, grads_eager, grads_ref):
         assert rel_err(gr, ref) <= 10 * max(rel_err(ge, ref), 1e-7)

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import torchext
-from conftest import DEVICES, SHAPES, assert_matches, make_inputs, reference_outputs, rel_err
+from conftest import (
+    DEVICES, SHAPES, assert_matches, eager_outputs, fused_outputs, make_inputs, reference_outputs, rel_err,
+)
 from torchext.testing import cancelling_inputs
 
 OPS = torch.ops.torchext
@@ -24,27 +26,13 @@ PLAN_SHAPES = {
 }
 
 
-def planned(inputs, g, plan, wants=(True,) * 5):
-    leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
-    f = torchext.two_layer_square(*leaves, plan=plan)
-    req = [t for t in leaves if t.requires_grad]
-    grads = iter(torch.autograd.grad(f, req, g.to(f.dtype).to(f.device)) if req else ())
-    return f, [next(grads) if w else None for w in wants]
-
-
-def eager32(inputs, g):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    f = torchext.reference.two_layer_square(*leaves)
-    return f, list(torch.autograd.grad(f, leaves, g.to(f.dtype)))
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("shape", list(PLAN_SHAPES), ids=list(PLAN_SHAPES))
 def test_each_plan_float64(shape, plan, device):
     inputs = make_inputs(PLAN_SHAPES[shape], torch.float64, device, seed=hash(shape) % 1000)
     f_ref, g, grads_ref = reference_outputs(inputs)
-    f, grads = planned(inputs, g, plan)
+    f, grads = fused_outputs(inputs, g, plan=plan)
     assert_matches(f, f_ref, torch.float64, "f")
     for name, gr, ref in zip(NAMES, grads, grads_ref):
         assert_matches(gr, ref, torch.float64, "d" + name)
@@ -58,8 +46,8 @@ def test_each_plan_float32_within_10x_of_eager(shape, plan, device):
     for seed in range(2):
         inputs = make_inputs(PLAN_SHAPES[shape], torch.float32, device, seed=100 + seed)
         f_ref, g, grads_ref = reference_outputs(inputs)
-        f, grads = planned(inputs, g, plan)
-        f_e, grads_e = eager32(inputs, g)
+        f, grads = fused_outputs(inputs, g, plan=plan)
+        f_e, grads_e = eager_outputs(inputs, g)
         for name, got, eag, ref in zip(("f",) + NAMES, [f] + grads, [f_e] + grads_e, [f_ref] + grads_ref):
             bound = 10 * max(rel_err(eag, ref), 1e-7)
             assert rel_err(got, ref) <= bound, f"{plan} {name}: {rel_err(got, ref):.2e} > {bound:.2e}"
@@ -72,7 +60,7 @@ def test_every_subset_requiring_grad(plan):
     inputs = make_inputs(PLAN_SHAPES["ell>k"], torch.float64, seed=5)
     for wants in itertools.product([False, True], repeat=5):
         f_ref, g, grads_ref = reference_outputs(inputs, wants=wants)
-        f, grads = planned(inputs, g, plan, wants)
+        f, grads = fused_outputs(inputs, g, wants, plan)
         for name, gr, ref in zip(NAMES, grads, grads_ref):
             assert (gr is None) == (ref is None)
             if ref is not None:
@@ -114,10 +102,10 @@ def cancellation_errors():
     inputs = cancelling_inputs()  # torchext.testing
     f_ref, g, grads_ref = reference_outputs(inputs)
     errors = {}
-    f_e, grads_e = eager32(inputs, g)
+    f_e, grads_e = eager_outputs(inputs, g)
     errors["eager"] = [rel_err(o, r) for o, r in zip([f_e] + grads_e, [f_ref] + grads_ref)]
     for plan in PLANS:
-        f, grads = planned(inputs, g, plan)
+        f, grads = fused_outputs(inputs, g, plan=plan)
         errors[plan] = [rel_err(o, r) for o, r in zip([f] + grads, [f_ref] + grads_ref)]
     return errors
 
@@ -139,7 +127,7 @@ def test_nan_on_every_plan(index, plan, device):
     t = inputs[index].clone()
     t.view(-1)[t.numel() // 2] = float("nan")
     inputs[index] = t
-    f, grads = planned(inputs, torch.ones(13, dtype=torch.float64), plan)
+    f, grads = fused_outputs(inputs, torch.ones(13, dtype=torch.float64), plan=plan)
     f_ref, _, grads_ref = reference_outputs([x.cpu() for x in inputs])
     # Each output is NaN where eager's is: elementwise on the direct plan; as a
     # tensor on the others, whose association spreads a NaN differently inside it.

@@ -19,12 +19,20 @@ def plain_eager():
     return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
 
 
+def call_op(op, *args):
+    """Calls a compiled op; below the Autograd key when nothing is to be
+    recorded (grad mode off, plain eager) — inside a Function's forward, or in
+    a first-order backward. Otherwise (create_graph=True, compile tracing,
+    torch.func) through it, so the op's registered formula is recorded."""
+    if not torch.is_grad_enabled() and plain_eager():
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return op(*args)
+
+
 def forward(z, W, V, B, A):
     """The fused forward op, as called from inside an autograd.Function."""
-    if plain_eager():
-        with torch._C._AutoDispatchBelowAutograd():
-            return _ops.two_layer_square(z, W, V, B, A)
-    return _ops.two_layer_square(z, W, V, B, A)
+    return call_op(_ops.two_layer_square, z, W, V, B, A)
 
 
 def setup_context(ctx, inputs, output):
@@ -50,14 +58,15 @@ def backward(ctx, grad):
 
 
 def _setup_backward_context(ctx, inputs, output):
-    grad, z, W, V, B, A, _mask = inputs
-    ctx.save_for_backward(grad, z, W, V, B, A)
+    ctx.save_for_backward(*inputs[:6])  # grad, z, W, V, B, A
 
 
 def _backward_of_backward(ctx, *cotangents):
-    grad, z, W, V, B, A = ctx.saved_tensors
+    """Autograd of either backward op (their first six inputs are grad, z, W, V,
+    B, A; the rest — saved r, q, plan, mask — get no gradient)."""
+    grad, z, W, V, B, A = ctx.saved_tensors[:6]
     grads = double_backward(grad, z, W, V, B, A, cotangents, ctx.needs_input_grad[:6])
-    return (*grads, None)
+    return (*grads, *[None] * (len(ctx.needs_input_grad) - 6))
 
 
 def unbatched_slices(info, in_dims, args):
@@ -90,15 +99,11 @@ class TwoLayerSquareBackward(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:6])
+        _setup_backward_context(ctx, inputs, output)
         ctx.save_for_forward(*inputs[:6])
         ctx.plan, ctx.output_mask = inputs[8], list(inputs[9])
 
-    @staticmethod
-    def backward(ctx, *cotangents):
-        grad, z, W, V, B, A = ctx.saved_tensors
-        grads = double_backward(grad, z, W, V, B, A, cotangents, ctx.needs_input_grad[:6])
-        return (*grads, None, None, None, None)
+    backward = staticmethod(_backward_of_backward)
 
     @staticmethod
     def jvp(ctx, t_grad, tz, tW, tV, tB, tA, *_):
@@ -139,24 +144,13 @@ def _call_backward(grad, z, W, V, B, A, r, q, plan, mask):
     if torch._C._are_functorch_transforms_active():
         return TwoLayerSquareBackward.apply(grad, z, W, V, B, A, r, q, plan, mask)
     if r is None and plan == "auto":  # the raw op's face: its public backward op
-        op, args = _ops.two_layer_square_backward, (grad, z, W, V, B, A, mask)
-    else:
-        op, args = _ops._two_layer_square_backward, (grad, z, W, V, B, A, r, q, plan, mask)
-    if not torch.is_grad_enabled() and plain_eager():
-        # First-order backward: nothing to record, so skip the Autograd key.
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-    # create_graph=True or compile tracing: the op's own registration (same
-    # formula as TwoLayerSquareBackward) records the double backward.
-    return op(*args)
+        return call_op(_ops.two_layer_square_backward, grad, z, W, V, B, A, mask)
+    return call_op(_ops._two_layer_square_backward, grad, z, W, V, B, A, r, q, plan, mask)
 
 
 def planned_forward(z, W, V, B, A, plan, save):
     """The internal forward op (f, r, q), as called from inside an autograd.Function."""
-    if plain_eager():
-        with torch._C._AutoDispatchBelowAutograd():
-            return _ops._two_layer_square_forward(z, W, V, B, A, plan, save)
-    return _ops._two_layer_square_forward(z, W, V, B, A, plan, save)
+    return call_op(_ops._two_layer_square_forward, z, W, V, B, A, plan, save)
 
 
 def setup_planned_context(ctx, inputs, output):
@@ -244,16 +238,6 @@ def double_backward(g, z, W, V, B, A, cotangents, needs):
     return out
 
 
-def _backward_of_internal_backward(ctx, *cotangents):
-    grad, z, W, V, B, A = ctx.saved_tensors
-    grads = double_backward(grad, z, W, V, B, A, cotangents, ctx.needs_input_grad[:6])
-    return (*grads, None, None, None, None)
-
-
-def _setup_internal_backward_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:6])
-
-
 # Autocast: the forward ops run on float32 casts of their floating inputs
 # (accumulation and the square in float32, f returned in float32); the casts
 # are recorded by autograd, so gradients come back in each input's own dtype.
@@ -275,6 +259,6 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     "torchext::_two_layer_square_backward",
-    _backward_of_internal_backward,
-    setup_context=_setup_internal_backward_context,
+    _backward_of_backward,
+    setup_context=_setup_backward_context,
 )

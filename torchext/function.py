@@ -91,8 +91,7 @@ class _PlannedEagerTwoLayerSquare(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, W, V, B, A, plan, save):
-        with torch._C._AutoDispatchBelowAutograd():
-            out = _ops._two_layer_square_forward(z, W, V, B, A, plan, save)
+        out = _autograd.planned_forward(z, W, V, B, A, plan, save)
         _autograd.setup_planned_context(ctx, (z, W, V, B, A, plan, save), out)
         return out
 

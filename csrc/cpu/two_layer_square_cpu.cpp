@@ -406,38 +406,26 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
   }
 }
 
-ForwardResult forward_internal_cpu(const at::Tensor& z, const at::Tensor& W,
-                                   const at::Tensor& V, const at::Tensor& B,
-                                   const at::Tensor& A, c10::string_view plan,
-                                   bool save_for_backward) {
-  return run_forward(z, W, V, B, A, plan, save_for_backward,
-                     [](const Dims& dims, const ComputeInputs& in, Plan p, ForwardOutputs& out) {
-    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cpu", [&] {
-      forward_impl<scalar_t>(dims, in, p, out);
-    });
+void forward_kernel_cpu(const Dims& dims, const ComputeInputs& in, Plan plan,
+                        ForwardOutputs& out) {
+  AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cpu", [&] {
+    forward_impl<scalar_t>(dims, in, plan, out);
   });
 }
 
-BackwardResult backward_internal_cpu(const at::Tensor& grad, const at::Tensor& z,
-                                     const at::Tensor& W, const at::Tensor& V,
-                                     const at::Tensor& B, const at::Tensor& A,
-                                     const OptionalTensor& r, const OptionalTensor& q,
-                                     c10::string_view plan,
-                                     std::array<bool, 5> output_mask) {
-  return run_backward(grad, z, W, V, B, A, r, q, plan, output_mask,
-                      [](const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
-                         const at::Tensor& r, const at::Tensor& q, Plan p,
+void backward_kernel_cpu(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
+                         const at::Tensor& r, const at::Tensor& q, Plan plan,
                          const OutputMask& mask, GradBuffers& bufs) {
-    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cpu", [&] {
-      backward_impl<scalar_t>(dims, in, g, r, q, p, mask, bufs);
-    });
+  AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cpu", [&] {
+    backward_impl<scalar_t>(dims, in, g, r, q, plan, mask, bufs);
   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {
-  register_kernels<&forward_internal_cpu, &backward_internal_cpu>(m);
+  register_kernels<&internal_forward<&forward_kernel_cpu>,
+                   &internal_backward<&backward_kernel_cpu>>(m);
 }
 
 }  // namespace torchext

@@ -124,44 +124,32 @@ void launch_forward(const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-ForwardResult forward_internal_cuda(const at::Tensor& z, const at::Tensor& W,
-                                    const at::Tensor& V, const at::Tensor& B,
-                                    const at::Tensor& A, c10::string_view plan,
-                                    bool save_for_backward) {
-  return run_forward(z, W, V, B, A, plan, save_for_backward,
-                     [&z](const Dims& dims, const ComputeInputs& in, Plan p, ForwardOutputs& out) {
-    const c10::cuda::CUDAGuard device_guard(z.device());
-    if (p == Plan::kDirect && out.r.size(0) == 0) {
-      AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cuda", [&] {
-        launch_forward<scalar_t>(dims, in, out.f);
-      });
-      return;
-    }
-    const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
-    forward_aten(dims, in, p, bp.chunk_rows, out);
-  });
+void forward_kernel_cuda(const Dims& dims, const ComputeInputs& in, Plan plan,
+                         ForwardOutputs& out) {
+  const c10::cuda::CUDAGuard device_guard(in.z.device());
+  if (plan == Plan::kDirect && out.r.size(0) == 0) {
+    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cuda", [&] {
+      launch_forward<scalar_t>(dims, in, out.f);
+    });
+    return;
+  }
+  const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
+  forward_aten(dims, in, plan, bp.chunk_rows, out);
 }
 
-BackwardResult backward_internal_cuda(const at::Tensor& grad, const at::Tensor& z,
-                                      const at::Tensor& W, const at::Tensor& V,
-                                      const at::Tensor& B, const at::Tensor& A,
-                                      const OptionalTensor& r, const OptionalTensor& q,
-                                      c10::string_view plan,
-                                      std::array<bool, 5> output_mask) {
-  return run_backward(grad, z, W, V, B, A, r, q, plan, output_mask,
-                      [&z](const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
-                           const at::Tensor& r, const at::Tensor& q, Plan p,
-                           const OutputMask& mask, GradBuffers& bufs) {
-    const c10::cuda::CUDAGuard device_guard(z.device());
-    const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
-    backward_aten(dims, in, g, r, q, p, mask, bp.chunk_rows, bufs);
-  });
+void backward_kernel_cuda(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
+                          const at::Tensor& r, const at::Tensor& q, Plan plan,
+                          const OutputMask& mask, GradBuffers& bufs) {
+  const c10::cuda::CUDAGuard device_guard(in.z.device());
+  const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
+  backward_aten(dims, in, g, r, q, plan, mask, bp.chunk_rows, bufs);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchext, CUDA, m) {
-  register_kernels<&forward_internal_cuda, &backward_internal_cuda>(m);
+  register_kernels<&internal_forward<&forward_kernel_cuda>,
+                   &internal_backward<&backward_kernel_cuda>>(m);
 }
 
 }  // namespace torchext
