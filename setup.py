@@ -99,6 +99,7 @@ def make_extension():
         "csrc/module.cpp",
         "csrc/two_layer_square.cpp",
         "csrc/two_layer_square_aten.cpp",
+        "csrc/two_layer_square_autograd.cpp",
         "csrc/cpu/two_layer_square_cpu.cpp",
     ]
     # No -std here: cpp_extension picks the standard the installed torch needs (C++17 or C++20).

@@ -22,6 +22,8 @@ def away_from_kink(shape, device="cpu", seed=0, margin=1e-2):
 FACES = {
     "Function": lambda *a: torchext.TwoLayerSquare.apply(*a),
     "raw-op": OPS.two_layer_square,
+    # plain eager: the C++ autograd node (create_graph goes through the ops' autograd)
+    "functional": torchext.two_layer_square,
 }
 
 
@@ -278,3 +280,83 @@ def test_mark_dynamic_batch_compiles_once():
         f.sum().backward()
         assert_matches(f, torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A), torch.float64)
     assert counter.frame_count == 1
+
+
+CPP_NODE = "torch::autograd::CppNode<torchext::FusedTwoLayerSquare>"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("plan", ["auto", "direct", "folded", "quadratic"])
+@pytest.mark.parametrize("shape", ["vector", "primes", "wide"])
+def test_plain_eager_is_one_cpp_node_matching_the_python_face(shape, plan, device):
+    # The functional form records one C++ node in plain eager; it runs the same
+    # ops as the Python face that torch.compile and torch.func use, so the
+    # numbers agree bitwise, and both match the float64 reference.
+    z, W, V, B, A = make_inputs(SHAPES[shape], torch.float32, device, seed=71)
+    leaves = [t.clone().requires_grad_() for t in (z, W, V, B, A)]
+    f = torchext.two_layer_square(*leaves, plan=plan)
+    assert f.grad_fn.name() == CPP_NODE
+    assert len(f.grad_fn.next_functions) == 5  # z, W, V, B, A
+    f.backward(torch.randn_like(f), retain_graph=True)
+    fast = [t.grad.clone() for t in leaves]
+
+    twins = [t.clone().requires_grad_() for t in (z, W, V, B, A)]
+    f_py = torchext.function.PlannedTwoLayerSquare.apply(*twins, plan, True)[0]
+    assert f_py.grad_fn.name() != CPP_NODE
+    torch.manual_seed(0)
+    g = torch.randn_like(f)
+    for t in leaves:
+        t.grad = None
+    f.backward(g)
+    f_py.backward(g)
+    assert torch.equal(f.detach(), f_py.detach())
+    for name, a, b in zip("zWVBA", leaves, twins):
+        assert torch.equal(a.grad, b.grad), name
+    ref = [t.detach().double().requires_grad_() for t in (z, W, V, B, A)]
+    torchext.reference.two_layer_square(*ref).backward(g.double())
+    assert_matches(f, torchext.reference.two_layer_square(*[t.detach() for t in ref]), torch.float32)
+    for name, a, b in zip("zWVBA", leaves, ref):
+        assert_matches(a.grad, b.grad, torch.float32, name)
+    assert all(a.shape == b.shape for a, b in zip(fast, leaves))
+
+
+def test_plain_eager_without_grad_records_nothing():
+    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float32, seed=72)
+    with_grad = [t.requires_grad_() for t in (W, V)]
+    with torch.no_grad():
+        f = torchext.two_layer_square(z, *with_grad, B, A)
+    assert f.grad_fn is None and not f.requires_grad
+    assert torchext.two_layer_square(z, W.detach(), V.detach(), B, A).grad_fn is None
+    assert torch.equal(f, torchext.two_layer_square(z, W, V, B, A).detach())
+
+
+def test_plain_eager_node_guards_its_saved_inputs():
+    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float32, seed=73)
+    W.requires_grad_()
+    Vc = V.clone()
+    f = torchext.two_layer_square(z, W, Vc, B, A)
+    Vc.mul_(2)  # modifies a saved input: autograd must refuse, not return stale grads
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        f.sum().backward()
+    f = torchext.two_layer_square(z, W, V, B, A)
+    f.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        f.sum().backward()
+
+
+def test_plain_eager_node_under_anomaly_mode_and_hooks():
+    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, seed=74)
+    W.requires_grad_()
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t
+
+    with torch.autograd.detect_anomaly(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f = torchext.two_layer_square(z, W, V, B, A)
+        (gW,) = torch.autograd.grad(f.sum(), W)
+    assert len(packed) == 7  # z, W, V, B, A and the two N×k tensors (maybe empty)
+    W_ref = W.detach().requires_grad_()
+    torchext.reference.two_layer_square(z, W_ref, V, B, A).sum().backward()
+    assert_matches(gW, W_ref.grad, torch.float64)

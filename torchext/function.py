@@ -1,5 +1,6 @@
 """The public autograd face: `TwoLayerSquare` and the functional `two_layer_square`."""
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _autograd
 
@@ -115,15 +116,19 @@ def two_layer_square(z, W, V, B, A, *, plan="auto"):
     _check_tensors((z, W, V, B, A))
     if plan not in PLANS:
         raise ValueError(f"two_layer_square: plan must be one of {PLANS}; got {plan!r}")
-    save = torch.is_grad_enabled() and (
-        z.requires_grad or W.requires_grad or V.requires_grad or B.requires_grad or A.requires_grad
-    )
     if torch.compiler.is_compiling():
         face = PlannedTwoLayerSquare
     elif torch._C._are_functorch_transforms_active():
         face = TorchFuncTwoLayerSquare
+    elif _forward_ad._current_level < 0:
+        # Plain eager, no dual tensors: one C++ autograd node (see
+        # csrc/two_layer_square_autograd.cpp), no Python in forward or backward.
+        return _ops._two_layer_square_autograd(z, W, V, B, A, plan)
     else:
         face = _PlannedEagerTwoLayerSquare
+    save = torch.is_grad_enabled() and (
+        z.requires_grad or W.requires_grad or V.requires_grad or B.requires_grad or A.requires_grad
+    )
     return face.apply(z, W, V, B, A, plan, save)[0]
 
 
