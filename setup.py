@@ -101,6 +101,7 @@ def make_extension():
         "csrc/two_layer_square_aten.cpp",
         "csrc/two_layer_square_autograd.cpp",
         "csrc/cpu/two_layer_square_cpu.cpp",
+        "csrc/cpu/narrow_kernels.cpp",
     ]
     # No -std here: cpp_extension picks the standard the installed torch needs (C++17 or C++20).
     opt = ["-O0", "-g"] if debug else ["-O3"]

@@ -4,6 +4,7 @@
 // (backward, each with its own partial weight gradients, summed in a fixed
 // order) run in parallel.
 #include "../two_layer_square.h"
+#include "narrow_kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,6 +19,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 // Fortran BLAS of the BLAS library that torch links (MKL on x86 wheels,
@@ -261,6 +264,14 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
   }
 }
 
+// The quadratic plan of narrow float32 layers runs the AVX-512 kernels of
+// narrow_kernels.h where the CPU has them (see there for why).
+template <typename T>
+bool use_narrow_kernels(const Dims& dims, Plan plan) {
+  return std::is_same_v<T, float> && plan == Plan::kQuadratic && dims.k <= cpu::kNarrowMaxK &&
+         cpu::narrow_kernels_supported();
+}
+
 template <typename T>
 void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
                   ForwardOutputs& out) {
@@ -276,6 +287,22 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
   T* r_saved = save ? out.r.mutable_data_ptr<T>() : nullptr;
   T* q_saved = save ? out.q.mutable_data_ptr<T>() : nullptr;
   // No reduction across samples here, so chunks are the unit of parallelism.
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_narrow_kernels<T>(dims, plan)) {
+      const cpu::NarrowWeights w(dims.d, dims.k, op.W, op.Q);
+      at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
+        cpu::NarrowWorkspace ws(w);
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t r0 = c * bp.chunk_rows;
+          const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
+          cpu::narrow_forward(w, op.z + r0 * dims.d, n, f + r0,
+                              save ? r_saved + r0 * dims.k : nullptr,
+                              save ? q_saved + r0 * dims.k : nullptr, ws);
+        }
+      });
+      return;
+    }
+  }
   const SequentialBlas sequential_blas;
   at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
     ChunkScratch<T> s(dims, std::min(bp.chunk_rows, dims.N));
@@ -325,9 +352,34 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
       if (total[i].defined())
         partials[p][i] = p == 0 ? total[i] : at::zeros_like(total[i]);
 
+  std::optional<cpu::NarrowWeights> narrow;
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_narrow_kernels<T>(dims, plan)) narrow.emplace(d, k, op.W, op.Q);
+  }
+
   {
   const SequentialBlas sequential_blas;
   at::parallel_for(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (narrow) {
+        cpu::NarrowWorkspace ws(*narrow);
+        for (int64_t part = p0; part < p1; ++part) {
+          auto slot = [&](int i) -> float* {
+            return partials[part][i].defined() ? partials[part][i].template mutable_data_ptr<float>() : nullptr;
+          };
+          const int64_t c_end = std::min(bp.num_chunks, (part + 1) * bp.chunks_per_partition);
+          for (int64_t c = part * bp.chunks_per_partition; c < c_end; ++c) {
+            const int64_t r0 = c * bp.chunk_rows;
+            const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
+            cpu::narrow_backward(*narrow, op.z + r0 * d, g + r0, recompute ? nullptr : rs + r0 * k,
+                                 recompute ? nullptr : qs + r0 * k, n, mask[kW], use_gram,
+                                 gz ? gz + r0 * d : nullptr, ws);
+          }
+          ws.flush(*narrow, slot(kSlotW), slot(kSlotGram));
+        }
+        return;
+      }
+    }
     ChunkScratch<T> s(dims, std::min(bp.chunk_rows, dims.N));
     for (int64_t part = p0; part < p1; ++part) {
       auto slot = [&](int i) -> T* {

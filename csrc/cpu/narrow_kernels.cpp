@@ -1,0 +1,285 @@
+// AVX-512 kernels of the quadratic plan for narrow layers; see narrow_kernels.h.
+//
+// Layout: a block of kBlock samples is held feature-major (row c of zT is
+// feature c of every sample in the block), so one __m512 holds one feature of
+// sixteen samples. The products with the weights are register-blocked as
+// 8 output units × 32 samples (16 accumulators; each weight is one broadcast
+// shared by two vectors), the sample-summed outer products (dW, Gram) as
+// 4 × 4 units, accumulated lane-wise per partition and summed across lanes
+// once per partition, in a fixed order. Only functions marked TX_AVX512 use
+// AVX-512, and they run only after narrow_kernels_supported() said yes.
+#include "narrow_kernels.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TORCHEXT_NARROW_AVX512 1
+#include <immintrin.h>
+#define TX_AVX512 __attribute__((target("avx512f")))
+#else
+#define TORCHEXT_NARROW_AVX512 0
+#endif
+
+namespace torchext {
+namespace cpu {
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int64_t S = NarrowWorkspace::kBlock;
+
+int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// Vectors (of 16 samples) a block of ns samples spans, rounded up to pairs.
+int64_t vectors_for(int64_t ns) { return round_up(ns, 2 * kLanes) / kLanes; }
+
+}  // namespace
+
+bool narrow_kernels_supported() {
+#if TORCHEXT_NARROW_AVX512
+  static const bool supported = [] {
+    const char* env = std::getenv("TORCHEXT_CPU_KERNELS");
+    if (env != nullptr && std::strcmp(env, "generic") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+NarrowWeights::NarrowWeights(int64_t d_, int64_t k_, const float* W_, const float* Q_)
+    : d(d_), k(k_), Kp(round_up(std::max<int64_t>(k_, 1), 8)), Dp(round_up(std::max<int64_t>(d_, 1), 8)),
+      W(Kp * d, 0.f), WT(Dp * Kp, 0.f), Q(Kp * Kp, 0.f) {
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < d; ++j) {
+      W[i * d + j] = W_[i * d + j];
+      WT[j * Kp + i] = W_[i * d + j];
+    }
+  if (Q_ != nullptr)
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) Q[i * Kp + j] = Q_[i * k + j];
+}
+
+// Padding rows of the transposed buffers stay zero for the workspace's life.
+NarrowWorkspace::NarrowWorkspace(const NarrowWeights& w)
+    : zT(w.Dp * S, 0.f), rT(w.Kp * S, 0.f), qT(w.Kp * S, 0.f), pT(w.Kp * S, 0.f),
+      grT(w.Kp * S, 0.f), g(S, 0.f), dW(w.Kp * w.Dp * kLanes, 0.f),
+      gram(w.Kp * w.Kp * kLanes, 0.f) {}
+
+void NarrowWorkspace::flush(const NarrowWeights& w, float* gW, float* G) {
+  auto lane_sum = [](const float* v) {
+    float s = 0.f;
+    for (int64_t l = 0; l < kLanes; ++l) s += v[l];
+    return s;
+  };
+  if (gW != nullptr)
+    for (int64_t i = 0; i < w.k; ++i)
+      for (int64_t j = 0; j < w.d; ++j) gW[i * w.d + j] += lane_sum(&dW[(i * w.Dp + j) * kLanes]);
+  if (G != nullptr)
+    for (int64_t i = 0; i < w.k; ++i)
+      for (int64_t j = i; j < w.k; ++j) G[i * w.k + j] += lane_sum(&gram[(i * w.Kp + j) * kLanes]);
+  std::fill(dW.begin(), dW.end(), 0.f);
+  std::fill(gram.begin(), gram.end(), 0.f);
+}
+
+#if TORCHEXT_NARROW_AVX512
+namespace {
+
+TX_AVX512 inline __mmask16 lanes_mask(int64_t left) {
+  if (left >= kLanes) return __mmask16(0xFFFF);
+  if (left <= 0) return __mmask16(0);
+  return __mmask16((1u << left) - 1u);
+}
+
+TX_AVX512 inline __m512i row_offsets(int64_t stride) {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(int(stride)));
+}
+
+// T[c][s] = X[s][c] for c < cols and s < ns (X rows of `stride` floats);
+// zero for the padding samples up to nv vectors.
+TX_AVX512 void load_transposed(const float* X, int64_t stride, int64_t cols, int64_t ns,
+                               int64_t nv, float* T) {
+  const __m512i idx = row_offsets(stride);
+  for (int64_t v = 0; v < nv; ++v) {
+    const __mmask16 m = lanes_mask(ns - v * kLanes);
+    if (m == 0) {
+      for (int64_t c = 0; c < cols; ++c) _mm512_storeu_ps(T + c * S + v * kLanes, _mm512_setzero_ps());
+      continue;
+    }
+    const float* base = X + v * kLanes * stride;
+    for (int64_t c = 0; c < cols; ++c)
+      _mm512_storeu_ps(T + c * S + v * kLanes,
+                       _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, base + c, 4));
+  }
+}
+
+// X[s][c] = T[c][s] for c < cols and s < ns.
+TX_AVX512 void store_transposed(const float* T, int64_t cols, int64_t ns, float* X,
+                                int64_t stride) {
+  const __m512i idx = row_offsets(stride);
+  for (int64_t v = 0; v * kLanes < ns; ++v) {
+    const __mmask16 m = lanes_mask(ns - v * kLanes);
+    float* base = X + v * kLanes * stride;
+    for (int64_t c = 0; c < cols; ++c)
+      _mm512_mask_i32scatter_ps(base + c, m, idx, _mm512_loadu_ps(T + c * S + v * kLanes), 4);
+  }
+}
+
+// outT[i][s] = Σ_j A[i][j] inT[j][s] for i < rows (a multiple of 8), j < inner;
+// A row-major with leading dimension lda. relu: outT = max(0, ·), keeping NaN.
+template <bool relu>
+TX_AVX512 void product(const float* A, int64_t lda, int64_t rows, int64_t inner,
+                       const float* inT, int64_t nv, float* outT) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t v = 0; v < nv; v += 2) {
+    const int64_t s = v * kLanes;
+    for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+      __m512 a0[8], a1[8];
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) a0[t] = a1[t] = zero;
+      const float* arow = A + i0 * lda;
+      for (int64_t j = 0; j < inner; ++j) {
+        const __m512 x0 = _mm512_loadu_ps(inT + j * S + s);
+        const __m512 x1 = _mm512_loadu_ps(inT + j * S + s + kLanes);
+#pragma GCC unroll 8
+        for (int t = 0; t < 8; ++t) {
+          const __m512 b = _mm512_set1_ps(arow[t * lda + j]);
+          a0[t] = _mm512_fmadd_ps(b, x0, a0[t]);
+          a1[t] = _mm512_fmadd_ps(b, x1, a1[t]);
+        }
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) {
+        // max(0, x) returns its second operand when one is NaN: NaN stays NaN.
+        _mm512_storeu_ps(outT + (i0 + t) * S + s, relu ? _mm512_max_ps(zero, a0[t]) : a0[t]);
+        _mm512_storeu_ps(outT + (i0 + t) * S + s + kLanes, relu ? _mm512_max_ps(zero, a1[t]) : a1[t]);
+      }
+    }
+  }
+}
+
+// f[s] = Σ_i rT[i][s] qT[i][s] (in unit order).
+TX_AVX512 void row_dots(const float* rT, const float* qT, int64_t rows, int64_t nv, float* f) {
+  for (int64_t v = 0; v < nv; ++v) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < rows; ++i)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(rT + i * S + v * kLanes),
+                            _mm512_loadu_ps(qT + i * S + v * kLanes), acc);
+    _mm512_storeu_ps(f + v * kLanes, acc);
+  }
+}
+
+// pT = 2 g qT where not rT <= 0 (else 0), grT = g rT: threshold_backward's
+// select, so a NaN unit passes its gradient and a NaN g stays out of inactive units.
+TX_AVX512 void relu_grad(const float* g, const float* rT, const float* qT, int64_t rows,
+                         int64_t nv, float* pT, float* grT) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t v = 0; v < nv; ++v) {
+    const __m512 gv = _mm512_loadu_ps(g + v * kLanes);
+    const __m512 g2 = _mm512_add_ps(gv, gv);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t o = i * S + v * kLanes;
+      const __m512 r = _mm512_loadu_ps(rT + o);
+      const __mmask16 active = _mm512_cmp_ps_mask(r, zero, _CMP_NLE_UQ);
+      _mm512_storeu_ps(pT + o, _mm512_maskz_mul_ps(active, g2, _mm512_loadu_ps(qT + o)));
+      _mm512_storeu_ps(grT + o, _mm512_mul_ps(gv, r));
+    }
+  }
+}
+
+// acc[i][j] += XT[i] ⊙ YT[j] lane-wise, summed over the block's vectors, for
+// 4 × 4 tiles of units (rows multiples of 4); upper: only tiles with j0 >= i0.
+TX_AVX512 void accumulate_outer(const float* XT, int64_t rows_x, const float* YT,
+                                int64_t rows_y, int64_t nv, bool upper, float* acc) {
+  for (int64_t i0 = 0; i0 < rows_x; i0 += 4) {
+    for (int64_t j0 = upper ? i0 : 0; j0 < rows_y; j0 += 4) {
+      __m512 c[4][4];
+#pragma GCC unroll 4
+      for (int a = 0; a < 4; ++a)
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; ++b) c[a][b] = _mm512_loadu_ps(acc + ((i0 + a) * rows_y + j0 + b) * kLanes);
+      for (int64_t v = 0; v < nv; ++v) {
+        __m512 x[4], y[4];
+#pragma GCC unroll 4
+        for (int a = 0; a < 4; ++a) {
+          x[a] = _mm512_loadu_ps(XT + (i0 + a) * S + v * kLanes);
+          y[a] = _mm512_loadu_ps(YT + (j0 + a) * S + v * kLanes);
+        }
+#pragma GCC unroll 4
+        for (int a = 0; a < 4; ++a)
+#pragma GCC unroll 4
+          for (int b = 0; b < 4; ++b) c[a][b] = _mm512_fmadd_ps(x[a], y[b], c[a][b]);
+      }
+#pragma GCC unroll 4
+      for (int a = 0; a < 4; ++a)
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; ++b) _mm512_storeu_ps(acc + ((i0 + a) * rows_y + j0 + b) * kLanes, c[a][b]);
+    }
+  }
+}
+
+}  // namespace
+
+void narrow_forward(const NarrowWeights& w, const float* z, int64_t n, float* f, float* r,
+                    float* q, NarrowWorkspace& ws) {
+  for (int64_t b0 = 0; b0 < n; b0 += S) {
+    const int64_t ns = std::min(S, n - b0);
+    const int64_t nv = vectors_for(ns);
+    load_transposed(z + b0 * w.d, w.d, w.d, ns, nv, ws.zT.data());
+    product<true>(w.W.data(), w.d, w.Kp, w.d, ws.zT.data(), nv, ws.rT.data());
+    product<false>(w.Q.data(), w.Kp, w.Kp, w.Kp, ws.rT.data(), nv, ws.qT.data());
+    row_dots(ws.rT.data(), ws.qT.data(), w.Kp, nv, ws.g.data());
+    std::copy(ws.g.data(), ws.g.data() + ns, f + b0);
+    if (r != nullptr) store_transposed(ws.rT.data(), w.k, ns, r + b0 * w.k, w.k);
+    if (q != nullptr) store_transposed(ws.qT.data(), w.k, ns, q + b0 * w.k, w.k);
+  }
+}
+
+void narrow_backward(const NarrowWeights& w, const float* z, const float* g,
+                     const float* r, const float* q, int64_t n, bool want_dW,
+                     bool want_gram, float* dz, NarrowWorkspace& ws) {
+  for (int64_t b0 = 0; b0 < n; b0 += S) {
+    const int64_t ns = std::min(S, n - b0);
+    const int64_t nv = vectors_for(ns);
+    std::fill(ws.g.begin(), ws.g.end(), 0.f);  // padding samples get g = 0
+    std::copy(g + b0, g + b0 + ns, ws.g.data());
+    load_transposed(z + b0 * w.d, w.d, w.d, ns, nv, ws.zT.data());
+    if (r != nullptr) {
+      load_transposed(r + b0 * w.k, w.k, w.k, ns, nv, ws.rT.data());
+      load_transposed(q + b0 * w.k, w.k, w.k, ns, nv, ws.qT.data());
+    } else {
+      product<true>(w.W.data(), w.d, w.Kp, w.d, ws.zT.data(), nv, ws.rT.data());
+      product<false>(w.Q.data(), w.Kp, w.Kp, w.Kp, ws.rT.data(), nv, ws.qT.data());
+    }
+    relu_grad(ws.g.data(), ws.rT.data(), ws.qT.data(), w.Kp, nv, ws.pT.data(), ws.grT.data());
+    if (want_dW) accumulate_outer(ws.pT.data(), w.Kp, ws.zT.data(), w.Dp, nv, false, ws.dW.data());
+    if (want_gram) accumulate_outer(ws.grT.data(), w.Kp, ws.rT.data(), w.Kp, nv, true, ws.gram.data());
+    if (dz != nullptr) {  // dzT = Wᵀ pT, written over zT (its padding rows come out zero)
+      product<false>(w.WT.data(), w.Kp, w.Dp, w.Kp, ws.pT.data(), nv, ws.zT.data());
+      store_transposed(ws.zT.data(), w.d, ns, dz + b0 * w.d, w.d);
+    }
+  }
+}
+
+#else  // no AVX-512 kernels in this build: narrow_kernels_supported() is false
+
+void narrow_forward(const NarrowWeights&, const float*, int64_t, float*, float*, float*,
+                    NarrowWorkspace&) {
+  TORCH_CHECK(false, "torchext: narrow AVX-512 kernels are not built for this CPU");
+}
+
+void narrow_backward(const NarrowWeights&, const float*, const float*, const float*,
+                     const float*, int64_t, bool, bool, float*, NarrowWorkspace&) {
+  TORCH_CHECK(false, "torchext: narrow AVX-512 kernels are not built for this CPU");
+}
+
+#endif
+
+}  // namespace cpu
+}  // namespace torchext

@@ -1,0 +1,61 @@
+// Hand-vectorised CPU kernels of the quadratic plan for narrow layers
+// (k <= kNarrowMaxK), float32, on CPUs with AVX-512.
+//
+// Why: at k = d = 16 each BLAS product is a 16-wide sliver of work; MKL runs
+// such shapes at about half its peak, and a chunked forward+backward makes
+// six passes over them. These kernels run the whole per-sample chain — x = W z,
+// r = relu(x), q = Q r, f = rᵀ q and, in the backward, p = 2 g q ⊙ 1[r > 0],
+// the dW = Σ p zᵀ and Gram Σ g r rᵀ accumulations — in one pass over a block
+// of samples held in L1, sixteen samples per vector register (lanes are
+// samples, so no horizontal reductions per sample).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace torchext {
+namespace cpu {
+
+constexpr int64_t kNarrowMaxK = 32;
+
+// True when this CPU has AVX-512F and TORCHEXT_CPU_KERNELS is not "generic"
+// (read once; lets tests and users compare against the BLAS kernels).
+bool narrow_kernels_supported();
+
+// Zero-padded copies of the weights the kernels read: k rounded up to Kp, a
+// multiple of 8 (padded units have x = r = q = p = 0 and contribute nothing).
+struct NarrowWeights {
+  NarrowWeights(int64_t d, int64_t k, const float* W, const float* Q);
+  int64_t d, k, Kp, Dp;  // Dp: d rounded up to 8
+  std::vector<float> W;   // Kp × d
+  std::vector<float> WT;  // Dp × Kp
+  std::vector<float> Q;   // Kp × Kp
+};
+
+// Per-thread buffers: one block of samples, transposed (feature-major), and
+// the lane-wise partial sums of dW and of the Gram for one partition.
+class NarrowWorkspace {
+ public:
+  explicit NarrowWorkspace(const NarrowWeights& w);
+  // Adds the partition's partial sums into gW (k×d) and the upper triangle
+  // (with diagonal) of G (k×k), then zeroes them for the next partition.
+  void flush(const NarrowWeights& w, float* gW, float* G);
+
+  static constexpr int64_t kBlock = 256;  // samples per block
+  std::vector<float> zT, rT, qT, pT, grT, g, dW, gram;
+};
+
+// f for rows [0, n) of z (n × d, row-major). When r and q are given (n × k,
+// row-major) they are written too, for the backward.
+void narrow_forward(const NarrowWeights& w, const float* z, int64_t n, float* f,
+                    float* r, float* q, NarrowWorkspace& ws);
+
+// Backward over rows [0, n): accumulates dW (want_dW) and the Gram (want_gram)
+// into the workspace and writes dz (n × d) when given. r and q are the saved
+// forward values (n × k) or null (recomputed here).
+void narrow_backward(const NarrowWeights& w, const float* z, const float* g,
+                     const float* r, const float* q, int64_t n, bool want_dW,
+                     bool want_gram, float* dz, NarrowWorkspace& ws);
+
+}  // namespace cpu
+}  // namespace torchext
