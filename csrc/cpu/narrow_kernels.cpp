@@ -54,7 +54,7 @@ bool narrow_kernels_supported() {
 
 NarrowWeights::NarrowWeights(int64_t d_, int64_t k_, const float* W_, const float* Q_)
     : d(d_), k(k_), Kp(round_up(std::max<int64_t>(k_, 1), 8)), Dp(round_up(std::max<int64_t>(d_, 1), 8)),
-      W(Kp * d, 0.f), WT(Dp * Kp, 0.f), Q(Kp * Kp, 0.f) {
+      W(Kp * d, 0.f), WT(Dp * Kp, 0.f), Q(Kp * Kp, 0.f), Qupper(Kp * Kp, 0.f) {
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = 0; j < d; ++j) {
       W[i * d + j] = W_[i * d + j];
@@ -62,7 +62,11 @@ NarrowWeights::NarrowWeights(int64_t d_, int64_t k_, const float* W_, const floa
     }
   if (Q_ != nullptr)
     for (int64_t i = 0; i < k; ++i)
-      for (int64_t j = 0; j < k; ++j) Q[i * Kp + j] = Q_[i * k + j];
+      for (int64_t j = 0; j < k; ++j) {
+        Q[i * Kp + j] = Q_[i * k + j];
+        // rᵀ Q r = Σ_i r_i (Q_ii r_i + Σ_{j>i} (Q_ij + Q_ji) r_j)
+        Qupper[i * Kp + j] = j == i ? Q_[i * k + i] : j > i ? Q_[i * k + j] + Q_[j * k + i] : 0.f;
+      }
 }
 
 // Padding rows of the transposed buffers stay zero for the workspace's life.
@@ -101,8 +105,38 @@ TX_AVX512 inline __m512i row_offsets(int64_t stride) {
                             _mm512_set1_epi32(int(stride)));
 }
 
+// In-place transpose of a 16 × 16 tile held in 16 registers (row i -> column i).
+TX_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4b + i], 128-bit lane L: element 4L + i of rows 4b .. 4b + 3.
+#pragma GCC unroll 4
+  for (int b = 0; b < 4; ++b) {
+    u[4 * b + 0] = _mm512_shuffle_ps(t[4 * b], t[4 * b + 2], 0x44);
+    u[4 * b + 1] = _mm512_shuffle_ps(t[4 * b], t[4 * b + 2], 0xEE);
+    u[4 * b + 2] = _mm512_shuffle_ps(t[4 * b + 1], t[4 * b + 3], 0x44);
+    u[4 * b + 3] = _mm512_shuffle_ps(t[4 * b + 1], t[4 * b + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[i], u[4 + i], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[i], u[4 + i], 0xDD);
+    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0x88);
+    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0xDD);
+    r[i] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[4 + i] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[12 + i] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
 // T[c][s] = X[s][c] for c < cols and s < ns (X rows of `stride` floats);
-// zero for the padding samples up to nv vectors.
+// zero for the padding samples up to nv vectors. Whole 16 × 16 tiles are
+// transposed in registers; ragged edges are gathered.
 TX_AVX512 void load_transposed(const float* X, int64_t stride, int64_t cols, int64_t ns,
                                int64_t nv, float* T) {
   const __m512i idx = row_offsets(stride);
@@ -113,7 +147,18 @@ TX_AVX512 void load_transposed(const float* X, int64_t stride, int64_t cols, int
       continue;
     }
     const float* base = X + v * kLanes * stride;
-    for (int64_t c = 0; c < cols; ++c)
+    int64_t c0 = 0;
+    if (m == __mmask16(0xFFFF)) {
+      for (; c0 + kLanes <= cols; c0 += kLanes) {
+        __m512 tile[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) tile[i] = _mm512_loadu_ps(base + i * stride + c0);
+        transpose16(tile);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(T + (c0 + i) * S + v * kLanes, tile[i]);
+      }
+    }
+    for (int64_t c = c0; c < cols; ++c)
       _mm512_storeu_ps(T + c * S + v * kLanes,
                        _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, base + c, 4));
   }
@@ -126,25 +171,51 @@ TX_AVX512 void store_transposed(const float* T, int64_t cols, int64_t ns, float*
   for (int64_t v = 0; v * kLanes < ns; ++v) {
     const __mmask16 m = lanes_mask(ns - v * kLanes);
     float* base = X + v * kLanes * stride;
-    for (int64_t c = 0; c < cols; ++c)
+    int64_t c0 = 0;
+    if (m == __mmask16(0xFFFF)) {
+      for (; c0 + kLanes <= cols; c0 += kLanes) {
+        __m512 tile[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) tile[i] = _mm512_loadu_ps(T + (c0 + i) * S + v * kLanes);
+        transpose16(tile);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(base + i * stride + c0, tile[i]);
+      }
+    }
+    for (int64_t c = c0; c < cols; ++c)
       _mm512_mask_i32scatter_ps(base + c, m, idx, _mm512_loadu_ps(T + c * S + v * kLanes), 4);
   }
 }
 
-// outT[i][s] = Σ_j A[i][j] inT[j][s] for i < rows (a multiple of 8), j < inner;
-// A row-major with leading dimension lda. relu: outT = max(0, ·), keeping NaN.
-template <bool relu>
+// What a product does with its 8 × 32 block of results acc[i][s] = Σ_j A[i][j] inT[j][s].
+enum class Epilogue {
+  kStore,      // outT = acc
+  kRelu,       // outT = max(0, acc), keeping NaN
+  kQuadForm,   // f[s] += Σ_i inT[i][s] acc[i][s] (A upper-triangular: j starts at the block's row)
+  kReluGrad,   // pT = 2 g acc where not inT <= 0, else 0; grT = g inT (acc = q, inT = r)
+};
+
+// The products of the per-sample chain over a block of nv vectors (pairs of
+// 16-sample vectors): i < rows (a multiple of 8), j < inner; A row-major with
+// leading dimension lda.
+template <Epilogue E>
 TX_AVX512 void product(const float* A, int64_t lda, int64_t rows, int64_t inner,
-                       const float* inT, int64_t nv, float* outT) {
+                       const float* inT, int64_t nv, float* outT, const float* g = nullptr,
+                       float* grT = nullptr) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t v = 0; v < nv; v += 2) {
     const int64_t s = v * kLanes;
+    __m512 f0 = zero, f1 = zero, g0 = zero, g1 = zero;
+    if constexpr (E == Epilogue::kReluGrad) {
+      g0 = _mm512_loadu_ps(g + s);
+      g1 = _mm512_loadu_ps(g + s + kLanes);
+    }
     for (int64_t i0 = 0; i0 < rows; i0 += 8) {
       __m512 a0[8], a1[8];
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) a0[t] = a1[t] = zero;
       const float* arow = A + i0 * lda;
-      for (int64_t j = 0; j < inner; ++j) {
+      for (int64_t j = E == Epilogue::kQuadForm ? i0 : 0; j < inner; ++j) {
         const __m512 x0 = _mm512_loadu_ps(inT + j * S + s);
         const __m512 x1 = _mm512_loadu_ps(inT + j * S + s + kLanes);
 #pragma GCC unroll 8
@@ -156,10 +227,33 @@ TX_AVX512 void product(const float* A, int64_t lda, int64_t rows, int64_t inner,
       }
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
-        // max(0, x) returns its second operand when one is NaN: NaN stays NaN.
-        _mm512_storeu_ps(outT + (i0 + t) * S + s, relu ? _mm512_max_ps(zero, a0[t]) : a0[t]);
-        _mm512_storeu_ps(outT + (i0 + t) * S + s + kLanes, relu ? _mm512_max_ps(zero, a1[t]) : a1[t]);
+        const int64_t o = (i0 + t) * S + s;
+        if constexpr (E == Epilogue::kStore) {
+          _mm512_storeu_ps(outT + o, a0[t]);
+          _mm512_storeu_ps(outT + o + kLanes, a1[t]);
+        } else if constexpr (E == Epilogue::kRelu) {
+          // max(0, x) returns its second operand when one is NaN: NaN stays NaN.
+          _mm512_storeu_ps(outT + o, _mm512_max_ps(zero, a0[t]));
+          _mm512_storeu_ps(outT + o + kLanes, _mm512_max_ps(zero, a1[t]));
+        } else if constexpr (E == Epilogue::kQuadForm) {
+          f0 = _mm512_fmadd_ps(_mm512_loadu_ps(inT + o), a0[t], f0);
+          f1 = _mm512_fmadd_ps(_mm512_loadu_ps(inT + o + kLanes), a1[t], f1);
+        } else {
+          const __m512 r0 = _mm512_loadu_ps(inT + o), r1 = _mm512_loadu_ps(inT + o + kLanes);
+          // threshold_backward's select: a NaN unit passes its gradient, a NaN
+          // g stays out of inactive units.
+          const __mmask16 on0 = _mm512_cmp_ps_mask(r0, zero, _CMP_NLE_UQ);
+          const __mmask16 on1 = _mm512_cmp_ps_mask(r1, zero, _CMP_NLE_UQ);
+          _mm512_storeu_ps(outT + o, _mm512_maskz_mul_ps(on0, _mm512_add_ps(g0, g0), a0[t]));
+          _mm512_storeu_ps(outT + o + kLanes, _mm512_maskz_mul_ps(on1, _mm512_add_ps(g1, g1), a1[t]));
+          _mm512_storeu_ps(grT + o, _mm512_mul_ps(g0, r0));
+          _mm512_storeu_ps(grT + o + kLanes, _mm512_mul_ps(g1, r1));
+        }
       }
+    }
+    if constexpr (E == Epilogue::kQuadForm) {
+      _mm512_storeu_ps(outT + s, f0);
+      _mm512_storeu_ps(outT + s + kLanes, f1);
     }
   }
 }
@@ -232,12 +326,16 @@ void narrow_forward(const NarrowWeights& w, const float* z, int64_t n, float* f,
     const int64_t ns = std::min(S, n - b0);
     const int64_t nv = vectors_for(ns);
     load_transposed(z + b0 * w.d, w.d, w.d, ns, nv, ws.zT.data());
-    product<true>(w.W.data(), w.d, w.Kp, w.d, ws.zT.data(), nv, ws.rT.data());
-    product<false>(w.Q.data(), w.Kp, w.Kp, w.Kp, ws.rT.data(), nv, ws.qT.data());
-    row_dots(ws.rT.data(), ws.qT.data(), w.Kp, nv, ws.g.data());
+    product<Epilogue::kRelu>(w.W.data(), w.d, w.Kp, w.d, ws.zT.data(), nv, ws.rT.data());
+    if (q != nullptr) {  // q itself is kept for the backward
+      product<Epilogue::kStore>(w.Q.data(), w.Kp, w.Kp, w.Kp, ws.rT.data(), nv, ws.qT.data());
+      row_dots(ws.rT.data(), ws.qT.data(), w.Kp, nv, ws.g.data());
+      store_transposed(ws.rT.data(), w.k, ns, r + b0 * w.k, w.k);
+      store_transposed(ws.qT.data(), w.k, ns, q + b0 * w.k, w.k);
+    } else {  // f = rᵀ Q r from Q's upper triangle (symmetry: about half the work)
+      product<Epilogue::kQuadForm>(w.Qupper.data(), w.Kp, w.Kp, w.Kp, ws.rT.data(), nv, ws.g.data());
+    }
     std::copy(ws.g.data(), ws.g.data() + ns, f + b0);
-    if (r != nullptr) store_transposed(ws.rT.data(), w.k, ns, r + b0 * w.k, w.k);
-    if (q != nullptr) store_transposed(ws.qT.data(), w.k, ns, q + b0 * w.k, w.k);
   }
 }
 
@@ -253,15 +351,16 @@ void narrow_backward(const NarrowWeights& w, const float* z, const float* g,
     if (r != nullptr) {
       load_transposed(r + b0 * w.k, w.k, w.k, ns, nv, ws.rT.data());
       load_transposed(q + b0 * w.k, w.k, w.k, ns, nv, ws.qT.data());
+      relu_grad(ws.g.data(), ws.rT.data(), ws.qT.data(), w.Kp, nv, ws.pT.data(), ws.grT.data());
     } else {
-      product<true>(w.W.data(), w.d, w.Kp, w.d, ws.zT.data(), nv, ws.rT.data());
-      product<false>(w.Q.data(), w.Kp, w.Kp, w.Kp, ws.rT.data(), nv, ws.qT.data());
+      product<Epilogue::kRelu>(w.W.data(), w.d, w.Kp, w.d, ws.zT.data(), nv, ws.rT.data());
+      product<Epilogue::kReluGrad>(w.Q.data(), w.Kp, w.Kp, w.Kp, ws.rT.data(), nv, ws.pT.data(),
+                                   ws.g.data(), ws.grT.data());
     }
-    relu_grad(ws.g.data(), ws.rT.data(), ws.qT.data(), w.Kp, nv, ws.pT.data(), ws.grT.data());
     if (want_dW) accumulate_outer(ws.pT.data(), w.Kp, ws.zT.data(), w.Dp, nv, false, ws.dW.data());
     if (want_gram) accumulate_outer(ws.grT.data(), w.Kp, ws.rT.data(), w.Kp, nv, true, ws.gram.data());
     if (dz != nullptr) {  // dzT = Wᵀ pT, written over zT (its padding rows come out zero)
-      product<false>(w.WT.data(), w.Kp, w.Dp, w.Kp, ws.pT.data(), nv, ws.zT.data());
+      product<Epilogue::kStore>(w.WT.data(), w.Kp, w.Dp, w.Kp, ws.pT.data(), nv, ws.zT.data());
       store_transposed(ws.zT.data(), w.d, ns, dz + b0 * w.d, w.d);
     }
   }

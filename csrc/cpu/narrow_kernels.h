@@ -30,6 +30,7 @@ struct NarrowWeights {
   std::vector<float> W;   // Kp × d
   std::vector<float> WT;  // Dp × Kp
   std::vector<float> Q;   // Kp × Kp
+  std::vector<float> Qupper;  // Kp × Kp: Q_ii on, Q_ij + Q_ji above the diagonal
 };
 
 // Per-thread buffers: one block of samples, transposed (feature-major), and
