@@ -42,7 +42,7 @@ class NarrowWorkspace {
   // (with diagonal) of G (k×k), then zeroes them for the next partition.
   void flush(const NarrowWeights& w, float* gW, float* G);
 
-  static constexpr int64_t kBlock = 256;  // samples per block
+  static constexpr int64_t kBlock = 128;  // samples per block
   std::vector<float> zT, rT, qT, pT, grT, g, dW, gram;
 };
 
