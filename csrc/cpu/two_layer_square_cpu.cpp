@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <c10/util/SmallVector.h>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -19,6 +18,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -182,38 +182,73 @@ void scale_cols(int64_t n, int64_t ell, const T* __restrict__ a, T* __restrict__
     for (int64_t j = 0; j < ell; ++j) y[i * ell + j] *= a[j];
 }
 
-// f_i = Σ_j x_ij w_ij (w = x for squares, times a_j when a is given).
+// f_i = Σ_j x_ij w_ij (w = x for squares, times a_j when a is given). Sixteen
+// partial sums per row, combined in a fixed tree: a single running sum would
+// be a chain of dependent additions (the slowest loop of the forward at
+// k = 128), and a fixed order keeps the result reproducible.
 template <typename T>
 void row_dots(int64_t n, int64_t k, const T* __restrict__ x,
               const T* __restrict__ w, const T* __restrict__ a,
               T* __restrict__ f) {
+  constexpr int64_t L = 16;
   for (int64_t i = 0; i < n; ++i) {
     const T* xi = x + i * k;
     const T* wi = w + i * k;
-    T acc = 0;
+    T acc[L] = {};
+    int64_t j = 0;
     if (a != nullptr) {
-      for (int64_t j = 0; j < k; ++j) acc += a[j] * (xi[j] * wi[j]);
+      for (; j + L <= k; j += L)
+        for (int64_t l = 0; l < L; ++l) acc[l] += a[j + l] * (xi[j + l] * wi[j + l]);
+      for (int64_t l = 0; j < k; ++j, ++l) acc[l] += a[j] * (xi[j] * wi[j]);
     } else {
-      for (int64_t j = 0; j < k; ++j) acc += xi[j] * wi[j];
+      for (; j + L <= k; j += L)
+        for (int64_t l = 0; l < L; ++l) acc[l] += xi[j + l] * wi[j + l];
+      for (int64_t l = 0; j < k; ++j, ++l) acc[l] += xi[j] * wi[j];
     }
-    f[i] = acc;
+    for (int64_t width = L / 2; width > 0; width /= 2)
+      for (int64_t l = 0; l < width; ++l) acc[l] += acc[l + width];
+    f[i] = acc[0];
   }
 }
 
 // Gram blocks: only blocks on or above the diagonal are multiplied (about
 // half the work of a full product), the rest is mirrored at the end.
-constexpr int64_t kGramBlock = 64;
+constexpr int64_t kGramBlock = 32;
 
-// Per-thread buffers for one chunk; inline storage covers the tiny-N case
-// (z a single vector) without a heap allocation.
-template <typename T>
-using Buffer = c10::SmallVector<T, 64>;
+// Memory for a thread's chunk buffers, kept across calls and grown on demand.
+// Allocating (zero-filling, and for large chunks page-faulting) them on every
+// call cost as much as one of the BLAS products at medium sizes, and the
+// tiny-N case (z a single vector) needs no allocation after the first call.
+// Never used re-entrantly: a kernel takes it once per thread, outside BLAS.
+char* thread_arena(size_t bytes) {
+  thread_local std::unique_ptr<char[]> memory;
+  thread_local size_t capacity = 0;
+  if (bytes > capacity) {
+    memory.reset(new char[bytes]);
+    capacity = bytes;
+  }
+  return memory.get();
+}
 
+// Per-thread buffers for one chunk of `rows` rows, uninitialised; only those
+// the plan uses get space (u: direct; y: direct and folded).
 template <typename T>
 struct ChunkScratch {
-  Buffer<T> r, q, u, y, p, f;
-  ChunkScratch(const Dims& d, int64_t rows)
-      : r(rows * d.k), q(rows * d.k), u(rows * d.m), y(rows * d.ell), p(rows * d.k), f(rows) {}
+  T *r, *q, *u, *y, *p, *f;
+  ChunkScratch(const Dims& d, Plan plan, int64_t rows) {
+    auto padded = [](int64_t elems) { return (elems + 15) / 16 * 16; };  // 64-byte aligned parts
+    const int64_t nr = padded(rows * d.k), nu = plan == Plan::kDirect ? padded(rows * d.m) : 0,
+                  ny = plan == Plan::kQuadratic ? 0 : padded(rows * d.ell), nf = padded(rows);
+    const size_t bytes = sizeof(T) * size_t(3 * nr + nu + ny + nf) + 64;
+    char* raw = thread_arena(bytes);
+    T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
+    r = base;
+    q = r + nr;
+    p = q + nr;
+    u = p + nr;
+    y = u + nu;
+    f = y + ny;
+  }
 };
 
 template <typename T>
@@ -239,11 +274,11 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
   const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
   gemm_rm<T>(false, true, n, k, d, zc, d, op.W, d, T(0), r, k);
   relu_inplace(r, n * k);
-  T* y = s.y.data();
+  T* y = s.y;
   switch (plan) {
     case Plan::kDirect:
-      gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), s.u.data(), m);
-      gemm_rm<T>(false, true, n, ell, m, s.u.data(), m, op.B, m, T(0), y, ell);
+      gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), s.u, m);
+      gemm_rm<T>(false, true, n, ell, m, s.u, m, op.B, m, T(0), y, ell);
       row_dots(n, ell, y, y, op.a, f);
       // The direct backward runs the chain again (eager's order) and needs no
       // q: keep the saved slot zero rather than pay two products for it.
@@ -305,12 +340,12 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
   }
   const SequentialBlas sequential_blas;
   at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    ChunkScratch<T> s(dims, std::min(bp.chunk_rows, dims.N));
+    ChunkScratch<T> s(dims, plan, std::min(bp.chunk_rows, dims.N));
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * bp.chunk_rows;
       const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
-      T* r = save ? r_saved + r0 * dims.k : s.r.data();
-      T* q = save ? q_saved + r0 * dims.k : s.q.data();
+      T* r = save ? r_saved + r0 * dims.k : s.r;
+      T* q = save ? q_saved + r0 * dims.k : s.q;
       forward_chunk(dims, plan, op, op.z + r0 * dims.d, n, save, f + r0, r, q, s);
     }
   });
@@ -380,7 +415,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
         return;
       }
     }
-    ChunkScratch<T> s(dims, std::min(bp.chunk_rows, dims.N));
+    ChunkScratch<T> s(dims, plan, std::min(bp.chunk_rows, dims.N));
     for (int64_t part = p0; part < p1; ++part) {
       auto slot = [&](int i) -> T* {
         return partials[part][i].defined() ? partials[part][i].template mutable_data_ptr<T>() : nullptr;
@@ -393,22 +428,22 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
         const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
         const T* zc = op.z + r0 * d;
         const T* gc = g + r0;
-        const T* r = recompute ? s.r.data() : rs + r0 * k;
-        const T* q = recompute ? s.q.data() : qs + r0 * k;
+        const T* r = recompute ? s.r : rs + r0 * k;
+        const T* q = recompute ? s.q : qs + r0 * k;
         const bool direct = plan == Plan::kDirect;
         if (recompute && direct) {  // the direct chain below needs r only
-          gemm_rm<T>(false, true, n, k, d, zc, d, op.W, d, T(0), s.r.data(), k);
-          relu_inplace(s.r.data(), n * k);
+          gemm_rm<T>(false, true, n, k, d, zc, d, op.W, d, T(0), s.r, k);
+          relu_inplace(s.r, n * k);
         } else if (recompute) {
-          forward_chunk(dims, plan, op, zc, n, /*save=*/need_p, s.f.data(), s.r.data(),
-                        s.q.data(), s);
+          forward_chunk(dims, plan, op, zc, n, /*save=*/need_p, s.f, s.r,
+                        s.q, s);
         }
-        T* pbuf = s.p.data();
+        T* pbuf = s.p;
         if (direct) {
           // The chain again in the eager association order:
           // u = V r, y = B u, e = 2 g a ⊙ y, gu = Bᵀ e, gr = Vᵀ gu.
-          T* u = s.u.data();
-          T* y = s.y.data();
+          T* u = s.u;
+          T* y = s.y;
           gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), u, m);
           gemm_rm<T>(false, true, n, ell, m, u, m, op.B, m, T(0), y, ell);
           for (int64_t i = 0; i < n; ++i) {
