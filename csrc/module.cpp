@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include "build_flags.h"
+#include "cpu/narrow_kernels.h"
 
 extern "C" {
 
@@ -21,4 +22,8 @@ PyObject* PyInit__C(void) {
 // Read through ctypes by torchext.build_info(): the library itself says
 // whether its CUDA kernels were compiled in, whatever the Python files claim.
 int torchext_cuda_kernels_compiled(void) { return TORCHEXT_WITH_CUDA_FLAG; }
+
+// Whether the AVX-512 narrow-layer CPU kernels run on this machine (CPU
+// support, and TORCHEXT_CPU_KERNELS not set to "generic").
+int torchext_cpu_narrow_kernels(void) { return torchext::cpu::narrow_kernels_supported() ? 1 : 0; }
 }

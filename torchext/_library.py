@@ -38,11 +38,14 @@ _info, _C = _load()
 
 
 def build_info():
-    """How the loaded library was built: a dict of torch version, CUDA kernels, archs."""
-    cuda_compiled = bool(ctypes.CDLL(_C.__file__).torchext_cuda_kernels_compiled())
+    """How the loaded library was built: a dict of torch version, CUDA kernels, archs,
+    and whether the AVX-512 narrow-layer CPU kernels run here (`cpu_narrow_kernels`;
+    TORCHEXT_CPU_KERNELS=generic turns them off, for comparison)."""
+    lib = ctypes.CDLL(_C.__file__)
     return {
         "torch_version": _info.TORCH_VERSION,
-        "cuda_kernels": cuda_compiled,
+        "cuda_kernels": bool(lib.torchext_cuda_kernels_compiled()),
+        "cpu_narrow_kernels": bool(lib.torchext_cpu_narrow_kernels()),
         "cuda_version": _info.CUDA_VERSION,
         "cuda_archs": _info.CUDA_ARCHS,
         "debug": _info.DEBUG,

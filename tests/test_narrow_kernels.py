@@ -1,0 +1,110 @@
+"""The AVX-512 kernels of the quadratic plan for narrow float32 layers (k <= 32):
+against the float64 reference on odd sizes (block, vector and chunk edges,
+saved and recomputed r and q, every gradient), against the generic BLAS
+kernels, and with NaN inputs. On a CPU with AVX-512 CI must really run them."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchext
+from conftest import eager_outputs, fused_outputs, make_inputs, reference_outputs, rel_err
+
+NAMES = ("f", "dz", "dW", "dV", "dB", "dA")
+
+
+def cpu_has_avx512f():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+def test_narrow_kernels_run_where_the_cpu_has_avx512():
+    if os.environ.get("TORCHEXT_CPU_KERNELS") == "generic":
+        pytest.skip("narrow kernels turned off by TORCHEXT_CPU_KERNELS=generic")
+    if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
+        assert torchext.build_info()["cpu_narrow_kernels"] == cpu_has_avx512f()
+
+
+# (batch, d, k, m, ell): N around the 16-sample vector, 32-sample pair and
+# 128-sample block edges and across chunks; k from 1 to the limit 32 (and
+# not multiples of 8); d below, at and above 16 (ragged transposes); d + k >= 64
+# saves r and q in the forward, the others recompute them.
+NARROW_SHAPES = [
+    ((1,), 16, 16, 16, 16),
+    ((15,), 3, 1, 2, 5),
+    ((16,), 16, 16, 9, 9),
+    ((17,), 17, 7, 4, 11),
+    ((33,), 1, 31, 5, 40),
+    ((129,), 48, 16, 7, 9),
+    ((300,), 32, 32, 32, 32),
+    ((257,), 64, 16, 5, 5),
+    ((1025,), 16, 17, 6, 20),
+    ((2, 3), 5, 8, 3, 2),
+    ((0,), 16, 16, 16, 16),
+]
+
+
+@pytest.mark.parametrize("shape", NARROW_SHAPES, ids=str)
+def test_narrow_quadratic_float32_within_10x_of_eager(shape):
+    for seed in range(2):
+        inputs = make_inputs(shape, torch.float32, seed=300 + seed)
+        f_ref, g, grads_ref = reference_outputs(inputs)
+        f, grads = fused_outputs(inputs, g, plan="quadratic")
+        f_e, grads_e = eager_outputs(inputs, g)
+        for name, got, eag, ref in zip(NAMES, [f] + grads, [f_e] + grads_e, [f_ref] + grads_ref):
+            assert got.shape == ref.shape and got.dtype == torch.float32
+            if ref.numel() == 0:
+                continue
+            bound = 10 * max(rel_err(eag, ref), 1e-7)
+            assert rel_err(got, ref) <= bound, f"{shape} {name}: {rel_err(got, ref):.2e} > {bound:.2e}"
+
+
+def _outputs_json(shape, seed):
+    inputs = make_inputs(shape, torch.float32, seed=seed)
+    f_ref, g, _ = reference_outputs(inputs)
+    f, grads = fused_outputs(inputs, g, plan="quadratic")
+    return {"narrow": torchext.build_info()["cpu_narrow_kernels"],
+            "outputs": [t.double().reshape(-1).tolist() for t in [f] + grads]}
+
+
+@pytest.mark.skipif(not torchext.build_info()["cpu_narrow_kernels"], reason="needs the AVX-512 kernels")
+def test_narrow_kernels_agree_with_generic_blas_kernels():
+    shape, seed = ((1000,), 24, 20, 12, 9), 7
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import json, sys; sys.path.insert(0, %r); from test_narrow_kernels import _outputs_json; "
+        "print(json.dumps(_outputs_json(%r, %d)))" % (here, shape, seed)
+    )
+    env = dict(os.environ, TORCHEXT_CPU_KERNELS="generic")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    generic = json.loads(out.stdout.strip().splitlines()[-1])
+    assert generic["narrow"] is False
+    fast = _outputs_json(shape, seed)
+    assert fast["narrow"] is True
+    for name, a, b in zip(NAMES, fast["outputs"], generic["outputs"]):
+        a, b = torch.tensor(a), torch.tensor(b)
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_narrow_kernels_nan_rows_stay_in_their_samples():
+    # A NaN sample gives NaN f for that sample only; its gradient contributions
+    # poison dW and the head's gradients exactly as in eager float32.
+    z, W, V, B, A = make_inputs(((200,), 16, 16, 16, 16), torch.float32, seed=11)
+    z[37, 3] = float("nan")
+    f_ref, g, _ = reference_outputs((z, W, V, B, A))
+    f, grads = fused_outputs((z, W, V, B, A), g, plan="quadratic")
+    f_e, grads_e = eager_outputs((z, W, V, B, A), g)
+    assert torch.equal(torch.isnan(f), torch.isnan(f_e)) and torch.isnan(f).sum() == 1
+    for name, got, eag in zip(NAMES[1:], grads, grads_e):
+        assert torch.equal(torch.isnan(got), torch.isnan(eag)), name
+    # Without the NaN sample everything is finite and matches.
+    keep = torch.ones(200, dtype=torch.bool)
+    keep[37] = False
+    f2, _ = fused_outputs((z[keep], W, V, B, A), g[keep], plan="quadratic")
+    assert torch.isfinite(f2).all()
