@@ -18,6 +18,9 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define TORCHEXT_NARROW_AVX512 1
+// GCC 12 reports its own _mm512_undefined_* placeholders inside the
+// intrinsic headers as "maybe uninitialized"; nothing here reads them.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #define TX_AVX512 __attribute__((target("avx512f")))
 #else
