@@ -23,6 +23,8 @@ PLAN_SHAPES = {
     "empty-batch": SHAPES["empty-batch"],
     "many-chunks": ((1500,), 8, 12, 10, 6),
     "many-chunks-kept": ((700,), 40, 30, 10, 6),  # d + k >= 64: r and q are saved
+    # direct: a chunk's buffers exceed what a thread keeps across calls (8 MiB)
+    "oversized-scratch": ((300,), 4, 4, 8200, 4),
 }
 
 

@@ -215,32 +215,46 @@ void row_dots(int64_t n, int64_t k, const T* __restrict__ x,
 // half the work of a full product), the rest is mirrored at the end.
 constexpr int64_t kGramBlock = 32;
 
-// Memory for a thread's chunk buffers, kept across calls and grown on demand.
-// Allocating (zero-filling, and for large chunks page-faulting) them on every
-// call cost as much as one of the BLAS products at medium sizes, and the
-// tiny-N case (z a single vector) needs no allocation after the first call.
-// Never used re-entrantly: a kernel takes it once per thread, outside BLAS.
-char* thread_arena(size_t bytes) {
-  thread_local std::unique_ptr<char[]> memory;
-  thread_local size_t capacity = 0;
-  if (bytes > capacity) {
-    memory.reset(new char[bytes]);
-    capacity = bytes;
+// Memory for a thread's chunk buffers, kept across calls and grown on demand
+// up to kArenaKeepBytes (larger requests, from very wide layers whose work
+// dwarfs an allocation, are freed after the call). Allocating — zero-filling,
+// and for large chunks page-faulting — them on every call cost as much as one
+// of the BLAS products at medium sizes, and the tiny-N case (z a single
+// vector) needs no allocation after the first call. Taken once per thread by
+// a kernel, never re-entrantly.
+constexpr size_t kArenaKeepBytes = size_t{8} << 20;
+
+class ThreadArena {
+ public:
+  char* get(size_t bytes) {
+    thread_local std::unique_ptr<char[]> kept;
+    thread_local size_t kept_bytes = 0;
+    if (bytes <= kept_bytes) return kept.get();
+    if (bytes <= kArenaKeepBytes) {
+      kept.reset(new char[bytes]);
+      kept_bytes = bytes;
+      return kept.get();
+    }
+    oversized_.reset(new char[bytes]);
+    return oversized_.get();
   }
-  return memory.get();
-}
+
+ private:
+  std::unique_ptr<char[]> oversized_;
+};
 
 // Per-thread buffers for one chunk of `rows` rows, uninitialised; only those
 // the plan uses get space (u: direct; y: direct and folded).
 template <typename T>
 struct ChunkScratch {
+  ThreadArena arena;
   T *r, *q, *u, *y, *p, *f;
   ChunkScratch(const Dims& d, Plan plan, int64_t rows) {
     auto padded = [](int64_t elems) { return (elems + 15) / 16 * 16; };  // 64-byte aligned parts
     const int64_t nr = padded(rows * d.k), nu = plan == Plan::kDirect ? padded(rows * d.m) : 0,
                   ny = plan == Plan::kQuadratic ? 0 : padded(rows * d.ell), nf = padded(rows);
     const size_t bytes = sizeof(T) * size_t(3 * nr + nu + ny + nf) + 64;
-    char* raw = thread_arena(bytes);
+    char* raw = arena.get(bytes);
     T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
     r = base;
     q = r + nr;
