@@ -13,11 +13,15 @@
 #include "two_layer_square.h"
 
 #include <ATen/ATen.h>
+#include <ATen/LegacyVmapTransforms.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <string>
+#include <vector>
 
 namespace torchext {
 namespace {
@@ -130,7 +134,103 @@ at::Tensor two_layer_square_autograd(const at::Tensor& z, const at::Tensor& W,
   return FusedTwoLayerSquare::apply(z, W, V, B, A, plan);
 }
 
+// torch.autograd.grad(..., is_grads_batched=True) — and so
+// torch.autograd.functional.jacobian/hessian(vectorize=True) — runs the
+// backward under the legacy vmap, whose generic fallback cannot handle ops
+// returning Tensor?. Weight gradients sum over the samples of one batch
+// member only, so each member gets its own fused backward call; results are
+// stacked and handed back batched.
+BackwardResult backward_per_member(
+    const std::function<BackwardResult(const std::vector<at::Tensor>&)>& call,
+    std::vector<at::Tensor> logical, const std::array<bool, 5>& mask) {
+  auto physical = at::MultiBatchVmapTransform::logicalToPhysical(logical);
+  const int64_t nb = physical[0].numBatchDims();
+  const auto batch_sizes = physical[0].tensor().sizes().slice(0, nb);
+  int64_t members = 1;
+  for (int64_t s : batch_sizes) members *= s;
+  std::vector<at::Tensor> flat;
+  for (auto& view : physical) {
+    auto sizes = view.tensor().sizes().vec();
+    sizes.erase(sizes.begin(), sizes.begin() + nb);
+    sizes.insert(sizes.begin(), members);
+    flat.push_back(view.tensor().reshape(sizes));
+  }
+  std::array<std::vector<at::Tensor>, kNumInputs> parts;
+  {
+    c10::impl::ExcludeDispatchKeyGuard unbatched(c10::DispatchKey::Batched);
+    for (int64_t b = 0; b < members; ++b) {
+      std::vector<at::Tensor> args;
+      for (const auto& t : flat) args.push_back(t.select(0, b));
+      auto res = call(args);
+      std::array<std::optional<at::Tensor>*, kNumInputs> outs = {
+          &std::get<0>(res), &std::get<1>(res), &std::get<2>(res), &std::get<3>(res),
+          &std::get<4>(res)};
+      for (int i = 0; i < kNumInputs; ++i)
+        if (*outs[i]) parts[i].push_back(std::move(**outs[i]));
+    }
+  }
+  const auto to_logical = physical[0].getPhysicalToLogicalMap();
+  std::array<std::optional<at::Tensor>, kNumInputs> out;
+  for (int i = 0; i < kNumInputs; ++i) {
+    if (!mask[i]) continue;
+    // Member i's gradient has input i's (logical) shape; physical[i + 1] is input i.
+    auto shape = physical[i + 1].tensor().sizes().vec();
+    at::Tensor stacked;
+    {
+      c10::impl::ExcludeDispatchKeyGuard unbatched(c10::DispatchKey::Batched);
+      stacked = parts[i].empty()
+                    ? at::empty(shape, flat[i + 1].options())
+                    : at::stack(parts[i]).reshape(shape);
+    }
+    out[i] = to_logical.apply(stacked);
+  }
+  return to_tuple(std::move(out));
+}
+
+BackwardResult internal_backward_batched(const at::Tensor& grad, const at::Tensor& z,
+                                         const at::Tensor& W, const at::Tensor& V,
+                                         const at::Tensor& B, const at::Tensor& A,
+                                         const OptionalTensor& r, const OptionalTensor& q,
+                                         c10::string_view plan, std::array<bool, 5> mask) {
+  const bool saved = r.has_value() && q.has_value() && r->defined() && q->defined();
+  std::vector<at::Tensor> logical = {grad, z, W, V, B, A};
+  if (saved) {
+    logical.push_back(*r);
+    logical.push_back(*q);
+  }
+  const std::string plan_s(plan);
+  return backward_per_member(
+      [&](const std::vector<at::Tensor>& a) {
+        return backward_op().call(a[0], a[1], a[2], a[3], a[4], a[5],
+                                  saved ? OptionalTensor(a[6]) : std::nullopt,
+                                  saved ? OptionalTensor(a[7]) : std::nullopt, plan_s, mask);
+      },
+      std::move(logical), mask);
+}
+
+BackwardResult public_backward_batched(const at::Tensor& grad, const at::Tensor& z,
+                                       const at::Tensor& W, const at::Tensor& V,
+                                       const at::Tensor& B, const at::Tensor& A,
+                                       std::array<bool, 5> mask) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torchext::two_layer_square_backward", "")
+          .typed<BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                std::array<bool, 5>)>();
+  return backward_per_member(
+      [&](const std::vector<at::Tensor>& a) {
+        return op.call(a[0], a[1], a[2], a[3], a[4], a[5], mask);
+      },
+      {grad, z, W, V, B, A}, mask);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(torchext, Batched, m) {
+  m.impl("_two_layer_square_backward", &internal_backward_batched);
+  m.impl("two_layer_square_backward", &public_backward_batched);
+}
 
 TORCH_LIBRARY_FRAGMENT(torchext, m) {
   // Internal: the plain-eager face of torchext.two_layer_square (see above).

@@ -360,3 +360,59 @@ def test_plain_eager_node_under_anomaly_mode_and_hooks():
     W_ref = W.detach().requires_grad_()
     torchext.reference.two_layer_square(z, W_ref, V, B, A).sum().backward()
     assert_matches(gW, W_ref.grad, torch.float64)
+
+
+@pytest.mark.parametrize("face", ["functional", "Function", "Module"])
+def test_is_grads_batched_gives_one_jacobian_row_per_sample(face):
+    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, seed=75)
+    W.requires_grad_()
+    V.requires_grad_()
+    if face == "Module":
+        net = torchext.TwoLayerSquareNet(11, 7, 5, 3, A=A, B=B, dtype=torch.float64)
+        with torch.no_grad():
+            net.W.copy_(W)
+            net.V.copy_(V)
+        W, V = net.W, net.V
+        f = net(z)
+    elif face == "Function":
+        f = torchext.TwoLayerSquare.apply(z, W, V, B, A)
+    else:
+        f = torchext.two_layer_square(z, W, V, B, A)
+    eye = torch.eye(f.numel(), dtype=f.dtype)
+    jW, jV = torch.autograd.grad(f, (W, V), eye, is_grads_batched=True)
+    Wr, Vr = (t.detach().requires_grad_() for t in (W, V))
+    want = torch.autograd.functional.jacobian(
+        lambda W_, V_: torchext.reference.two_layer_square(z, W_, V_, B, A), (Wr, Vr)
+    )
+    assert_matches(jW, want[0], torch.float64, "dW")
+    assert_matches(jV, want[1], torch.float64, "dV")
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_autograd_functional_jacobian_and_hessian(vectorize):
+    # vectorize=True runs the backward under the legacy vmap (is_grads_batched).
+    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, seed=76)
+    ref = torchext.reference.two_layer_square
+    J = torch.autograd.functional.jacobian(
+        lambda W_, V_: torchext.two_layer_square(z, W_, V_, B, A), (W, V), vectorize=vectorize)
+    J_ref = torch.autograd.functional.jacobian(lambda W_, V_: ref(z, W_, V_, B, A), (W, V))
+    for got, want, name in zip(J, J_ref, ("dW", "dV")):
+        assert_matches(got, want, torch.float64, name)
+    H = torch.autograd.functional.hessian(
+        lambda W_: torchext.two_layer_square(z, W_, V, B, A).sum(), W, vectorize=vectorize)
+    H_ref = torch.autograd.functional.hessian(lambda W_: ref(z, W_, V, B, A).sum(), W)
+    assert_matches(H, H_ref, torch.float64, "hessian")
+
+
+def test_functorch_vmap_over_grad_of_a_plain_eager_graph():
+    # The graph is recorded outside any transform (the C++ node); vmap batches
+    # only its backward, through the internal backward op's vmap rule.
+    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, seed=77)
+    W.requires_grad_()
+    f = torchext.two_layer_square(z, W, V, B, A)
+    assert f.grad_fn.name() == CPP_NODE
+    eye = torch.eye(f.numel(), dtype=f.dtype)
+    J = torch.func.vmap(lambda g: torch.autograd.grad(f, W, g, retain_graph=True)[0])(eye)
+    J_ref = torch.autograd.functional.jacobian(
+        lambda W_: torchext.reference.two_layer_square(z, W_, V, B, A), W.detach())
+    assert_matches(J, J_ref, torch.float64)

@@ -38,7 +38,19 @@ def problems(draw):
     return inputs, wants, plan, dtype
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def close(got, ref, tol, dtype):
+    """Relative error within tol, or — for values at the bottom of the dtype's
+    range, which a half-precision output can only round to 0 or a subnormal —
+    an absolute error within the dtype's smallest normal number per element."""
+    if rel_err(got, ref) <= tol:
+        return True
+    floor = torch.finfo(dtype).tiny * max(ref.numel(), 1) ** 0.5
+    return (got.detach().double().cpu() - ref).norm().item() <= tol * ref.norm().item() + floor
+
+
+# derandomize: CI runs the same examples every time (run with a different
+# seed locally to explore: pytest --hypothesis-seed=N needs derandomize off).
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_matches_reference(problem):
     inputs, wants, plan, dtype = problem
@@ -49,7 +61,7 @@ def test_matches_reference(problem):
     # Tiny and degenerate sizes make relative errors of small norms; half
     # precision rounds its inputs' products in float32 and its outputs once.
     tol = 100 * TOL[dtype] if dtype in (torch.float32, torch.float64) else 10 * TOL[dtype]
-    assert rel_err(f, f_ref) <= tol
+    assert close(f, f_ref, tol, dtype)
     req = [t for t in leaves if t.requires_grad]
     if not req:
         return
@@ -58,7 +70,7 @@ def test_matches_reference(problem):
         if want:
             got = next(grads)
             assert got.shape == t.shape and got.dtype == dtype, name
-            assert rel_err(got, ref) <= tol, name
+            assert close(got, ref, tol, dtype), name
 
 
 def rss_mib():
