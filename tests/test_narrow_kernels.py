@@ -47,6 +47,7 @@ NARROW_SHAPES = [
     ((1025,), 16, 17, 6, 20),
     ((2, 3), 5, 8, 3, 2),
     ((0,), 16, 16, 16, 16),
+    ((40,), 300, 16, 5, 5),  # d above the kernels' limit: the BLAS kernels
 ]
 
 

@@ -73,10 +73,10 @@ NarrowWeights::NarrowWeights(int64_t d_, int64_t k_, const float* W_, const floa
 }
 
 // Padding rows of the transposed buffers stay zero for the workspace's life.
-NarrowWorkspace::NarrowWorkspace(const NarrowWeights& w)
+NarrowWorkspace::NarrowWorkspace(const NarrowWeights& w, bool accumulate)
     : zT(w.Dp * S, 0.f), rT(w.Kp * S, 0.f), qT(w.Kp * S, 0.f), pT(w.Kp * S, 0.f),
-      grT(w.Kp * S, 0.f), g(S, 0.f), dW(w.Kp * w.Dp * kLanes, 0.f),
-      gram(w.Kp * w.Kp * kLanes, 0.f) {}
+      grT(w.Kp * S, 0.f), g(S, 0.f), dW(accumulate ? w.Kp * w.Dp * kLanes : 0, 0.f),
+      gram(accumulate ? w.Kp * w.Kp * kLanes : 0, 0.f) {}
 
 void NarrowWorkspace::flush(const NarrowWeights& w, float* gW, float* G) {
   auto lane_sum = [](const float* v) {

@@ -1,5 +1,5 @@
 // Hand-vectorised CPU kernels of the quadratic plan for narrow layers
-// (k <= kNarrowMaxK), float32, on CPUs with AVX-512.
+// (k <= kNarrowMaxK, d <= kNarrowMaxD), float32, on CPUs with AVX-512.
 //
 // Why: at k = d = 16 each BLAS product is a 16-wide sliver of work; MKL runs
 // such shapes at about half its peak, and a chunked forward+backward makes
@@ -17,6 +17,9 @@ namespace torchext {
 namespace cpu {
 
 constexpr int64_t kNarrowMaxK = 32;
+// The workspace holds lane-wise dW partial sums (16 floats per weight): wider
+// inputs go to BLAS, whose products are large enough to run well there.
+constexpr int64_t kNarrowMaxD = 256;
 
 // True when this CPU has AVX-512F and TORCHEXT_CPU_KERNELS is not "generic"
 // (read once; lets tests and users compare against the BLAS kernels).
@@ -37,7 +40,8 @@ struct NarrowWeights {
 // the lane-wise partial sums of dW and of the Gram for one partition.
 class NarrowWorkspace {
  public:
-  explicit NarrowWorkspace(const NarrowWeights& w);
+  // accumulate: room for the backward's dW and Gram partial sums.
+  NarrowWorkspace(const NarrowWeights& w, bool accumulate);
   // Adds the partition's partial sums into gW (k×d) and the upper triangle
   // (with diagonal) of G (k×k), then zeroes them for the next partition.
   void flush(const NarrowWeights& w, float* gW, float* G);

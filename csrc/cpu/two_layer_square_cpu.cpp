@@ -318,7 +318,7 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
 template <typename T>
 bool use_narrow_kernels(const Dims& dims, Plan plan) {
   return std::is_same_v<T, float> && plan == Plan::kQuadratic && dims.k <= cpu::kNarrowMaxK &&
-         cpu::narrow_kernels_supported();
+         dims.d <= cpu::kNarrowMaxD && cpu::narrow_kernels_supported();
 }
 
 template <typename T>
@@ -340,7 +340,7 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
     if (use_narrow_kernels<T>(dims, plan)) {
       const cpu::NarrowWeights w(dims.d, dims.k, op.W, op.Q);
       at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-        cpu::NarrowWorkspace ws(w);
+        cpu::NarrowWorkspace ws(w, /*accumulate=*/false);
         for (int64_t c = c0; c < c1; ++c) {
           const int64_t r0 = c * bp.chunk_rows;
           const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
@@ -411,7 +411,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
   at::parallel_for(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
     if constexpr (std::is_same_v<T, float>) {
       if (narrow) {
-        cpu::NarrowWorkspace ws(*narrow);
+        cpu::NarrowWorkspace ws(*narrow, /*accumulate=*/true);
         for (int64_t part = p0; part < p1; ++part) {
           auto slot = [&](int i) -> float* {
             return partials[part][i].defined() ? partials[part][i].template mutable_data_ptr<float>() : nullptr;
