@@ -86,6 +86,14 @@ def stack_members(results):
     return outs, tuple(None if o is None else 0 for o in outs)
 
 
+def backward_per_member(op, info, in_dims, tensors, *rest):
+    """A vmap rule for a fused backward: weight gradients sum over the samples
+    of one vmap member, never across members, so each member gets its own call
+    op(*member_tensors, *rest)."""
+    members = unbatched_slices(info, in_dims[: len(tensors)], tensors)
+    return stack_members([op(*args, *rest) for args in members])
+
+
 class TwoLayerSquareBackward(torch.autograd.Function):
     """The fused backward ops as an autograd.Function, so that they are
     differentiable under torch.func transforms too (jacrev(jacrev(...)),
@@ -118,10 +126,8 @@ class TwoLayerSquareBackward(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, grad, z, W, V, B, A, r, q, plan, output_mask):
-        # Weight gradients sum over the samples of one vmap member, never across
-        # members, so each member gets its own fused backward call.
-        members = unbatched_slices(info, in_dims[:8], (grad, z, W, V, B, A, r, q))
-        return stack_members([TwoLayerSquareBackward.apply(*args, plan, output_mask) for args in members])
+        return backward_per_member(TwoLayerSquareBackward.apply, info, in_dims,
+                                   (grad, z, W, V, B, A, r, q), plan, output_mask)
 
 
 def _common_dtype(grad, z, W, V, B, A):

@@ -142,15 +142,13 @@ def _forward_vmap(info, in_dims, z, W, V, B, A):
 
 @torch.library.register_vmap("torchext::two_layer_square_backward")
 def _backward_vmap(info, in_dims, grad, z, W, V, B, A, output_mask):
-    members = _autograd.unbatched_slices(info, in_dims[:6], (grad, z, W, V, B, A))
-    return _autograd.stack_members([_ops.two_layer_square_backward(*args, output_mask) for args in members])
+    return _autograd.backward_per_member(_ops.two_layer_square_backward, info, in_dims,
+                                         (grad, z, W, V, B, A), output_mask)
 
 
-# The plain-eager C++ node calls the internal backward op directly; under
-# torch.autograd.grad(..., is_grads_batched=True) that call runs under vmap.
+# torch.func.vmap over the backward of a graph that the plain-eager C++ node
+# recorded (the legacy vmap of is_grads_batched has its own kernel in C++).
 @torch.library.register_vmap("torchext::_two_layer_square_backward")
 def _internal_backward_vmap(info, in_dims, grad, z, W, V, B, A, r, q, plan, output_mask):
-    members = _autograd.unbatched_slices(info, in_dims[:8], (grad, z, W, V, B, A, r, q))
-    return _autograd.stack_members(
-        [_ops._two_layer_square_backward(*args, plan, output_mask) for args in members]
-    )
+    return _autograd.backward_per_member(_ops._two_layer_square_backward, info, in_dims,
+                                         (grad, z, W, V, B, A, r, q), plan, output_mask)

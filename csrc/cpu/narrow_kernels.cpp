@@ -190,12 +190,21 @@ TX_AVX512 void store_transposed(const float* T, int64_t cols, int64_t ns, float*
   }
 }
 
+// One vector of samples of p = 2 g q where not r <= 0 (else 0), and of g r:
+// threshold_backward's select, so a NaN unit passes its gradient and a NaN g
+// stays out of inactive units.
+TX_AVX512 inline void store_relu_grad(__m512 g, __m512 r, __m512 q, float* p, float* gr) {
+  const __mmask16 active = _mm512_cmp_ps_mask(r, _mm512_setzero_ps(), _CMP_NLE_UQ);
+  _mm512_storeu_ps(p, _mm512_maskz_mul_ps(active, _mm512_add_ps(g, g), q));
+  _mm512_storeu_ps(gr, _mm512_mul_ps(g, r));
+}
+
 // What a product does with its 8 × 32 block of results acc[i][s] = Σ_j A[i][j] inT[j][s].
 enum class Epilogue {
   kStore,      // outT = acc
   kRelu,       // outT = max(0, acc), keeping NaN
   kQuadForm,   // f[s] += Σ_i inT[i][s] acc[i][s] (A upper-triangular: j starts at the block's row)
-  kReluGrad,   // pT = 2 g acc where not inT <= 0, else 0; grT = g inT (acc = q, inT = r)
+  kReluGrad,   // store_relu_grad with q = acc, r = inT: pT and grT
 };
 
 // The products of the per-sample chain over a block of nv vectors (pairs of
@@ -242,15 +251,9 @@ TX_AVX512 void product(const float* A, int64_t lda, int64_t rows, int64_t inner,
           f0 = _mm512_fmadd_ps(_mm512_loadu_ps(inT + o), a0[t], f0);
           f1 = _mm512_fmadd_ps(_mm512_loadu_ps(inT + o + kLanes), a1[t], f1);
         } else {
-          const __m512 r0 = _mm512_loadu_ps(inT + o), r1 = _mm512_loadu_ps(inT + o + kLanes);
-          // threshold_backward's select: a NaN unit passes its gradient, a NaN
-          // g stays out of inactive units.
-          const __mmask16 on0 = _mm512_cmp_ps_mask(r0, zero, _CMP_NLE_UQ);
-          const __mmask16 on1 = _mm512_cmp_ps_mask(r1, zero, _CMP_NLE_UQ);
-          _mm512_storeu_ps(outT + o, _mm512_maskz_mul_ps(on0, _mm512_add_ps(g0, g0), a0[t]));
-          _mm512_storeu_ps(outT + o + kLanes, _mm512_maskz_mul_ps(on1, _mm512_add_ps(g1, g1), a1[t]));
-          _mm512_storeu_ps(grT + o, _mm512_mul_ps(g0, r0));
-          _mm512_storeu_ps(grT + o + kLanes, _mm512_mul_ps(g1, r1));
+          store_relu_grad(g0, _mm512_loadu_ps(inT + o), a0[t], outT + o, grT + o);
+          store_relu_grad(g1, _mm512_loadu_ps(inT + o + kLanes), a1[t], outT + o + kLanes,
+                          grT + o + kLanes);
         }
       }
     }
@@ -272,20 +275,14 @@ TX_AVX512 void row_dots(const float* rT, const float* qT, int64_t rows, int64_t 
   }
 }
 
-// pT = 2 g qT where not rT <= 0 (else 0), grT = g rT: threshold_backward's
-// select, so a NaN unit passes its gradient and a NaN g stays out of inactive units.
+// pT, grT from saved rT and qT (see store_relu_grad).
 TX_AVX512 void relu_grad(const float* g, const float* rT, const float* qT, int64_t rows,
                          int64_t nv, float* pT, float* grT) {
-  const __m512 zero = _mm512_setzero_ps();
   for (int64_t v = 0; v < nv; ++v) {
     const __m512 gv = _mm512_loadu_ps(g + v * kLanes);
-    const __m512 g2 = _mm512_add_ps(gv, gv);
     for (int64_t i = 0; i < rows; ++i) {
       const int64_t o = i * S + v * kLanes;
-      const __m512 r = _mm512_loadu_ps(rT + o);
-      const __mmask16 active = _mm512_cmp_ps_mask(r, zero, _CMP_NLE_UQ);
-      _mm512_storeu_ps(pT + o, _mm512_maskz_mul_ps(active, g2, _mm512_loadu_ps(qT + o)));
-      _mm512_storeu_ps(grT + o, _mm512_mul_ps(gv, r));
+      store_relu_grad(gv, _mm512_loadu_ps(rT + o), _mm512_loadu_ps(qT + o), pT + o, grT + o);
     }
   }
 }

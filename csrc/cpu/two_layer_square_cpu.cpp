@@ -314,12 +314,35 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
 }
 
 // The quadratic plan of narrow float32 layers runs the AVX-512 kernels of
-// narrow_kernels.h where the CPU has them (see there for why).
+// narrow_kernels.h where the CPU has them (see there for why): their weights,
+// or nullopt for the BLAS kernels below. (op.Q is null when the backward has
+// saved q and needs no Q.)
 template <typename T>
-bool use_narrow_kernels(const Dims& dims, Plan plan) {
-  return std::is_same_v<T, float> && plan == Plan::kQuadratic && dims.k <= cpu::kNarrowMaxK &&
-         dims.d <= cpu::kNarrowMaxD && cpu::narrow_kernels_supported();
+std::optional<cpu::NarrowWeights> narrow_weights(const Dims& dims, Plan plan,
+                                                 const Operands<T>& op) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (plan == Plan::kQuadratic && dims.k <= cpu::kNarrowMaxK && dims.d <= cpu::kNarrowMaxD &&
+        cpu::narrow_kernels_supported())
+      return cpu::NarrowWeights(dims.d, dims.k, op.W, op.Q);
+  }
+  return std::nullopt;
 }
+
+// A thread's buffers: the narrow kernels' workspace (accumulate: with room
+// for the backward's partial sums), or the BLAS kernels' chunk scratch.
+template <typename T>
+struct ThreadBuffers {
+  std::optional<ChunkScratch<T>> scratch;
+  std::optional<cpu::NarrowWorkspace> workspace;
+  ThreadBuffers(const std::optional<cpu::NarrowWeights>& narrow, const Dims& dims, Plan plan,
+                int64_t rows, bool accumulate) {
+    if (narrow) {
+      workspace.emplace(*narrow, accumulate);
+    } else {
+      scratch.emplace(dims, plan, rows);
+    }
+  }
+};
 
 template <typename T>
 void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
@@ -335,29 +358,24 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
   }
   T* r_saved = save ? out.r.mutable_data_ptr<T>() : nullptr;
   T* q_saved = save ? out.q.mutable_data_ptr<T>() : nullptr;
+  const std::optional<cpu::NarrowWeights> narrow = narrow_weights<T>(dims, plan, op);
   // No reduction across samples here, so chunks are the unit of parallelism.
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_narrow_kernels<T>(dims, plan)) {
-      const cpu::NarrowWeights w(dims.d, dims.k, op.W, op.Q);
-      at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-        cpu::NarrowWorkspace ws(w, /*accumulate=*/false);
-        for (int64_t c = c0; c < c1; ++c) {
-          const int64_t r0 = c * bp.chunk_rows;
-          const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
-          cpu::narrow_forward(w, op.z + r0 * dims.d, n, f + r0,
-                              save ? r_saved + r0 * dims.k : nullptr,
-                              save ? q_saved + r0 * dims.k : nullptr, ws);
-        }
-      });
-      return;
-    }
-  }
   const SequentialBlas sequential_blas;
   at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    ChunkScratch<T> s(dims, plan, std::min(bp.chunk_rows, dims.N));
+    ThreadBuffers<T> buffers(narrow, dims, plan, std::min(bp.chunk_rows, dims.N),
+                             /*accumulate=*/false);
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t r0 = c * bp.chunk_rows;
       const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
+      if constexpr (std::is_same_v<T, float>) {
+        if (narrow) {
+          cpu::narrow_forward(*narrow, op.z + r0 * dims.d, n, f + r0,
+                              save ? r_saved + r0 * dims.k : nullptr,
+                              save ? q_saved + r0 * dims.k : nullptr, *buffers.workspace);
+          continue;
+        }
+      }
+      ChunkScratch<T>& s = *buffers.scratch;
       T* r = save ? r_saved + r0 * dims.k : s.r;
       T* q = save ? q_saved + r0 * dims.k : s.q;
       forward_chunk(dims, plan, op, op.z + r0 * dims.d, n, save, f + r0, r, q, s);
@@ -401,35 +419,13 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
       if (total[i].defined())
         partials[p][i] = p == 0 ? total[i] : at::zeros_like(total[i]);
 
-  std::optional<cpu::NarrowWeights> narrow;
-  if constexpr (std::is_same_v<T, float>) {
-    if (use_narrow_kernels<T>(dims, plan)) narrow.emplace(d, k, op.W, op.Q);
-  }
+  const std::optional<cpu::NarrowWeights> narrow = narrow_weights<T>(dims, plan, op);
 
   {
   const SequentialBlas sequential_blas;
   at::parallel_for(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (narrow) {
-        cpu::NarrowWorkspace ws(*narrow, /*accumulate=*/true);
-        for (int64_t part = p0; part < p1; ++part) {
-          auto slot = [&](int i) -> float* {
-            return partials[part][i].defined() ? partials[part][i].template mutable_data_ptr<float>() : nullptr;
-          };
-          const int64_t c_end = std::min(bp.num_chunks, (part + 1) * bp.chunks_per_partition);
-          for (int64_t c = part * bp.chunks_per_partition; c < c_end; ++c) {
-            const int64_t r0 = c * bp.chunk_rows;
-            const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
-            cpu::narrow_backward(*narrow, op.z + r0 * d, g + r0, recompute ? nullptr : rs + r0 * k,
-                                 recompute ? nullptr : qs + r0 * k, n, mask[kW], use_gram,
-                                 gz ? gz + r0 * d : nullptr, ws);
-          }
-          ws.flush(*narrow, slot(kSlotW), slot(kSlotGram));
-        }
-        return;
-      }
-    }
-    ChunkScratch<T> s(dims, plan, std::min(bp.chunk_rows, dims.N));
+    ThreadBuffers<T> buffers(narrow, dims, plan, std::min(bp.chunk_rows, dims.N),
+                             /*accumulate=*/true);
     for (int64_t part = p0; part < p1; ++part) {
       auto slot = [&](int i) -> T* {
         return partials[part][i].defined() ? partials[part][i].template mutable_data_ptr<T>() : nullptr;
@@ -442,6 +438,15 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
         const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
         const T* zc = op.z + r0 * d;
         const T* gc = g + r0;
+        if constexpr (std::is_same_v<T, float>) {
+          if (narrow) {  // the whole chain, accumulating into the workspace
+            cpu::narrow_backward(*narrow, zc, gc, recompute ? nullptr : rs + r0 * k,
+                                 recompute ? nullptr : qs + r0 * k, n, gW != nullptr, G != nullptr,
+                                 gz ? gz + r0 * d : nullptr, *buffers.workspace);
+            continue;
+          }
+        }
+        ChunkScratch<T>& s = *buffers.scratch;
         const T* r = recompute ? s.r : rs + r0 * k;
         const T* q = recompute ? s.q : qs + r0 * k;
         const bool direct = plan == Plan::kDirect;
@@ -489,6 +494,9 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
                        G + b0 * k + b0, k);
           }
         }
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        if (narrow) buffers.workspace->flush(*narrow, gW, G);  // the partition's lane-wise sums
       }
     }
   });
