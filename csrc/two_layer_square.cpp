@@ -309,25 +309,28 @@ Plan resolve_plan(const Dims& dims, c10::string_view name, bool training) {
   return best;
 }
 
-Head fold_head(const ComputeInputs& in, Plan plan) {
+at::Tensor aten_mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
+
+Head fold_head(const ComputeInputs& in, Plan plan, Matmul mm) {
   Head head;
   if (plan == Plan::kDirect) return head;
-  head.M = at::mm(in.B, in.V);
+  head.M = mm(in.B, in.V);
   if (plan == Plan::kQuadratic) {
-    head.Q = at::mm((head.M * in.a.unsqueeze(1)).t(), head.M);
+    head.Q = mm((head.M * in.a.unsqueeze(1)).t(), head.M);
   }
   return head;
 }
 
+// The gradient buffers start at zero, so adding a product is writing it.
 void add_grads_from_gram(const ComputeInputs& in, const at::Tensor& M,
                          const at::Tensor& G, const OutputMask& mask,
-                         GradBuffers& bufs) {
+                         GradBuffers& bufs, Matmul mm) {
   if (!(mask[kV] || mask[kB] || mask[kA])) return;
-  const at::Tensor MG = at::mm(M, G);
+  const at::Tensor MG = mm(M, G);
   if (mask[kV] || mask[kB]) {
     const at::Tensor D = MG * (2 * in.a).unsqueeze(1);
-    if (mask[kV]) bufs.acc[kV].addmm_(in.B.t(), D);
-    if (mask[kB]) bufs.acc[kB].addmm_(D, in.V.t());
+    if (mask[kV]) bufs.acc[kV].add_(mm(in.B.t(), D));
+    if (mask[kB]) bufs.acc[kB].add_(mm(D, in.V.t()));
   }
   if (mask[kA]) bufs.acc[kA].add_((MG * M).sum(1));
 }

@@ -148,13 +148,21 @@ Plan resolve_plan(const Dims& dims, c10::string_view name, bool training);
 struct Head {
   at::Tensor M, Q;
 };
-Head fold_head(const ComputeInputs& in, Plan plan);
+
+// The matrix product the per-call algebra below runs on: a backend passes its
+// own where at::mm falls short of its guarantees (the CPU backend: MKL's
+// small-matrix products round differently with the thread count, and results
+// must not depend on it).
+using Matmul = at::Tensor (*)(const at::Tensor& a, const at::Tensor& b);
+at::Tensor aten_mm(const at::Tensor& a, const at::Tensor& b);
+
+Head fold_head(const ComputeInputs& in, Plan plan, Matmul mm = &aten_mm);
 
 // dV, dB and dA from the Gram G = Σ_n g_n r_n r_nᵀ (k, k), added into the
 // buffers: with D = 2 diag(a) M G, dV = Bᵀ D, dB = D Vᵀ, dA_i = (M G Mᵀ)_ii.
 void add_grads_from_gram(const ComputeInputs& in, const at::Tensor& M,
                          const at::Tensor& G, const OutputMask& mask,
-                         GradBuffers& bufs);
+                         GradBuffers& bufs, Matmul mm = &aten_mm);
 
 // Outputs of the internal forward op: f (N,) and, when saving for backward,
 // r = relu(W z) and q (each (N, k), compute dtype; (0, k) otherwise).

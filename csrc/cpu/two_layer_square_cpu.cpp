@@ -134,6 +134,58 @@ class SequentialBlas {
   int previous_ = 0;
 };
 
+// A 2-D operand as gemm_rm reads it: row-major, or the transpose of a
+// row-major matrix (other layouts are copied).
+template <typename T>
+struct GemmOperand {
+  at::Tensor storage;
+  bool trans;
+  int64_t ld;
+  explicit GemmOperand(const at::Tensor& t) {
+    if (t.is_contiguous()) {
+      storage = t, trans = false, ld = std::max<int64_t>(1, t.size(1));
+    } else if (t.t().is_contiguous()) {
+      storage = t, trans = true, ld = std::max<int64_t>(1, t.size(0));
+    } else {
+      storage = t.contiguous(), trans = false, ld = std::max<int64_t>(1, t.size(1));
+    }
+  }
+  // Row i of the operand (as the product reads it) starts here.
+  const T* row(int64_t i) const { return storage.template const_data_ptr<T>() + (trans ? i : i * ld); }
+};
+
+// The per-call products of the head (M, Q, and dV, dB, dA from the Gram): a
+// b in blocks of kMatmulBlockRows output rows, each one sequential BLAS call,
+// the blocks in parallel. The blocks depend on the shapes alone, so the
+// result does not depend on the thread count (at::mm's does, for MKL's small
+// products) while wide heads still use every core.
+constexpr int64_t kMatmulBlockRows = 64;
+
+template <typename T>
+void blocked_mm(const GemmOperand<T>& a, const GemmOperand<T>& b, int64_t M, int64_t N,
+                int64_t K, T* c) {
+  const SequentialBlas sequential_blas;
+  const int64_t blocks = (M + kMatmulBlockRows - 1) / kMatmulBlockRows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, kMatmulBlockRows * N * K));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * kMatmulBlockRows;
+      const int64_t rows = std::min(kMatmulBlockRows, M - i0);
+      gemm_rm<T>(a.trans, b.trans, rows, N, K, a.row(i0), a.ld, b.row(0), b.ld, T(0), c + i0 * N, N);
+    }
+  });
+}
+
+at::Tensor cpu_mm(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0));
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "torchext_cpu_mm", [&] {
+    blocked_mm<scalar_t>(GemmOperand<scalar_t>(a), GemmOperand<scalar_t>(b), a.size(0), b.size(1),
+                         a.size(1), out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 // torch.relu semantics, in place: NaN stays NaN (max(x, 0) would give 0).
 template <typename T>
 void relu_inplace(T* __restrict__ x, int64_t n) {
@@ -348,7 +400,7 @@ template <typename T>
 void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
                   ForwardOutputs& out) {
   const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
-  const Head head = fold_head(in, plan);
+  const Head head = fold_head(in, plan, &cpu_mm);
   const Operands<T> op = operands<T>(in, head);
   const bool save = out.r.size(0) == dims.N;
   T* f = out.f.mutable_data_ptr<T>();
@@ -392,7 +444,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
   const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
   // Without saved r and q (see keeps_saved), each chunk recomputes them.
   const bool recompute = !r_saved.defined();
-  const Head head = recompute ? fold_head(in, plan) : Head{};
+  const Head head = recompute ? fold_head(in, plan, &cpu_mm) : Head{};
   const Operands<T> op = operands<T>(in, head);
   const T* g = grad.const_data_ptr<T>();
   const T* rs = recompute ? nullptr : r_saved.const_data_ptr<T>();
@@ -510,8 +562,8 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
     T* G = gram.mutable_data_ptr<T>();
     for (int64_t i = 0; i < k; ++i)
       for (int64_t j = 0; j < i; ++j) G[i * k + j] = G[j * k + i];
-    add_grads_from_gram(in, head.M.defined() ? head.M : fold_head(in, Plan::kFolded).M, gram,
-                        mask, bufs);
+    add_grads_from_gram(in, head.M.defined() ? head.M : fold_head(in, Plan::kFolded, &cpu_mm).M,
+                        gram, mask, bufs, &cpu_mm);
   }
 }
 
