@@ -102,6 +102,7 @@ def make_extension():
         "csrc/two_layer_square_autograd.cpp",
         "csrc/cpu/two_layer_square_cpu.cpp",
         "csrc/cpu/narrow_kernels.cpp",
+        "csrc/cpu/avx512_gemm.cpp",
     ]
     # No -std here: cpp_extension picks the standard the installed torch needs (C++17 or C++20).
     opt = ["-O0", "-g"] if debug else ["-O3"]

@@ -4,7 +4,7 @@
 #include <Python.h>
 
 #include "build_flags.h"
-#include "cpu/narrow_kernels.h"
+#include "cpu/avx512.h"
 
 extern "C" {
 
@@ -23,7 +23,7 @@ PyObject* PyInit__C(void) {
 // whether its CUDA kernels were compiled in, whatever the Python files claim.
 int torchext_cuda_kernels_compiled(void) { return TORCHEXT_WITH_CUDA_FLAG; }
 
-// Whether the AVX-512 narrow-layer CPU kernels run on this machine (CPU
-// support, and TORCHEXT_CPU_KERNELS not set to "generic").
-int torchext_cpu_narrow_kernels(void) { return torchext::cpu::narrow_kernels_supported() ? 1 : 0; }
+// Whether the AVX-512 CPU kernels (products and narrow-layer kernels) run on
+// this machine (CPU support, and TORCHEXT_CPU_KERNELS not set to "generic").
+int torchext_cpu_avx512_kernels(void) { return torchext::cpu::avx512_kernels_supported() ? 1 : 0; }
 }

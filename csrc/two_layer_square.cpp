@@ -426,6 +426,10 @@ TORCH_LIBRARY(torchext, m) {
       "_two_layer_square_backward_aten(Tensor grad, Tensor z, Tensor W, "
       "Tensor V, Tensor B, Tensor A, Tensor? r, Tensor? q, str plan, "
       "bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  // Test and benchmark only (CPU): the matrix product the CPU kernels run on
+  // (the AVX-512 kernel where it runs, else BLAS), in the fixed row blocks of
+  // the head's products.
+  m.def("_cpu_matmul(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchext, Meta, m) {

@@ -129,9 +129,14 @@ BackwardResult to_tuple(std::array<std::optional<at::Tensor>, kNumInputs>&& g);
 //   quadratic  Q = Mᵀ diag(a) M once; f = rᵀ Q r      per sample k·d + k²
 // The folded and quadratic plans also yield q = ½ ∂f/∂r = Mᵀ diag(a) M r, so
 // their backward needs p = 2 g q ⊙ 1[r > 0] and, for V, B and A, the Gram
-// G = Σ g r rᵀ. The direct plan's backward runs the chain again in eager's
-// order instead (its saved q is zero and unused).
+// G = Σ g r rᵀ. The direct plan's backward runs the chain in eager's order
+// instead; its second saved tensor (the q slot) holds y = B V r in columns
+// [0, ell) when ell <= k (zeros after; zeros throughout when ell > k), so the
+// backward starts from y rather than running V and B again.
 enum class Plan { kDirect = 0, kFolded = 1, kQuadratic = 2 };
+
+// Whether the direct plan's saved q slot holds y (see Plan).
+inline bool direct_saves_y(const Dims& dims) { return dims.ell <= dims.k; }
 
 const char* plan_name(Plan plan);
 // Raises ValueError unless name is "auto", "direct", "folded" or "quadratic".
@@ -165,7 +170,8 @@ void add_grads_from_gram(const ComputeInputs& in, const at::Tensor& M,
                          GradBuffers& bufs, Matmul mm = &aten_mm);
 
 // Outputs of the internal forward op: f (N,) and, when saving for backward,
-// r = relu(W z) and q (each (N, k), compute dtype; (0, k) otherwise).
+// r = relu(W z) and q (each (N, k), compute dtype; (0, k) otherwise; for the
+// direct plan q holds y or zeros, see Plan).
 struct ForwardOutputs {
   at::Tensor f, r, q;
 };

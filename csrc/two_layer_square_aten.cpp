@@ -22,16 +22,18 @@ struct ChunkOutputs {
 };
 
 // One chunk: r = relu(z Wᵀ), then the plan's head gives f and (want_q) q.
-ChunkOutputs forward_chunk(const ComputeInputs& in, const Head& head, Plan plan,
-                           const at::Tensor& zc, bool want_q) {
+ChunkOutputs forward_chunk(const Dims& dims, const ComputeInputs& in, const Head& head,
+                           Plan plan, const at::Tensor& zc, bool want_q) {
   ChunkOutputs out;
   out.r = at::relu(at::mm(zc, in.W.t()));
   switch (plan) {
     case Plan::kDirect: {
       const at::Tensor y = at::mm(at::mm(out.r, in.V.t()), in.B.t());
       out.f = at::mv(y * y, in.a);
-      // The direct backward runs the chain again and needs no q.
-      if (want_q) out.q = at::zeros_like(out.r);
+      if (want_q) {  // the q slot: y, or zeros (see Plan)
+        out.q = at::zeros_like(out.r);
+        if (direct_saves_y(dims)) out.q.narrow(1, 0, dims.ell).copy_(y);
+      }
       break;
     }
     case Plan::kFolded: {
@@ -56,7 +58,7 @@ void forward_aten(const Dims& dims, const ComputeInputs& in, Plan plan,
   const Head head = fold_head(in, plan);
   for (int64_t r0 = 0; r0 < dims.N; r0 += chunk_rows) {
     const int64_t n = std::min(chunk_rows, dims.N - r0);
-    const ChunkOutputs c = forward_chunk(in, head, plan, in.z.narrow(0, r0, n), save);
+    const ChunkOutputs c = forward_chunk(dims, in, head, plan, in.z.narrow(0, r0, n), save);
     out.f.narrow(0, r0, n).copy_(c.f);
     if (save) {
       out.r.narrow(0, r0, n).copy_(c.r);
@@ -82,7 +84,7 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
     if (recompute && plan == Plan::kDirect) {
       r = at::relu(at::mm(zc, in.W.t()));
     } else if (recompute) {
-      ChunkOutputs c = forward_chunk(in, head, plan, zc, need_p);
+      ChunkOutputs c = forward_chunk(dims, in, head, plan, zc, need_p);
       r = c.r;
       q = c.q;
     } else {
@@ -92,9 +94,11 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
     const at::Tensor gc = g.narrow(0, r0, n).unsqueeze(1);
     at::Tensor p;
     if (plan == Plan::kDirect) {
-      // The chain again, in the eager association order.
-      const at::Tensor u = at::mm(r, in.V.t());
-      const at::Tensor y = at::mm(u, in.B.t());
+      // The chain in the eager association order, from the saved y when there
+      // is one (u = V r then only for dB).
+      const bool saved_y = !recompute && direct_saves_y(dims);
+      const at::Tensor u = saved_y && !mask[kB] ? at::Tensor() : at::mm(r, in.V.t());
+      const at::Tensor y = saved_y ? q.narrow(1, 0, dims.ell) : at::mm(u, in.B.t());
       if (mask[kA]) bufs.acc[kA].addmv_((y * y).t(), gc.squeeze(1));
       const at::Tensor e = 2 * gc * in.a * y;
       if (mask[kB]) bufs.acc[kB].addmm_(e.t(), u);

@@ -13,7 +13,7 @@ from torchext import reference
 
 def report_build():
     info = torchext.build_info()
-    cpu = "CPU (AVX-512 narrow-layer kernels)" if info["cpu_narrow_kernels"] else "CPU"
+    cpu = "CPU (AVX-512 kernels)" if info["cpu_avx512_kernels"] else "CPU"
     kernels = cpu + (f" + CUDA {info['cuda_version']} (archs {info['cuda_archs']})" if info["cuda_kernels"] else "")
     print(f"torchext {torchext.__version__}: built against torch {info['torch_version']}, running torch {torch.__version__}")
     print(f"  kernels: {kernels}{' [DEBUG build]' if info['debug'] else ''}")

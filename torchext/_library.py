@@ -39,13 +39,13 @@ _info, _C = _load()
 
 def build_info():
     """How the loaded library was built: a dict of torch version, CUDA kernels, archs,
-    and whether the AVX-512 narrow-layer CPU kernels run here (`cpu_narrow_kernels`;
-    TORCHEXT_CPU_KERNELS=generic turns them off, for comparison)."""
+    and whether the AVX-512 CPU kernels (products and narrow-layer kernels) run here
+    (`cpu_avx512_kernels`; TORCHEXT_CPU_KERNELS=generic turns them off, for comparison)."""
     lib = ctypes.CDLL(_C.__file__)
     return {
         "torch_version": _info.TORCH_VERSION,
         "cuda_kernels": bool(lib.torchext_cuda_kernels_compiled()),
-        "cpu_narrow_kernels": bool(lib.torchext_cpu_narrow_kernels()),
+        "cpu_avx512_kernels": bool(lib.torchext_cpu_avx512_kernels()),
         "cuda_version": _info.CUDA_VERSION,
         "cuda_archs": _info.CUDA_ARCHS,
         "debug": _info.DEBUG,

@@ -6,32 +6,20 @@
 // 8 output units × 32 samples (16 accumulators; each weight is one broadcast
 // shared by two vectors), the sample-summed outer products (dW, Gram) as
 // 4 × 4 units, accumulated lane-wise per partition and summed across lanes
-// once per partition, in a fixed order. Only functions marked TX_AVX512 use
-// AVX-512, and they run only after narrow_kernels_supported() said yes.
+// once per partition, in a fixed order.
 #include "narrow_kernels.h"
+
+#include "avx512.h"
 
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define TORCHEXT_NARROW_AVX512 1
-// GCC 12 reports its own _mm512_undefined_* placeholders inside the
-// intrinsic headers as "maybe uninitialized"; nothing here reads them.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#define TX_AVX512 __attribute__((target("avx512f")))
-#else
-#define TORCHEXT_NARROW_AVX512 0
-#endif
 
 namespace torchext {
 namespace cpu {
 namespace {
 
-constexpr int64_t kLanes = 16;
+
 constexpr int64_t S = NarrowWorkspace::kBlock;
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
@@ -40,20 +28,6 @@ int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 int64_t vectors_for(int64_t ns) { return round_up(ns, 2 * kLanes) / kLanes; }
 
 }  // namespace
-
-bool narrow_kernels_supported() {
-#if TORCHEXT_NARROW_AVX512
-  static const bool supported = [] {
-    const char* env = std::getenv("TORCHEXT_CPU_KERNELS");
-    if (env != nullptr && std::strcmp(env, "generic") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return supported;
-#else
-  return false;
-#endif
-}
 
 NarrowWeights::NarrowWeights(int64_t d_, int64_t k_, const float* W_, const float* Q_)
     : d(d_), k(k_), Kp(round_up(std::max<int64_t>(k_, 1), 8)), Dp(round_up(std::max<int64_t>(d_, 1), 8)),
@@ -94,47 +68,12 @@ void NarrowWorkspace::flush(const NarrowWeights& w, float* gW, float* G) {
   std::fill(gram.begin(), gram.end(), 0.f);
 }
 
-#if TORCHEXT_NARROW_AVX512
+#if TORCHEXT_AVX512
 namespace {
-
-TX_AVX512 inline __mmask16 lanes_mask(int64_t left) {
-  if (left >= kLanes) return __mmask16(0xFFFF);
-  if (left <= 0) return __mmask16(0);
-  return __mmask16((1u << left) - 1u);
-}
 
 TX_AVX512 inline __m512i row_offsets(int64_t stride) {
   return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                             _mm512_set1_epi32(int(stride)));
-}
-
-// In-place transpose of a 16 × 16 tile held in 16 registers (row i -> column i).
-TX_AVX512 inline void transpose16(__m512 r[16]) {
-  __m512 t[16], u[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  // u[4b + i], 128-bit lane L: element 4L + i of rows 4b .. 4b + 3.
-#pragma GCC unroll 4
-  for (int b = 0; b < 4; ++b) {
-    u[4 * b + 0] = _mm512_shuffle_ps(t[4 * b], t[4 * b + 2], 0x44);
-    u[4 * b + 1] = _mm512_shuffle_ps(t[4 * b], t[4 * b + 2], 0xEE);
-    u[4 * b + 2] = _mm512_shuffle_ps(t[4 * b + 1], t[4 * b + 3], 0x44);
-    u[4 * b + 3] = _mm512_shuffle_ps(t[4 * b + 1], t[4 * b + 3], 0xEE);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    const __m512 v0 = _mm512_shuffle_f32x4(u[i], u[4 + i], 0x88);
-    const __m512 v1 = _mm512_shuffle_f32x4(u[i], u[4 + i], 0xDD);
-    const __m512 w0 = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0x88);
-    const __m512 w1 = _mm512_shuffle_f32x4(u[8 + i], u[12 + i], 0xDD);
-    r[i] = _mm512_shuffle_f32x4(v0, w0, 0x88);
-    r[8 + i] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
-    r[4 + i] = _mm512_shuffle_f32x4(v1, w1, 0x88);
-    r[12 + i] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
-  }
 }
 
 // T[c][s] = X[s][c] for c < cols and s < ns (X rows of `stride` floats);
@@ -366,7 +305,7 @@ void narrow_backward(const NarrowWeights& w, const float* z, const float* g,
   }
 }
 
-#else  // no AVX-512 kernels in this build: narrow_kernels_supported() is false
+#else  // no AVX-512 kernels in this build: avx512_kernels_supported() is false
 
 void narrow_forward(const NarrowWeights&, const float*, int64_t, float*, float*, float*,
                     NarrowWorkspace&) {

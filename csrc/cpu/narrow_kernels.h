@@ -1,5 +1,6 @@
 // Hand-vectorised CPU kernels of the quadratic plan for narrow layers
-// (k <= kNarrowMaxK, d <= kNarrowMaxD), float32, on CPUs with AVX-512.
+// (k <= kNarrowMaxK, d <= kNarrowMaxD), float32, on CPUs with AVX-512 (only
+// after avx512_kernels_supported(), avx512.h).
 //
 // Why: at k = d = 16 each BLAS product is a 16-wide sliver of work; MKL runs
 // such shapes at about half its peak, and a chunked forward+backward makes
@@ -20,10 +21,6 @@ constexpr int64_t kNarrowMaxK = 32;
 // The workspace holds lane-wise dW partial sums (16 floats per weight): wider
 // inputs go to BLAS, whose products are large enough to run well there.
 constexpr int64_t kNarrowMaxD = 256;
-
-// True when this CPU has AVX-512F and TORCHEXT_CPU_KERNELS is not "generic"
-// (read once; lets tests and users compare against the BLAS kernels).
-bool narrow_kernels_supported();
 
 // Zero-padded copies of the weights the kernels read: k rounded up to Kp, a
 // multiple of 8 (padded units have x = r = q = p = 0 and contribute nothing).

@@ -4,6 +4,8 @@
 // (backward, each with its own partial weight gradients, summed in a fixed
 // order) run in parallel.
 #include "../two_layer_square.h"
+#include "avx512.h"
+#include "avx512_gemm.h"
 #include "narrow_kernels.h"
 
 #include <ATen/ATen.h>
@@ -59,13 +61,21 @@ FortranGemm<double> fortran_gemm<double>() { return dgemm_; }
 
 bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
 
-// Row-major C(MxN) = op(A)(MxK) * op(B)(KxN) + beta * C. BLAS is column-major,
-// so it computes C^T = op(B)^T op(A)^T. Degenerate sizes never reach BLAS.
+// Row-major C(MxN) = op(A)(MxK) * op(B)(KxN) + beta * C, beta 0 or 1:
+// float32 with B untransposed on the AVX-512 kernel where the CPU has it
+// (avx512_gemm.h says why), else BLAS. BLAS is column-major, so it computes
+// C^T = op(B)^T op(A)^T. Degenerate sizes never reach BLAS.
 template <typename T>
 void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
              const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
              int64_t ldc) {
   if (M == 0 || N == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!trans_b && cpu::avx512_kernels_supported()) {
+      cpu::gemm_avx512(trans_a, M, N, K, A, lda, B, ldb, beta != 0.f, C, ldc);
+      return;
+    }
+  }
   auto blas = fortran_gemm<T>();
   if (K > 0 && blas != nullptr && fits_int(M) && fits_int(N) && fits_int(K) &&
       fits_int(lda) && fits_int(ldb) && fits_int(ldc)) {
@@ -180,7 +190,7 @@ at::Tensor cpu_mm(const at::Tensor& a, const at::Tensor& b) {
   TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0));
   at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "torchext_cpu_mm", [&] {
-    blocked_mm<scalar_t>(GemmOperand<scalar_t>(a), GemmOperand<scalar_t>(b), a.size(0), b.size(1),
+    blocked_mm<scalar_t>(GemmOperand<scalar_t>(a), GemmOperand<scalar_t>(b.contiguous()), a.size(0), b.size(1),
                          a.size(1), out.mutable_data_ptr<scalar_t>());
   });
   return out;
@@ -234,18 +244,19 @@ void scale_cols(int64_t n, int64_t ell, const T* __restrict__ a, T* __restrict__
     for (int64_t j = 0; j < ell; ++j) y[i * ell + j] *= a[j];
 }
 
-// f_i = Σ_j x_ij w_ij (w = x for squares, times a_j when a is given). Sixteen
-// partial sums per row, combined in a fixed tree: a single running sum would
-// be a chain of dependent additions (the slowest loop of the forward at
-// k = 128), and a fixed order keeps the result reproducible.
+// f_i = Σ_j x_ij w_ij over j < k, rows ld apart (w = x for squares, times a_j
+// when a is given). Sixteen partial sums per row, combined in a fixed tree: a
+// single running sum would be a chain of dependent additions (the slowest
+// loop of the forward at k = 128), and a fixed order keeps the result
+// reproducible.
 template <typename T>
-void row_dots(int64_t n, int64_t k, const T* __restrict__ x,
+void row_dots(int64_t n, int64_t k, int64_t ld, const T* __restrict__ x,
               const T* __restrict__ w, const T* __restrict__ a,
               T* __restrict__ f) {
   constexpr int64_t L = 16;
   for (int64_t i = 0; i < n; ++i) {
-    const T* xi = x + i * k;
-    const T* wi = w + i * k;
+    const T* xi = x + i * ld;
+    const T* wi = w + i * ld;
     T acc[L] = {};
     int64_t j = 0;
     if (a != nullptr) {
@@ -317,18 +328,47 @@ struct ChunkScratch {
   }
 };
 
+// The operands' pointers, and row-major transposes (Wt = Wᵀ, ...) of the
+// weights the chain multiplies by on the right (x = z Wᵀ, u = r Vᵀ, y = u Bᵀ,
+// y = r Mᵀ, q = r Qᵀ): made once per call, they let every per-chunk product
+// read B untransposed (what the AVX-512 kernel takes).
 template <typename T>
 struct Operands {
   const T *z, *W, *V, *B, *a, *M, *Q;
+  const T *Wt, *Vt, *Bt, *Mt, *Qt;
+  std::array<at::Tensor, 5> transposes;  // owns Wt .. Qt
+};
+
+// Which of W, V and B the chain multiplies by (M and Q: whenever the head has them).
+struct ChainWeights {
+  bool W, V, B;
 };
 
 template <typename T>
-Operands<T> operands(const ComputeInputs& in, const Head& head) {
-  return {in.z.const_data_ptr<T>(), in.W.const_data_ptr<T>(),
-          in.V.const_data_ptr<T>(), in.B.const_data_ptr<T>(),
-          in.a.const_data_ptr<T>(),
-          head.M.defined() ? head.M.const_data_ptr<T>() : nullptr,
-          head.Q.defined() ? head.Q.const_data_ptr<T>() : nullptr};
+Operands<T> operands(const ComputeInputs& in, const Head& head, Plan plan, ChainWeights chain) {
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
+  auto transpose = [](const at::Tensor& t, bool want) {
+    if (!want || !t.defined()) return at::Tensor();
+    if constexpr (std::is_same_v<T, float>) {
+      if (cpu::avx512_kernels_supported() && t.is_contiguous()) {  // at::contiguous's transposing copy is slow here
+        at::Tensor out = at::empty({t.size(1), t.size(0)}, t.options());
+        cpu::transpose_avx512(t.size(0), t.size(1), t.const_data_ptr<float>(), t.size(1),
+                              out.mutable_data_ptr<float>(), t.size(0));
+        return out;
+      }
+    }
+    return t.t().contiguous();
+  };
+  Operands<T> op{ptr(in.z), ptr(in.W), ptr(in.V), ptr(in.B), ptr(in.a), ptr(head.M), ptr(head.Q),
+                 nullptr, nullptr, nullptr, nullptr, nullptr,
+                 {transpose(in.W, chain.W), transpose(in.V, chain.V), transpose(in.B, chain.B),
+                  transpose(head.M, plan == Plan::kFolded), transpose(head.Q, plan == Plan::kQuadratic)}};
+  op.Wt = ptr(op.transposes[0]);
+  op.Vt = ptr(op.transposes[1]);
+  op.Bt = ptr(op.transposes[2]);
+  op.Mt = ptr(op.transposes[3]);
+  op.Qt = ptr(op.transposes[4]);
+  return op;
 }
 
 // One chunk of the forward: r = relu(z Wᵀ), then the plan's head gives f and,
@@ -338,29 +378,36 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
                    const T* zc, int64_t n, bool save, T* f, T* r, T* q,
                    ChunkScratch<T>& s) {
   const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
-  gemm_rm<T>(false, true, n, k, d, zc, d, op.W, d, T(0), r, k);
+  gemm_rm<T>(false, false, n, k, d, zc, d, op.Wt, k, T(0), r, k);
   relu_inplace(r, n * k);
   T* y = s.y;
   switch (plan) {
-    case Plan::kDirect:
-      gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), s.u, m);
-      gemm_rm<T>(false, true, n, ell, m, s.u, m, op.B, m, T(0), y, ell);
-      row_dots(n, ell, y, y, op.a, f);
-      // The direct backward runs the chain again (eager's order) and needs no
-      // q: keep the saved slot zero rather than pay two products for it.
-      if (save) std::fill(q, q + n * k, T(0));
+    case Plan::kDirect: {
+      // Saving, y goes straight into the q slot (see Plan), else zeros.
+      const bool keep_y = save && direct_saves_y(dims);
+      T* yd = keep_y ? q : y;
+      const int64_t ldy = keep_y ? k : ell;
+      gemm_rm<T>(false, false, n, m, k, r, k, op.Vt, m, T(0), s.u, m);
+      gemm_rm<T>(false, false, n, ell, m, s.u, m, op.Bt, ell, T(0), yd, ldy);
+      row_dots(n, ell, ldy, yd, yd, op.a, f);
+      if (keep_y) {
+        for (int64_t i = 0; i < n; ++i) std::fill(q + i * k + ell, q + (i + 1) * k, T(0));
+      } else if (save) {
+        std::fill(q, q + n * k, T(0));
+      }
       break;
+    }
     case Plan::kFolded:
-      gemm_rm<T>(false, true, n, ell, k, r, k, op.M, k, T(0), y, ell);
-      row_dots(n, ell, y, y, op.a, f);
+      gemm_rm<T>(false, false, n, ell, k, r, k, op.Mt, ell, T(0), y, ell);
+      row_dots(n, ell, ell, y, y, op.a, f);
       if (save) {  // q = Mᵀ (a ⊙ y)
         scale_cols(n, ell, op.a, y);
         gemm_rm<T>(false, false, n, k, ell, y, ell, op.M, k, T(0), q, k);
       }
       break;
     case Plan::kQuadratic:
-      gemm_rm<T>(false, true, n, k, k, r, k, op.Q, k, T(0), q, k);
-      row_dots<T>(n, k, r, q, nullptr, f);
+      gemm_rm<T>(false, false, n, k, k, r, k, op.Qt, k, T(0), q, k);
+      row_dots<T>(n, k, k, r, q, nullptr, f);
       break;
   }
 }
@@ -374,7 +421,7 @@ std::optional<cpu::NarrowWeights> narrow_weights(const Dims& dims, Plan plan,
                                                  const Operands<T>& op) {
   if constexpr (std::is_same_v<T, float>) {
     if (plan == Plan::kQuadratic && dims.k <= cpu::kNarrowMaxK && dims.d <= cpu::kNarrowMaxD &&
-        cpu::narrow_kernels_supported())
+        cpu::avx512_kernels_supported())
       return cpu::NarrowWeights(dims.d, dims.k, op.W, op.Q);
   }
   return std::nullopt;
@@ -401,7 +448,8 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
                   ForwardOutputs& out) {
   const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
   const Head head = fold_head(in, plan, &cpu_mm);
-  const Operands<T> op = operands<T>(in, head);
+  const bool direct = plan == Plan::kDirect;
+  const Operands<T> op = operands<T>(in, head, plan, {true, direct, direct});
   const bool save = out.r.size(0) == dims.N;
   T* f = out.f.mutable_data_ptr<T>();
   if (save) {
@@ -445,7 +493,10 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
   // Without saved r and q (see keeps_saved), each chunk recomputes them.
   const bool recompute = !r_saved.defined();
   const Head head = recompute ? fold_head(in, plan, &cpu_mm) : Head{};
-  const Operands<T> op = operands<T>(in, head);
+  const bool direct = plan == Plan::kDirect;
+  const bool saved_y = direct && !recompute && direct_saves_y(dims);
+  const Operands<T> op = operands<T>(
+      in, head, plan, {recompute, direct && (!saved_y || mask[kB]), direct && !saved_y});
   const T* g = grad.const_data_ptr<T>();
   const T* rs = recompute ? nullptr : r_saved.const_data_ptr<T>();
   const T* qs = recompute ? nullptr : q_saved.const_data_ptr<T>();
@@ -501,9 +552,8 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
         ChunkScratch<T>& s = *buffers.scratch;
         const T* r = recompute ? s.r : rs + r0 * k;
         const T* q = recompute ? s.q : qs + r0 * k;
-        const bool direct = plan == Plan::kDirect;
         if (recompute && direct) {  // the direct chain below needs r only
-          gemm_rm<T>(false, true, n, k, d, zc, d, op.W, d, T(0), s.r, k);
+          gemm_rm<T>(false, false, n, k, d, zc, d, op.Wt, k, T(0), s.r, k);
           relu_inplace(s.r, n * k);
         } else if (recompute) {
           forward_chunk(dims, plan, op, zc, n, /*save=*/need_p, s.f, s.r,
@@ -511,17 +561,20 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
         }
         T* pbuf = s.p;
         if (direct) {
-          // The chain again in the eager association order:
-          // u = V r, y = B u, e = 2 g a ⊙ y, gu = Bᵀ e, gr = Vᵀ gu.
+          // The chain in the eager association order, from the saved y when
+          // there is one: u = V r (then only for dB), y = B u,
+          // e = 2 g a ⊙ y, gu = Bᵀ e, gr = Vᵀ gu.
           T* u = s.u;
           T* y = s.y;
-          gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), u, m);
-          gemm_rm<T>(false, true, n, ell, m, u, m, op.B, m, T(0), y, ell);
+          if (!saved_y || gB) gemm_rm<T>(false, false, n, m, k, r, k, op.Vt, m, T(0), u, m);
+          if (!saved_y) gemm_rm<T>(false, false, n, ell, m, u, m, op.Bt, ell, T(0), y, ell);
+          const T* y_in = saved_y ? q : y;
+          const int64_t ld_in = saved_y ? k : ell;
           for (int64_t i = 0; i < n; ++i) {
             for (int64_t j = 0; j < ell; ++j) {
-              T& yij = y[i * ell + j];
+              const T yij = y_in[i * ld_in + j];
               if (gA) gA[j] += gc[i] * (yij * yij);
-              yij = T(2) * (gc[i] * op.a[j]) * yij;  // y becomes e = 2 g a ⊙ y
+              y[i * ell + j] = T(2) * (gc[i] * op.a[j]) * yij;  // y becomes e = 2 g a ⊙ y
             }
           }
           if (gB) gemm_rm<T>(true, false, ell, m, n, y, ell, u, m, T(1), gB, m);
@@ -584,9 +637,22 @@ void backward_kernel_cpu(const Dims& dims, const ComputeInputs& in, const at::Te
 
 }  // namespace
 
+at::Tensor cpu_matmul_op(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "_cpu_matmul: a and b must be 2-D; got ", a.sizes(),
+              " and ", b.sizes());
+  TORCH_CHECK(a.size(1) == b.size(0), "_cpu_matmul: a's columns (", a.size(1),
+              ") must match b's rows (", b.size(0), ")");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type() &&
+                  (a.scalar_type() == at::kFloat || a.scalar_type() == at::kDouble),
+              "_cpu_matmul: a and b must both be float32 or both float64; got ", a.scalar_type(),
+              " and ", b.scalar_type());
+  return cpu_mm(a, b);
+}
+
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {
   register_kernels<&internal_forward<&forward_kernel_cpu>,
                    &internal_backward<&backward_kernel_cpu>>(m);
+  m.impl("_cpu_matmul", &cpu_matmul_op);
 }
 
 }  // namespace torchext

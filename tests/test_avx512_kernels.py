@@ -1,4 +1,5 @@
-"""The AVX-512 kernels of the quadratic plan for narrow float32 layers (k <= 32):
+"""The AVX-512 CPU kernels: the quadratic plan's narrow-layer kernels (k <= 32)
+and the float32 product kernel of every plan:
 against the float64 reference on odd sizes (block, vector and chunk edges,
 saved and recomputed r and q, every gradient), against the generic BLAS
 kernels, and with NaN inputs. On a CPU with AVX-512 CI must really run them."""
@@ -28,7 +29,7 @@ def test_narrow_kernels_run_where_the_cpu_has_avx512():
     if os.environ.get("TORCHEXT_CPU_KERNELS") == "generic":
         pytest.skip("narrow kernels turned off by TORCHEXT_CPU_KERNELS=generic")
     if sys.platform.startswith("linux") and os.uname().machine == "x86_64":
-        assert torchext.build_info()["cpu_narrow_kernels"] == cpu_has_avx512f()
+        assert torchext.build_info()["cpu_avx512_kernels"] == cpu_has_avx512f()
 
 
 # (batch, d, k, m, ell): N around the 16-sample vector, 32-sample pair and
@@ -66,31 +67,47 @@ def test_narrow_quadratic_float32_within_10x_of_eager(shape):
             assert rel_err(got, ref) <= bound, f"{shape} {name}: {rel_err(got, ref):.2e} > {bound:.2e}"
 
 
-def _outputs_json(shape, seed):
-    inputs = make_inputs(shape, torch.float32, seed=seed)
-    f_ref, g, _ = reference_outputs(inputs)
-    f, grads = fused_outputs(inputs, g, plan="quadratic")
-    return {"narrow": torchext.build_info()["cpu_narrow_kernels"],
-            "outputs": [t.double().reshape(-1).tolist() for t in [f] + grads]}
+def _outputs_json(cases):
+    out = []
+    for shape, plan, seed in cases:
+        inputs = make_inputs(shape, torch.float32, seed=seed)
+        f_ref, g, _ = reference_outputs(inputs)
+        f, grads = fused_outputs(inputs, g, plan=plan)
+        out.append([t.double().reshape(-1).tolist() for t in [f] + grads])
+    return {"avx512": torchext.build_info()["cpu_avx512_kernels"], "outputs": out}
 
 
-@pytest.mark.skipif(not torchext.build_info()["cpu_narrow_kernels"], reason="needs the AVX-512 kernels")
-def test_narrow_kernels_agree_with_generic_blas_kernels():
-    shape, seed = ((1000,), 24, 20, 12, 9), 7
+# The AVX-512 kernels (narrow kernels; the products of every plan) against the
+# generic BLAS kernels: shapes around the product kernel's 8-row and
+# 32-column tiles and 16-lane masks, and a narrow-kernel one.
+AGREE_CASES = [
+    (((1000,), 24, 20, 12, 9), "quadratic", 7),
+    (((67,), 33, 47, 17, 31), "direct", 8),
+    (((67,), 33, 47, 17, 31), "folded", 9),
+    (((300,), 64, 40, 5, 70), "quadratic", 10),
+    (((1,), 16, 16, 16, 16), "direct", 11),
+    (((13,), 1, 3, 2, 1), "direct", 12),
+    (((515,), 70, 64, 64, 64), "direct", 13),
+]
+
+
+@pytest.mark.skipif(not torchext.build_info()["cpu_avx512_kernels"], reason="needs the AVX-512 kernels")
+def test_avx512_kernels_agree_with_generic_blas_kernels():
     here = os.path.dirname(os.path.abspath(__file__))
     code = (
-        "import json, sys; sys.path.insert(0, %r); from test_narrow_kernels import _outputs_json; "
-        "print(json.dumps(_outputs_json(%r, %d)))" % (here, shape, seed)
+        "import json, sys; sys.path.insert(0, %r); from test_avx512_kernels import _outputs_json, AGREE_CASES; "
+        "print(json.dumps(_outputs_json(AGREE_CASES)))" % (here,)
     )
     env = dict(os.environ, TORCHEXT_CPU_KERNELS="generic")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     generic = json.loads(out.stdout.strip().splitlines()[-1])
-    assert generic["narrow"] is False
-    fast = _outputs_json(shape, seed)
-    assert fast["narrow"] is True
-    for name, a, b in zip(NAMES, fast["outputs"], generic["outputs"]):
-        a, b = torch.tensor(a), torch.tensor(b)
-        assert rel_err(a, b) < 1e-5, name
+    assert generic["avx512"] is False
+    fast = _outputs_json(AGREE_CASES)
+    assert fast["avx512"] is True
+    for case, got, want in zip(AGREE_CASES, fast["outputs"], generic["outputs"]):
+        for name, a, b in zip(NAMES, got, want):
+            a, b = torch.tensor(a), torch.tensor(b)
+            assert rel_err(a, b) < 1e-5, (case, name)
 
 
 def test_narrow_kernels_nan_rows_stay_in_their_samples():
@@ -109,3 +126,31 @@ def test_narrow_kernels_nan_rows_stay_in_their_samples():
     keep[37] = False
     f2, _ = fused_outputs((z[keep], W, V, B, A), g[keep], plan="quadratic")
     assert torch.isfinite(f2).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_matmul_on_odd_shapes_and_layouts(dtype):
+    # The product kernel itself (AVX-512 where it runs): tile edges (8 rows,
+    # 16 and 32 columns), K = 0 and 1, row blocks of 64, transposed operands.
+    mm = torch.ops.torchext._cpu_matmul
+    g = torch.Generator().manual_seed(3)
+    for M, K, N in [(1, 1, 1), (7, 5, 3), (8, 16, 32), (9, 17, 33), (13, 0, 5), (64, 64, 64),
+                    (65, 31, 47), (130, 1, 17), (0, 4, 4), (3, 300, 2)]:
+        a = torch.randn(M, K, generator=g, dtype=torch.float64)
+        b = torch.randn(K, N, generator=g, dtype=torch.float64)
+        want = a @ b
+        for x, y in [(a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())]:
+            got = mm(x.to(dtype), y.to(dtype))
+            assert got.shape == (M, N) and got.dtype == dtype
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            assert torch.allclose(got.double(), want, rtol=tol, atol=tol * max(1, K)), (M, K, N)
+
+
+def test_cpu_matmul_bad_input_names_the_argument():
+    mm = torch.ops.torchext._cpu_matmul
+    with pytest.raises(RuntimeError, match="2-D"):
+        mm(torch.ones(3), torch.ones(3, 2))
+    with pytest.raises(RuntimeError, match="columns"):
+        mm(torch.ones(2, 3), torch.ones(2, 2))
+    with pytest.raises(RuntimeError, match="float32 or both float64"):
+        mm(torch.ones(2, 2), torch.ones(2, 2, dtype=torch.float64))
