@@ -116,7 +116,7 @@ def interleaved_medians(fns, device, rounds, min_run_time):
     return best
 
 
-def matmul_rates_gflops(device, n=2048):
+def matmul_rates_gflops(device, n=1024):
     """float32 n×n×n product rates: torch.mm and, on the CPU, the product kernel
     torchext's CPU kernels run on. The faster is the run's peak: on CPUs where
     BLAS runs below the hardware's rate (MKL on AMD), torch.mm alone would
@@ -355,7 +355,7 @@ def markdown_table(record):
     lines = [
         f"Measured {record['date']} on {record['device']} ({record['device_type']}, {record['threads']} threads), "
         f"torch {record['torch_version']}, float32; median ms of fwd+bwd (W, V trainable, loss = f.sum()); "
-        f"best of {record['rounds']} interleaved rounds. Float32 2048³ product rates measured in the same run: "
+        f"best of {record['rounds']} interleaved rounds. Float32 1024³ product rates measured in the same run: "
         + ", ".join(f"{k} {v:.0f}" for k, v in record.get("matmul_rates_gflops", {}).items())
         + f" GFLOP/s; % of peak is against the faster ({record['matmul_peak_gflops']:.0f}).",
         "",

@@ -9,7 +9,10 @@ _NAMES = ("z", "W", "V", "B", "A")
 
 
 def _check_tensors(args):
-    if all(isinstance(value, torch.Tensor) for value in args):
+    z, W, V, B, A = args
+    Tensor = torch.Tensor
+    if isinstance(z, Tensor) and isinstance(W, Tensor) and isinstance(V, Tensor) and isinstance(B, Tensor) \
+            and isinstance(A, Tensor):  # the common case, without a generator per call
         return
     for name, value in zip(_NAMES, args):
         if not isinstance(value, torch.Tensor):

@@ -95,21 +95,31 @@ TX_AVX512 void gemm_impl(bool trans_a, int64_t M, int64_t N, int64_t K, const fl
                          int64_t lda, const float* B, int64_t ldb, bool accumulate, float* C,
                          int64_t ldc) {
   const int64_t a_row = trans_a ? 1 : lda, a_inner = trans_a ? lda : 1;
-  // Column panels outside: a panel of B (K × 32) stays in L1 while every row
+  // K in blocks of kDepth (each block's sums added into C in order), column
+  // panels inside: a panel of B (kDepth × 32) stays in L1 while every row
   // tile of A streams past it.
-  for (int64_t j = 0; j < N; j += 2 * kLanes) {
-    const int64_t cols = std::min<int64_t>(2 * kLanes, N - j);
-    const __mmask16 mask[2] = {lanes_mask(cols), lanes_mask(cols - kLanes)};
-    if (cols == 2 * kLanes) {
-      panel<2, false>(M, A, a_row, a_inner, B + j, ldb, K, mask, accumulate, C + j, ldc);
-    } else if (cols > kLanes) {
-      panel<2, true>(M, A, a_row, a_inner, B + j, ldb, K, mask, accumulate, C + j, ldc);
-    } else if (cols == kLanes) {
-      panel<1, false>(M, A, a_row, a_inner, B + j, ldb, K, mask, accumulate, C + j, ldc);
-    } else {
-      panel<1, true>(M, A, a_row, a_inner, B + j, ldb, K, mask, accumulate, C + j, ldc);
+  constexpr int64_t kDepth = 256;
+  int64_t p = 0;
+  do {
+    const int64_t depth = std::min(kDepth, K - p);
+    const bool acc = accumulate || p > 0;
+    const float* Ap = A + p * a_inner;
+    const float* Bp = B + p * ldb;
+    for (int64_t j = 0; j < N; j += 2 * kLanes) {
+      const int64_t cols = std::min<int64_t>(2 * kLanes, N - j);
+      const __mmask16 mask[2] = {lanes_mask(cols), lanes_mask(cols - kLanes)};
+      if (cols == 2 * kLanes) {
+        panel<2, false>(M, Ap, a_row, a_inner, Bp + j, ldb, depth, mask, acc, C + j, ldc);
+      } else if (cols > kLanes) {
+        panel<2, true>(M, Ap, a_row, a_inner, Bp + j, ldb, depth, mask, acc, C + j, ldc);
+      } else if (cols == kLanes) {
+        panel<1, false>(M, Ap, a_row, a_inner, Bp + j, ldb, depth, mask, acc, C + j, ldc);
+      } else {
+        panel<1, true>(M, Ap, a_row, a_inner, Bp + j, ldb, depth, mask, acc, C + j, ldc);
+      }
     }
-  }
+    p += depth;
+  } while (p < K);
 }
 
 }  // namespace

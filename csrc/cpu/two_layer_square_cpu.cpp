@@ -284,9 +284,10 @@ constexpr int64_t kGramBlock = 32;
 // and for large chunks page-faulting — them on every call cost as much as one
 // of the BLAS products at medium sizes, and the tiny-N case (z a single
 // vector) needs no allocation after the first call. Taken once per thread by
-// a kernel, never re-entrantly.
+// a kernel, never re-entrantly; each Tag has its own memory.
 constexpr size_t kArenaKeepBytes = size_t{8} << 20;
 
+template <typename Tag>
 class ThreadArena {
  public:
   char* get(size_t bytes) {
@@ -310,7 +311,7 @@ class ThreadArena {
 // the plan uses get space (u: direct; y: direct and folded).
 template <typename T>
 struct ChunkScratch {
-  ThreadArena arena;
+  ThreadArena<struct ChunkBuffersTag> arena;
   T *r, *q, *u, *y, *p, *f;
   ChunkScratch(const Dims& d, Plan plan, int64_t rows) {
     auto padded = [](int64_t elems) { return (elems + 15) / 16 * 16; };  // 64-byte aligned parts
@@ -330,13 +331,14 @@ struct ChunkScratch {
 
 // The operands' pointers, and row-major transposes (Wt = Wᵀ, ...) of the
 // weights the chain multiplies by on the right (x = z Wᵀ, u = r Vᵀ, y = u Bᵀ,
-// y = r Mᵀ, q = r Qᵀ): made once per call, they let every per-chunk product
-// read B untransposed (what the AVX-512 kernel takes).
+// y = r Mᵀ, q = r Qᵀ): made once per call (in a thread arena: at the tiny
+// sizes, allocating them cost more than transposing), they let every
+// per-chunk product read B untransposed (what the AVX-512 kernel takes).
 template <typename T>
 struct Operands {
   const T *z, *W, *V, *B, *a, *M, *Q;
-  const T *Wt, *Vt, *Bt, *Mt, *Qt;
-  std::array<at::Tensor, 5> transposes;  // owns Wt .. Qt
+  const T *Wt = nullptr, *Vt = nullptr, *Bt = nullptr, *Mt = nullptr, *Qt = nullptr;
+  ThreadArena<struct WeightCopiesTag> arena;  // holds Wt .. Qt
 };
 
 // Which of W, V and B the chain multiplies by (M and Q: whenever the head has them).
@@ -344,30 +346,46 @@ struct ChainWeights {
   bool W, V, B;
 };
 
+// T = Xᵀ for a contiguous rows × cols X.
+template <typename T>
+void transpose_into(const T* X, int64_t rows, int64_t cols, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::avx512_kernels_supported()) {
+      cpu::transpose_avx512(rows, cols, X, cols, out, rows);
+      return;
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = X[i * cols + j];
+}
+
 template <typename T>
 Operands<T> operands(const ComputeInputs& in, const Head& head, Plan plan, ChainWeights chain) {
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
-  auto transpose = [](const at::Tensor& t, bool want) {
-    if (!want || !t.defined()) return at::Tensor();
-    if constexpr (std::is_same_v<T, float>) {
-      if (cpu::avx512_kernels_supported() && t.is_contiguous()) {  // at::contiguous's transposing copy is slow here
-        at::Tensor out = at::empty({t.size(1), t.size(0)}, t.options());
-        cpu::transpose_avx512(t.size(0), t.size(1), t.const_data_ptr<float>(), t.size(1),
-                              out.mutable_data_ptr<float>(), t.size(0));
-        return out;
-      }
-    }
-    return t.t().contiguous();
+  Operands<T> op{ptr(in.z), ptr(in.W), ptr(in.V), ptr(in.B), ptr(in.a), ptr(head.M), ptr(head.Q)};
+  struct Wanted {
+    const at::Tensor* t;
+    const T** out;
   };
-  Operands<T> op{ptr(in.z), ptr(in.W), ptr(in.V), ptr(in.B), ptr(in.a), ptr(head.M), ptr(head.Q),
-                 nullptr, nullptr, nullptr, nullptr, nullptr,
-                 {transpose(in.W, chain.W), transpose(in.V, chain.V), transpose(in.B, chain.B),
-                  transpose(head.M, plan == Plan::kFolded), transpose(head.Q, plan == Plan::kQuadratic)}};
-  op.Wt = ptr(op.transposes[0]);
-  op.Vt = ptr(op.transposes[1]);
-  op.Bt = ptr(op.transposes[2]);
-  op.Mt = ptr(op.transposes[3]);
-  op.Qt = ptr(op.transposes[4]);
+  const Wanted wanted[] = {{chain.W ? &in.W : nullptr, &op.Wt},
+                           {chain.V ? &in.V : nullptr, &op.Vt},
+                           {chain.B ? &in.B : nullptr, &op.Bt},
+                           {plan == Plan::kFolded && head.M.defined() ? &head.M : nullptr, &op.Mt},
+                           {plan == Plan::kQuadratic && head.Q.defined() ? &head.Q : nullptr, &op.Qt}};
+  auto padded = [](int64_t elems) { return (elems + 15) / 16 * 16; };  // 64-byte aligned parts
+  int64_t total = 0;
+  for (const Wanted& w : wanted)
+    if (w.t != nullptr) total += padded(w.t->numel());
+  if (total == 0) return op;
+  char* raw = op.arena.get(sizeof(T) * size_t(total) + 64);
+  T* next = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
+  for (const Wanted& w : wanted) {
+    if (w.t == nullptr) continue;
+    TORCH_INTERNAL_ASSERT(w.t->is_contiguous() && w.t->dim() == 2);
+    transpose_into(w.t->template const_data_ptr<T>(), w.t->size(0), w.t->size(1), next);
+    *w.out = next;
+    next += padded(w.t->numel());
+  }
   return op;
 }
 
