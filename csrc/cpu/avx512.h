@@ -6,7 +6,9 @@
 
 #include <cstdint>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// TORCHEXT_NO_AVX512 builds without them, as on other architectures (CI
+// compiles that way to keep the portable path building).
+#if !defined(TORCHEXT_NO_AVX512) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define TORCHEXT_AVX512 1
 // GCC 12 reports its own _mm512_undefined_* placeholders inside the
 // intrinsic headers as "maybe uninitialized"; nothing here reads them.
@@ -24,8 +26,9 @@ namespace cpu {
 // (read once; lets tests and users compare against the BLAS kernels).
 bool avx512_kernels_supported();
 
-#if TORCHEXT_AVX512
 constexpr int64_t kLanes = 16;  // floats per __m512
+
+#if TORCHEXT_AVX512
 
 // The first `left` lanes (all of them from 16 on, none at 0 or below).
 TX_AVX512 inline __mmask16 lanes_mask(int64_t left) {

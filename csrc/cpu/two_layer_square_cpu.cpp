@@ -307,6 +307,16 @@ class ThreadArena {
   std::unique_ptr<char[]> oversized_;
 };
 
+// Elements rounded up to 16: parts carved from one block start 64 bytes apart.
+inline int64_t padded_elems(int64_t elems) { return (elems + 15) / 16 * 16; }
+
+// `elems` elements of T from a thread arena, 64-byte aligned.
+template <typename T, typename Tag>
+T* aligned_block(ThreadArena<Tag>& arena, int64_t elems) {
+  char* raw = arena.get(sizeof(T) * size_t(elems) + 64);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
+}
+
 // Per-thread buffers for one chunk of `rows` rows, uninitialised; only those
 // the plan uses get space (u: direct; y: direct and folded).
 template <typename T>
@@ -314,13 +324,11 @@ struct ChunkScratch {
   ThreadArena<struct ChunkBuffersTag> arena;
   T *r, *q, *u, *y, *p, *f;
   ChunkScratch(const Dims& d, Plan plan, int64_t rows) {
-    auto padded = [](int64_t elems) { return (elems + 15) / 16 * 16; };  // 64-byte aligned parts
-    const int64_t nr = padded(rows * d.k), nu = plan == Plan::kDirect ? padded(rows * d.m) : 0,
-                  ny = plan == Plan::kQuadratic ? 0 : padded(rows * d.ell), nf = padded(rows);
-    const size_t bytes = sizeof(T) * size_t(3 * nr + nu + ny + nf) + 64;
-    char* raw = arena.get(bytes);
-    T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
-    r = base;
+    const int64_t nr = padded_elems(rows * d.k),
+                  nu = plan == Plan::kDirect ? padded_elems(rows * d.m) : 0,
+                  ny = plan == Plan::kQuadratic ? 0 : padded_elems(rows * d.ell),
+                  nf = padded_elems(rows);
+    r = aligned_block<T>(arena, 3 * nr + nu + ny + nf);
     q = r + nr;
     p = q + nr;
     u = p + nr;
@@ -372,19 +380,17 @@ Operands<T> operands(const ComputeInputs& in, const Head& head, Plan plan, Chain
                            {chain.B ? &in.B : nullptr, &op.Bt},
                            {plan == Plan::kFolded && head.M.defined() ? &head.M : nullptr, &op.Mt},
                            {plan == Plan::kQuadratic && head.Q.defined() ? &head.Q : nullptr, &op.Qt}};
-  auto padded = [](int64_t elems) { return (elems + 15) / 16 * 16; };  // 64-byte aligned parts
   int64_t total = 0;
   for (const Wanted& w : wanted)
-    if (w.t != nullptr) total += padded(w.t->numel());
+    if (w.t != nullptr) total += padded_elems(w.t->numel());
   if (total == 0) return op;
-  char* raw = op.arena.get(sizeof(T) * size_t(total) + 64);
-  T* next = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
+  T* next = aligned_block<T>(op.arena, total);
   for (const Wanted& w : wanted) {
     if (w.t == nullptr) continue;
     TORCH_INTERNAL_ASSERT(w.t->is_contiguous() && w.t->dim() == 2);
     transpose_into(w.t->template const_data_ptr<T>(), w.t->size(0), w.t->size(1), next);
     *w.out = next;
-    next += padded(w.t->numel());
+    next += padded_elems(w.t->numel());
   }
   return op;
 }
