@@ -160,18 +160,25 @@ ComputeInputs to_compute_inputs(const Dims& dims, const at::Tensor& z,
                                 const at::Tensor& W, const at::Tensor& V,
                                 const at::Tensor& B, const at::Tensor& A) {
   const auto cdt = compute_dtype(z.scalar_type());
-  auto prep = [cdt](const at::Tensor& t) { return t.to(cdt).contiguous(); };
+  // Inputs that already qualify pass through without a dispatcher call (each
+  // reshape or to() is one, and at the seed sizes they add up).
+  auto prep = [cdt](const at::Tensor& t) {
+    return t.scalar_type() == cdt && t.is_contiguous() ? t : t.to(cdt).contiguous();
+  };
   ComputeInputs in;
-  in.z = prep(z.reshape({dims.N, dims.d}));
+  in.z = prep(z.dim() == 2 ? z : z.reshape({dims.N, dims.d}));
   in.W = prep(W);
   in.V = prep(V);
   in.B = prep(B);
-  in.a = prep(A.reshape({dims.ell}));
+  in.a = prep(A.dim() == 1 ? A : A.reshape({dims.ell}));
   return in;
 }
 
 at::Tensor grad_to_compute(const Dims& dims, const at::Tensor& grad) {
-  return grad.reshape({dims.N}).to(compute_dtype(grad.scalar_type())).contiguous();
+  const auto cdt = compute_dtype(grad.scalar_type());
+  at::Tensor g = grad.dim() == 1 ? grad : grad.reshape({dims.N});
+  if (g.scalar_type() != cdt) g = g.to(cdt);
+  return g.stride(0) == 0 || g.is_contiguous() ? g : g.contiguous();
 }
 
 BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
@@ -202,14 +209,17 @@ BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
 }
 
 GradBuffers allocate_grad_buffers(const Dims& dims, const ComputeInputs& in,
-                                  const OutputMask& mask) {
+                                  const OutputMask& mask, bool zero_fill) {
   auto opts = in.z.options();
+  auto make = [&](at::IntArrayRef shape) {
+    return zero_fill ? at::zeros(shape, opts) : at::empty(shape, opts);
+  };
   GradBuffers g;
   if (mask[kZ]) g.acc[kZ] = at::empty({dims.N, dims.d}, opts);
-  if (mask[kW]) g.acc[kW] = at::zeros({dims.k, dims.d}, opts);
-  if (mask[kV]) g.acc[kV] = at::zeros({dims.m, dims.k}, opts);
-  if (mask[kB]) g.acc[kB] = at::zeros({dims.ell, dims.m}, opts);
-  if (mask[kA]) g.acc[kA] = at::zeros({dims.ell}, opts);
+  if (mask[kW]) g.acc[kW] = make({dims.k, dims.d});
+  if (mask[kV]) g.acc[kV] = make({dims.m, dims.k});
+  if (mask[kB]) g.acc[kB] = make({dims.ell, dims.m});
+  if (mask[kA]) g.acc[kA] = make({dims.ell});
   return g;
 }
 
@@ -222,13 +232,16 @@ std::array<std::optional<at::Tensor>, kNumInputs> finish_grads(
   for (int i = 0; i < kNumInputs; ++i) {
     if (!buffers.acc[i].defined()) continue;
     const at::Tensor& like = *inputs[i];
-    out[i] = buffers.acc[i].view(like.sizes()).to(like.scalar_type());
+    at::Tensor& g = buffers.acc[i];
+    if (g.sizes() != like.sizes()) g = g.view(like.sizes());
+    out[i] = g.scalar_type() == like.scalar_type() ? std::move(g) : g.to(like.scalar_type());
   }
   return out;
 }
 
 at::Tensor finish_forward(const Dims& dims, at::Tensor f_acc, const at::Tensor& z) {
-  return f_acc.view(dims.batch_shape).to(z.scalar_type());
+  if (f_acc.sizes() != at::IntArrayRef(dims.batch_shape)) f_acc = f_acc.view(dims.batch_shape);
+  return f_acc.scalar_type() == z.scalar_type() ? f_acc : f_acc.to(z.scalar_type());
 }
 
 BackwardResult to_tuple(std::array<std::optional<at::Tensor>, kNumInputs>&& g) {
@@ -321,7 +334,6 @@ Head fold_head(const ComputeInputs& in, Plan plan, Matmul mm) {
   return head;
 }
 
-// The gradient buffers start at zero, so adding a product is writing it.
 void add_grads_from_gram(const ComputeInputs& in, const at::Tensor& M,
                          const at::Tensor& G, const OutputMask& mask,
                          GradBuffers& bufs, Matmul mm) {
@@ -329,10 +341,10 @@ void add_grads_from_gram(const ComputeInputs& in, const at::Tensor& M,
   const at::Tensor MG = mm(M, G);
   if (mask[kV] || mask[kB]) {
     const at::Tensor D = MG * (2 * in.a).unsqueeze(1);
-    if (mask[kV]) bufs.acc[kV].add_(mm(in.B.t(), D));
-    if (mask[kB]) bufs.acc[kB].add_(mm(D, in.V.t()));
+    if (mask[kV]) bufs.acc[kV] = mm(in.B.t(), D);
+    if (mask[kB]) bufs.acc[kB] = mm(D, in.V.t());
   }
-  if (mask[kA]) bufs.acc[kA].add_((MG * M).sum(1));
+  if (mask[kA]) bufs.acc[kA] = (MG * M).sum(1);
 }
 
 namespace {

@@ -76,8 +76,9 @@ ComputeInputs to_compute_inputs(const Dims& dims, const at::Tensor& z,
                                 const at::Tensor& W, const at::Tensor& V,
                                 const at::Tensor& B, const at::Tensor& A);
 
-// Incoming gradient as a contiguous (N,) compute-dtype tensor (materialises
-// the stride-0 gradient that `.sum()` produces).
+// Incoming gradient as an (N,) compute-dtype tensor with stride 1, or 0: the
+// broadcast scalar that `.sum()` and `.mean()` hand back is passed on as it
+// is (kernels read g[i * stride]) rather than materialised.
 at::Tensor grad_to_compute(const Dims& dims, const at::Tensor& grad);
 
 // How a call splits the batch. Depends on the sizes only, never on the thread
@@ -99,13 +100,15 @@ struct BatchPlan {
 BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
                           int64_t min_rows, int64_t max_partitions);
 
-// Allocates the requested gradients in the compute dtype (zero-filled for
-// the weights, which are accumulated; gz is written row by row).
+// Allocates the requested gradients in the compute dtype. The weights'
+// are accumulated: zero-filled, unless the backend's kernel writes every
+// requested one before adding to it (zero_fill = false; gz is written row by
+// row either way).
 struct GradBuffers {
   std::array<at::Tensor, kNumInputs> acc;  // undefined where not requested
 };
 GradBuffers allocate_grad_buffers(const Dims& dims, const ComputeInputs& in,
-                                  const OutputMask& mask);
+                                  const OutputMask& mask, bool zero_fill);
 
 // Turns compute-dtype results into the op's outputs: each gradient in its
 // input's shape and dtype, contiguous, never aliasing an input.
@@ -163,8 +166,9 @@ at::Tensor aten_mm(const at::Tensor& a, const at::Tensor& b);
 
 Head fold_head(const ComputeInputs& in, Plan plan, Matmul mm = &aten_mm);
 
-// dV, dB and dA from the Gram G = Σ_n g_n r_n r_nᵀ (k, k), added into the
-// buffers: with D = 2 diag(a) M G, dV = Bᵀ D, dB = D Vᵀ, dA_i = (M G Mᵀ)_ii.
+// dV, dB and dA from the Gram G = Σ_n g_n r_n r_nᵀ (k, k), stored in the
+// buffers (replacing them): with D = 2 diag(a) M G, dV = Bᵀ D, dB = D Vᵀ,
+// dA_i = (M G Mᵀ)_ii.
 void add_grads_from_gram(const ComputeInputs& in, const at::Tensor& M,
                          const at::Tensor& G, const OutputMask& mask,
                          GradBuffers& bufs, Matmul mm = &aten_mm);
@@ -215,12 +219,14 @@ ForwardResult internal_forward(const at::Tensor& z, const at::Tensor& W,
 
 // Backward kernel: void(const Dims&, const ComputeInputs&, const at::Tensor& g,
 // const at::Tensor& r, const at::Tensor& q, Plan, const OutputMask&, GradBuffers&),
-// with r and q contiguous, or undefined when they were not saved (the kernel
-// recomputes them chunk by chunk). The internal backward op runs it on a
-// non-empty batch with some gradient requested.
+// with g as grad_to_compute gives it (stride 1 or 0), r and q contiguous, or
+// undefined when they were not saved (the kernel recomputes them chunk by
+// chunk). The internal backward op runs it on a non-empty batch with some
+// gradient requested. kWritesGrads: the kernel writes every requested weight
+// gradient before accumulating into it, so the buffers need no zero fill.
 using OptionalTensor = std::optional<at::Tensor>;
 
-template <auto Kernel>
+template <auto Kernel, bool kWritesGrads = false>
 BackwardResult internal_backward(const at::Tensor& grad, const at::Tensor& z,
                                  const at::Tensor& W, const at::Tensor& V,
                                  const at::Tensor& B, const at::Tensor& A,
@@ -232,7 +238,7 @@ BackwardResult internal_backward(const at::Tensor& grad, const at::Tensor& z,
   check_plan_name(plan_name);
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
   const Plan plan = resolve_plan(dims, plan_name, /*training=*/true);
-  GradBuffers bufs = allocate_grad_buffers(dims, in, mask);
+  GradBuffers bufs = allocate_grad_buffers(dims, in, mask, !(kWritesGrads && dims.N > 0));
   bool any = false;
   for (bool b : mask) any = any || b;
   if (dims.N > 0 && any) {

@@ -192,3 +192,51 @@ def test_module_plan_argument():
     assert "plan='quadratic'" in repr(net)
     z = torch.randn(11, 6, dtype=torch.float64)
     assert_matches(net(z), torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A), torch.float64)
+
+
+# The CPU backward hands out its gradient buffers uninitialised (each
+# partition's first chunk writes them); freed NaN-filled blocks of every size
+# it allocates are put back in the allocator right before each call, so a slot
+# that were only ever added to would come back NaN.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("shape", ["ell>k", "many-chunks", "many-chunks-kept"])
+def test_gradient_buffers_never_show_stale_memory(shape, plan, dtype):
+    import itertools
+
+    inputs = make_inputs(PLAN_SHAPES[shape], dtype, seed=9)
+    z, W, V, B, A = inputs
+    k = W.shape[0]
+    poison_shapes = [t.shape for t in inputs] + [(k, k), (A.numel(),)]
+    for save in (True, False):
+        f, r, q = OPS._two_layer_square_forward(z, W, V, B, A, plan, save)
+        rq = (r, q) if r.shape[0] == f.numel() else (None, None)  # (narrow layers: recomputed)
+        for wants in itertools.product([False, True], repeat=5):
+            if not any(wants[1:]):
+                continue
+            f_ref, g, grads_ref = reference_outputs(inputs, wants=wants)
+            for _ in range(3):
+                junk = [torch.full(s, float("nan"), dtype=dtype) for s in poison_shapes for _ in range(4)]
+                del junk
+                grads = OPS._two_layer_square_backward(g.to(dtype), z, W, V, B, A, *rq, plan, list(wants))
+                for name, gr, ref in zip(NAMES, grads, grads_ref):
+                    if ref is not None:
+                        assert_matches(gr, ref, dtype, f"{plan} save={save} {wants} d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("shape", ["square", "many-chunks", "many-chunks-kept", "two-leading"])
+def test_broadcast_incoming_gradient_equals_materialised(shape, plan, device):
+    # f.sum() and f.mean() hand the backward a stride-0 gradient, which the
+    # kernels read in place: bitwise the result of the materialised one.
+    z, W, V, B, A = make_inputs(PLAN_SHAPES[shape], torch.float32, device, seed=3)
+    f, r, q = OPS._two_layer_square_forward(z, W, V, B, A, plan, True)
+    rq = (r, q) if r.shape[0] == f.numel() else (None, None)
+    broadcast = torch.tensor(0.37, device=device).expand(f.shape)
+    assert broadcast.numel() <= 1 or 0 in broadcast.stride()
+    mask = [True] * 5
+    got = OPS._two_layer_square_backward(broadcast, z, W, V, B, A, *rq, plan, mask)
+    want = OPS._two_layer_square_backward(broadcast.contiguous(), z, W, V, B, A, *rq, plan, mask)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), f"{plan} d{name}"

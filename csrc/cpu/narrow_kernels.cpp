@@ -60,10 +60,10 @@ void NarrowWorkspace::flush(const NarrowWeights& w, float* gW, float* G) {
   };
   if (gW != nullptr)
     for (int64_t i = 0; i < w.k; ++i)
-      for (int64_t j = 0; j < w.d; ++j) gW[i * w.d + j] += lane_sum(&dW[(i * w.Dp + j) * kLanes]);
+      for (int64_t j = 0; j < w.d; ++j) gW[i * w.d + j] = lane_sum(&dW[(i * w.Dp + j) * kLanes]);
   if (G != nullptr)
     for (int64_t i = 0; i < w.k; ++i)
-      for (int64_t j = i; j < w.k; ++j) G[i * w.k + j] += lane_sum(&gram[(i * w.Kp + j) * kLanes]);
+      for (int64_t j = i; j < w.k; ++j) G[i * w.k + j] = lane_sum(&gram[(i * w.Kp + j) * kLanes]);
   std::fill(dW.begin(), dW.end(), 0.f);
   std::fill(gram.begin(), gram.end(), 0.f);
 }

@@ -39,8 +39,9 @@ class NarrowWorkspace {
  public:
   // accumulate: room for the backward's dW and Gram partial sums.
   NarrowWorkspace(const NarrowWeights& w, bool accumulate);
-  // Adds the partition's partial sums into gW (k×d) and the upper triangle
-  // (with diagonal) of G (k×k), then zeroes them for the next partition.
+  // Writes the partition's partial sums into gW (k×d) and the upper triangle
+  // (with diagonal) of G (k×k), replacing what was there, then zeroes them
+  // for the next partition.
   void flush(const NarrowWeights& w, float* gW, float* G);
 
   static constexpr int64_t kBlock = 128;  // samples per block

@@ -467,6 +467,28 @@ struct ThreadBuffers {
   }
 };
 
+// A chunk's rows of the incoming gradient g (stride 1 or 0, see
+// grad_to_compute): a pointer into g, or the broadcast value spread over a
+// per-thread buffer of the chunk's length.
+template <typename T>
+class ChunkGrad {
+ public:
+  ChunkGrad(const at::Tensor& g, int64_t rows)
+      : g_(g.const_data_ptr<T>()), broadcast_(g.stride(0) == 0 && g.size(0) > 1) {
+    if (broadcast_) {
+      fill_ = aligned_block<T>(arena_, rows);
+      std::fill(fill_, fill_ + rows, g_[0]);
+    }
+  }
+  const T* rows(int64_t r0) const { return broadcast_ ? fill_ : g_ + r0; }
+
+ private:
+  ThreadArena<struct ChunkGradTag> arena_;
+  const T* g_;
+  bool broadcast_;
+  T* fill_ = nullptr;
+};
+
 template <typename T>
 void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
                   ForwardOutputs& out) {
@@ -521,7 +543,6 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
   const bool saved_y = direct && !recompute && direct_saves_y(dims);
   const Operands<T> op = operands<T>(
       in, head, plan, {recompute, direct && (!saved_y || mask[kB]), direct && !saved_y});
-  const T* g = grad.const_data_ptr<T>();
   const T* rs = recompute ? nullptr : r_saved.const_data_ptr<T>();
   const T* qs = recompute ? nullptr : q_saved.const_data_ptr<T>();
   if (mask[kZ]) advise_huge_pages(bufs.acc[kZ]);
@@ -532,9 +553,11 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
 
   // What each partition accumulates: dW, and either the Gram (k×k) or the
   // direct chain's dV, dB, dA. Partition 0 writes into the results (or the
-  // Gram) directly; the others get zeroed partials, added in partition order.
+  // Gram) directly, the others into partials added in partition order; a
+  // partition's first chunk writes its slots (nothing is zero-filled: the
+  // buffers come uninitialised, see internal_backward), later chunks add.
   enum Slot { kSlotW, kSlotV, kSlotB, kSlotA, kSlotGram, kSlots };
-  at::Tensor gram = use_gram ? at::zeros({k, k}, in.z.options()) : at::Tensor();
+  at::Tensor gram = use_gram ? at::empty({k, k}, in.z.options()) : at::Tensor();
   std::array<at::Tensor, kSlots> total = {
       mask[kW] ? bufs.acc[kW] : at::Tensor(),
       mask[kV] && !use_gram ? bufs.acc[kV] : at::Tensor(),
@@ -544,27 +567,30 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
   for (int64_t p = 0; p < bp.partitions; ++p)
     for (int i = 0; i < kSlots; ++i)
       if (total[i].defined())
-        partials[p][i] = p == 0 ? total[i] : at::zeros_like(total[i]);
+        partials[p][i] = p == 0 ? total[i] : at::empty_like(total[i]);
 
   const std::optional<cpu::NarrowWeights> narrow = narrow_weights<T>(dims, plan, op);
 
   {
   const SequentialBlas sequential_blas;
   at::parallel_for(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
-    ThreadBuffers<T> buffers(narrow, dims, plan, std::min(bp.chunk_rows, dims.N),
-                             /*accumulate=*/true);
+    const int64_t rows = std::min(bp.chunk_rows, dims.N);
+    ThreadBuffers<T> buffers(narrow, dims, plan, rows, /*accumulate=*/true);
+    const ChunkGrad<T> chunk_grad(grad, rows);
     for (int64_t part = p0; part < p1; ++part) {
       auto slot = [&](int i) -> T* {
         return partials[part][i].defined() ? partials[part][i].template mutable_data_ptr<T>() : nullptr;
       };
       T *gW = slot(kSlotW), *gV = slot(kSlotV), *gB = slot(kSlotB),
         *gA = slot(kSlotA), *G = slot(kSlotGram);
-      const int64_t c_end = std::min(bp.num_chunks, (part + 1) * bp.chunks_per_partition);
-      for (int64_t c = part * bp.chunks_per_partition; c < c_end; ++c) {
+      const int64_t c_begin = part * bp.chunks_per_partition;
+      const int64_t c_end = std::min(bp.num_chunks, c_begin + bp.chunks_per_partition);
+      for (int64_t c = c_begin; c < c_end; ++c) {
         const int64_t r0 = c * bp.chunk_rows;
         const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
         const T* zc = op.z + r0 * d;
-        const T* gc = g + r0;
+        const T* gc = chunk_grad.rows(r0);
+        const T beta = c == c_begin ? T(0) : T(1);  // first chunk writes, later ones add
         if constexpr (std::is_same_v<T, float>) {
           if (narrow) {  // the whole chain, accumulating into the workspace
             cpu::narrow_backward(*narrow, zc, gc, recompute ? nullptr : rs + r0 * k,
@@ -594,17 +620,19 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
           if (!saved_y) gemm_rm<T>(false, false, n, ell, m, u, m, op.Bt, ell, T(0), y, ell);
           const T* y_in = saved_y ? q : y;
           const int64_t ld_in = saved_y ? k : ell;
-          for (int64_t i = 0; i < n; ++i) {
-            for (int64_t j = 0; j < ell; ++j) {
-              const T yij = y_in[i * ld_in + j];
-              if (gA) gA[j] += gc[i] * (yij * yij);
-              y[i * ell + j] = T(2) * (gc[i] * op.a[j]) * yij;  // y becomes e = 2 g a ⊙ y
-            }
+          if (gA) {
+            if (c == c_begin) std::fill(gA, gA + ell, T(0));
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t j = 0; j < ell; ++j)
+                gA[j] += gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);
           }
-          if (gB) gemm_rm<T>(true, false, ell, m, n, y, ell, u, m, T(1), gB, m);
+          for (int64_t i = 0; i < n; ++i)  // y becomes e = 2 g a ⊙ y
+            for (int64_t j = 0; j < ell; ++j)
+              y[i * ell + j] = T(2) * (gc[i] * op.a[j]) * y_in[i * ld_in + j];
+          if (gB) gemm_rm<T>(true, false, ell, m, n, y, ell, u, m, beta, gB, m);
           if (!(gV || need_p)) continue;
           gemm_rm<T>(false, false, n, m, ell, y, ell, op.B, m, T(0), u, m);  // u becomes gu
-          if (gV) gemm_rm<T>(true, false, m, k, n, u, m, r, k, T(1), gV, k);
+          if (gV) gemm_rm<T>(true, false, m, k, n, u, m, r, k, beta, gV, k);
           if (!need_p) continue;
           gemm_rm<T>(false, false, n, k, m, u, m, op.V, k, T(0), pbuf, k);  // gr
           relu_grad_inplace(n * k, r, pbuf);
@@ -612,20 +640,20 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
           relu_grad_rows(n, k, gc, q, r, pbuf);
         }
         if (need_p) {
-          if (gW) gemm_rm<T>(true, false, k, d, n, pbuf, k, zc, d, T(1), gW, d);
+          if (gW) gemm_rm<T>(true, false, k, d, n, pbuf, k, zc, d, beta, gW, d);
           if (gz) gemm_rm<T>(false, false, n, d, k, pbuf, k, op.W, d, T(0), gz + r0 * d, d);
         }
         if (use_gram) {  // G += (g ⊙ r)ᵀ r, upper block triangle only
           scale_rows(n, k, gc, r, pbuf);
           for (int64_t b0 = 0; b0 < k; b0 += kGramBlock) {
             const int64_t bn = std::min(kGramBlock, k - b0);
-            gemm_rm<T>(true, false, bn, k - b0, n, pbuf + b0, k, r + b0, k, T(1),
+            gemm_rm<T>(true, false, bn, k - b0, n, pbuf + b0, k, r + b0, k, beta,
                        G + b0 * k + b0, k);
           }
         }
       }
       if constexpr (std::is_same_v<T, float>) {
-        if (narrow) buffers.workspace->flush(*narrow, gW, G);  // the partition's lane-wise sums
+        if (narrow) buffers.workspace->flush(*narrow, gW, G);  // writes the partition's sums
       }
     }
   });
@@ -675,7 +703,7 @@ at::Tensor cpu_matmul_op(const at::Tensor& a, const at::Tensor& b) {
 
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {
   register_kernels<&internal_forward<&forward_kernel_cpu>,
-                   &internal_backward<&backward_kernel_cpu>>(m);
+                   &internal_backward<&backward_kernel_cpu, /*kWritesGrads=*/true>>(m);
   m.impl("_cpu_matmul", &cpu_matmul_op);
 }
 
