@@ -4,8 +4,13 @@
 
 Times forward+backward (W and V trainable, loss = f.sum()) and forward-only
 (under torch.no_grad()) side by side in one run: contenders are interleaved
-round by round, each timed with torch.utils.benchmark (medians), and the best
-median over the rounds is kept. Prints a table, writes JSON and a PNG plot to
+round by round, each timed with torch.utils.benchmark on the CPU, or with CUDA
+events on the GPU (warm-up, then one event pair per call, cycling through
+enough input sets that they do not all sit in L2), medians, and the best
+median over the rounds is kept. On the GPU the run also measures the card's
+float32 multiply-add and copy ceilings, counts each case's FLOPs and bytes,
+reports the fraction of the resulting time floor reached, and times bfloat16
+inputs at gpu-large. Prints a table, writes JSON and a PNG plot to
 benchmarks/results/. A script, not a test: timings are noisy; compare ratios.
 """
 import argparse
@@ -101,13 +106,47 @@ def plan_flops(shape, plan):
     return 2 * macs
 
 
+def cuda_event_medians(fns, rounds, min_run_time, rotate=None):
+    """Best (over rounds) median seconds per call, CUDA events around each call.
+    rotate(i) is called before call i to switch input sets (cheap Python)."""
+    best = {name: float("inf") for name in fns}
+    for fn in fns.values():  # warm-up: kernels loaded, allocator primed
+        for i in range(3):
+            if rotate:
+                rotate(i)
+            fn()
+    torch.cuda.synchronize()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times, spent, i = [], 0.0, 0
+            while spent < min_run_time or len(times) < 10:
+                if rotate:
+                    rotate(i)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+                times.append(ms / 1e3)
+                spent += ms / 1e3
+                i += 1
+                if len(times) >= 2000:
+                    break
+            times.sort()
+            best[name] = min(best[name], times[len(times) // 2])
+    return best
+
+
 def timer_for(fn, device):
     sync = "torch.cuda.synchronize()" if device == "cuda" else ""
     return benchmark.Timer(stmt=f"fn(); {sync}", globals={"fn": fn, "torch": torch})
 
 
-def interleaved_medians(fns, device, rounds, min_run_time):
+def interleaved_medians(fns, device, rounds, min_run_time, rotate=None):
     """Best (over rounds) median seconds per call of each fn, contenders interleaved."""
+    if device == "cuda":
+        return cuda_event_medians(fns, rounds, min_run_time, rotate)
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -128,6 +167,63 @@ def matmul_rates_gflops(device, n=1024):
         mm = torch.ops.torchext._cpu_matmul
         rates["torchext"] = 2 * n ** 3 / timer_for(lambda: mm(a, b), device).blocked_autorange(min_run_time=1.0).median / 1e9
     return rates
+
+
+def gpu_ceilings():
+    """The card's float32 multiply-add rate (a large product with TF32 off) and
+    copy bandwidth (bytes read plus written by a large device-to-device copy),
+    measured now."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda")
+    b = torch.randn(n, n, device="cuda")
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        t_mm = cuda_event_medians({"mm": lambda: a @ b}, 1, 1.0)["mm"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()  # 1 GiB
+    dst = torch.empty_like(src)
+    t_copy = cuda_event_medians({"copy": lambda: dst.copy_(src)}, 1, 1.0)["copy"]
+    return {"fp32_tflops": 2 * n ** 3 / t_mm / 1e12, "copy_gbytes_per_s": 2 * src.nbytes / t_copy / 1e9}
+
+
+def plan_bytes(shape, plan, itemsize=4):
+    """Fewest bytes one fwd+bwd must move through device memory: the inputs read,
+    f and the weight gradients written, and for plans that save r and q (two
+    N×k tensors) those written once and read once."""
+    N, d, k, m, ell = shape
+    N = N or 1
+    inputs = N * d + k * d + m * k + ell * m + ell
+    outputs = N + k * d + m * k  # f, dW, dV
+    saved = 2 * N * k * 2 if d + k >= 64 else 0
+    return itemsize * (inputs + outputs + saved)
+
+
+def rotating_sets(shape, device, l2_bytes):
+    """Enough independent input sets that cycling through them keeps the working
+    set over four times the L2 (at most 64 sets)."""
+    N, d, k, m, ell = shape
+    per_set = 4 * ((N or 1) * d + k * d + m * k + ell * m + ell + 4 * (N or 1) * k)
+    count = max(1, min(64, -(-4 * l2_bytes // per_set)))
+    return [make_case(shape, device, seed=i) for i in range(count)]
+
+
+def bf16_check(shape):
+    """gpu-large in bfloat16 against float32 (fwd+bwd times), and the bfloat16
+    result's error against float64 on the same (bf16-rounded) inputs."""
+    z, W, V, B, A = make_case(shape, "cuda")
+    zb, Wb, Vb, Bb, Ab = (t.detach().to(torch.bfloat16).requires_grad_(t.requires_grad) for t in (z, W, V, B, A))
+    t = cuda_event_medians({
+        "float32": lambda: torchext.two_layer_square(z, W, V, B, A).sum().backward(),
+        "bfloat16": lambda: torchext.two_layer_square(zb, Wb, Vb, Bb, Ab).sum().backward(),
+    }, 1, 1.0)
+    rows = slice(0, 65536)  # the float64 reference on a slice of the batch
+    f = torchext.two_layer_square(zb[rows], Wb, Vb, Bb, Ab).double()
+    ref = reference.two_layer_square(*(x.detach().double() for x in (zb[rows], Wb, Vb, Bb, Ab)))
+    err = ((f - ref).norm() / ref.norm()).item()
+    return {"float32_ms": t["float32"] * 1e3, "bfloat16_ms": t["bfloat16"] * 1e3,
+            "speedup": t["float32"] / t["bfloat16"], "bf16_rel_err_f_vs_float64": err}
 
 
 def saved_bytes(fn):
@@ -191,31 +287,38 @@ def sweep_shapes(count, seed):
     return shapes
 
 
-def run_case(name, shape, device, rounds, min_run_time, use_compile, compiled):
-    z, W, V, B, A = make_case(shape, device)
+def run_case(name, shape, device, rounds, min_run_time, use_compile, compiled, l2_bytes=0):
+    # On the GPU, calls cycle through several input sets (see rotating_sets).
+    sets = rotating_sets(shape, device, l2_bytes) if device == "cuda" else [make_case(shape, device)]
+    cur = list(sets[0])
+
+    def rotate(i):
+        cur[:] = sets[i % len(sets)]
+
+    z, W, V, B, A = sets[0]
     N = shape[0] or 1
     plan = torch.ops.torchext._plan(N, *shape[1:])
     fns = {
-        "torchext": lambda: torchext.two_layer_square(z, W, V, B, A).sum().backward(),
-        "eager": lambda: reference.two_layer_square(z, W, V, B, A).sum().backward(),
-        "floor": lambda: NoOpFloor.apply(z, W, V, B, A).sum().backward(),
+        "torchext": lambda: torchext.two_layer_square(*cur).sum().backward(),
+        "eager": lambda: reference.two_layer_square(*cur).sum().backward(),
+        "floor": lambda: NoOpFloor.apply(*cur).sum().backward(),
     }
     if use_compile:
-        fns["compile"] = lambda: compiled(z, W, V, B, A).sum().backward()
+        fns["compile"] = lambda: compiled(*cur).sum().backward()
         for _ in range(2):
             fns["compile"]()  # compile outside the timing
     for fn in fns.values():
         fn()
-    t = interleaved_medians(fns, device, rounds, min_run_time)
+    t = interleaved_medians(fns, device, rounds, min_run_time, rotate if len(sets) > 1 else None)
 
     def no_grad(f):
         def run():
             with torch.no_grad():
-                f(z, W, V, B, A)
+                f(*cur)
         return run
 
     tf = interleaved_medians({"torchext": no_grad(torchext.two_layer_square), "eager": no_grad(reference.two_layer_square)},
-                             device, rounds, min_run_time)
+                             device, rounds, min_run_time, rotate if len(sets) > 1 else None)
     flops = plan_flops(shape, plan)
     row = {
         "name": name, "N": shape[0], "d": shape[1], "k": shape[2], "m": shape[3], "ell": shape[4],
@@ -232,6 +335,8 @@ def run_case(name, shape, device, rounds, min_run_time, use_compile, compiled):
     row["vs_compile"] = row["compile_ms"] / row["torchext_ms"] if row["compile_ms"] else None
     row["vs_floor"] = row["torchext_ms"] / row["floor_ms"]
     row["fwd_vs_eager"] = row["eager_fwd_ms"] / row["torchext_fwd_ms"]
+    row["plan_bytes"] = plan_bytes(shape, plan)
+    row["input_sets"] = len(sets)
     return row
 
 
@@ -262,7 +367,18 @@ def main(argv=None):
 
     card = torch.cuda.get_device_name(0) if device == "cuda" else cpu_name()
     print(f"torchext benchmark on {device} ({card}, {torch.get_num_threads()} threads), torch {torch.__version__}")
-    rates = matmul_rates_gflops(device)
+    ceilings, l2_bytes = {}, 0
+    if device == "cuda":
+        # Full float32 for every contender (cuBLAS too), as the targets say.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        ceilings = gpu_ceilings()
+        l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
+        rates = {"torch.mm": ceilings["fp32_tflops"] * 1e3}
+        print(f"ceilings measured: float32 {ceilings['fp32_tflops']:.1f} TFLOP/s (8192³ product, TF32 off), "
+              f"copy {ceilings['copy_gbytes_per_s']:.0f} GB/s (read + write); L2 {l2_bytes >> 20} MiB")
+    else:
+        rates = matmul_rates_gflops(device)
     peak = max(rates.values())
     print("float32 matmul rates measured: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
           + f" GFLOP/s; peak {peak:.1f}")
@@ -271,8 +387,13 @@ def main(argv=None):
     hdr = f"{'case':<16}{'N':>8}{'d,k,m,ell':>18}{'plan':>11}{'torchext':>11}{'eager':>11}{'compile':>11}{'floor':>9}{'x eager':>9}{'x compile':>10}{'/floor':>8}{'fwd x':>7}{'% peak':>8}"
     print(hdr)
     for name, shape in cases.items():
-        row = run_case(name, shape, device, args.rounds, args.min_run_time, not args.no_compile, compiled)
+        row = run_case(name, shape, device, args.rounds, args.min_run_time, not args.no_compile, compiled, l2_bytes)
         row["fraction_of_peak"] = row["torchext_gflops"] / peak
+        if ceilings:
+            floor_s = max(row["plan_gflop"] / (ceilings["fp32_tflops"] * 1e3),
+                          row["plan_bytes"] / (ceilings["copy_gbytes_per_s"] * 1e9))
+            row["roofline_floor_ms"] = floor_s * 1e3
+            row["fraction_of_floor"] = floor_s / (row["torchext_ms"] / 1e3)
         rows.append(row)
         widths = ",".join(str(x) for x in shape[1:])
         print(f"{name:<16}{str(shape[0] or '(d,)'):>8}{widths:>18}{row['plan']:>11}"
@@ -317,6 +438,12 @@ def main(argv=None):
         print(f"\ndenormal inputs at {shape}: torchext {denormal['torchext_slowdown']:.2f}x slower, "
               f"eager {denormal['eager_slowdown']:.2f}x slower than with normal inputs")
 
+    bf16 = {}
+    if device == "cuda" and "gpu-large" in cases:
+        bf16 = bf16_check(cases["gpu-large"])
+        print(f"\nbfloat16 at gpu-large: {bf16['speedup']:.2f}x float32's speed; relative error of f "
+              f"against float64 on the bf16 inputs {bf16['bf16_rel_err_f_vs_float64']:.2e}")
+
     memory = {}
     if not args.no_memory and device == "cpu" and "large" in cases:
         for who in ("torchext", "eager"):
@@ -339,8 +466,13 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "matmul_peak_gflops": peak, "matmul_rates_gflops": rates, "rounds": args.rounds, "cases": rows, "sweep": sweep, "memory": memory, "denormal": denormal,
     }
+    if device == "cuda":
+        record.update({"ceilings": ceilings, "bf16": bf16, "timing": "CUDA events, medians, rotating input sets",
+                       "tf32": False})
     os.makedirs(args.out, exist_ok=True)
-    stem = f"{datetime.date.today().isoformat()}-{device}"
+    # The GPU record is named after the card: <date>-<card>.json.
+    label = device if device == "cpu" else "-".join(card.lower().replace("nvidia", "nvidia ").split())
+    stem = f"{datetime.date.today().isoformat()}-{label}"
     with open(os.path.join(args.out, stem + ".json"), "w") as fh:
         json.dump(record, fh, indent=1)
     plotted = plot(rows, sweep, os.path.join(args.out, stem + ".png"), card)
@@ -369,6 +501,16 @@ def markdown_table(record):
             f"{r['vs_eager']:.2f} | {fmt(r['vs_compile'], '.2f')} | {r['vs_floor']:.2f} | {r['fwd_vs_eager']:.2f} | "
             f"{100 * r['fraction_of_peak']:.0f}% |"
         )
+    if record.get("ceilings"):
+        c = record["ceilings"]
+        lines += ["", f"Ceilings measured in the same run: float32 {c['fp32_tflops']:.1f} TFLOP/s, copy "
+                      f"{c['copy_gbytes_per_s']:.0f} GB/s. Fraction of the roofline floor (max of FLOPs over the "
+                      "float32 rate and bytes over the copy rate) reached: "
+                      + ", ".join(f"{r['name']} {100 * r['fraction_of_floor']:.0f}%" for r in record["cases"]) + "."]
+        if record.get("bf16"):
+            b = record["bf16"]
+            lines += ["", f"bfloat16 inputs at gpu-large: {b['speedup']:.2f}× float32's speed; relative error of f "
+                          f"against float64 on the same inputs {b['bf16_rel_err_f_vs_float64']:.1e}."]
     if record["sweep"]:
         ratios = [e["vs_eager"] for e in record["sweep"]]
         lines += ["", f"Guard-rail sweep over {len(ratios)} seeded random shapes (in the JSON): "

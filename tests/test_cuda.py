@@ -65,3 +65,109 @@ def test_long_run_keeps_cuda_memory_flat():
         net(z).sum().backward()
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before <= 1 << 20
+
+
+# The fused quadratic-plan kernels (two_layer_square_cuda.cu): shapes around
+# the 64-wide tiles and 16-deep steps, 1 and primes, against the float64
+# reference; outputs poisoned first (NaN-filled blocks freed into the caching
+# allocator right before each call), so an element no kernel wrote shows.
+FUSED_SHAPES = [
+    ((1,), 1, 1, 1, 1),
+    ((63,), 65, 64, 5, 3),
+    ((64,), 64, 64, 64, 64),
+    ((130,), 7, 129, 11, 13),
+    ((1031,), 17, 31, 40, 2),
+    ((2, 300), 96, 70, 9, 100),
+    ((4096,), 64, 64, 64, 64),
+    ((600,), 256, 256, 32, 16),
+]
+
+
+def _poison(shapes, dtype, device):
+    junk = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in shapes for _ in range(3)]
+    del junk
+
+
+def _fused_case(shape, dtype, grad_kind, wants=(True,) * 5, seed=0):
+    inputs = make_inputs(shape, dtype, "cuda", seed=seed)
+    leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
+    N = 1
+    for s in shape[0]:
+        N *= s
+    k, d = shape[2], shape[1]
+    _poison([(N,), (N, k), (N, d), (k, d), (k, k), (64, k, d), (64, k, k)], dtype, "cuda")
+    f = torchext.two_layer_square(*leaves, plan="quadratic")
+    if grad_kind == "sum":  # the stride-0 gradient of .sum()
+        g = torch.ones(f.shape, dtype=torch.float64)
+        f.sum().backward()
+    else:
+        g = torch.randn(f.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+        f.backward(g.to(dtype).cuda())
+    ref_leaves = [t.detach().double().cpu().requires_grad_(w) for t, w in zip(inputs, wants)]
+    f_ref = torchext.reference.two_layer_square(*ref_leaves)
+    (f_ref * g).sum().backward()
+    return f, leaves, f_ref, ref_leaves
+
+
+@pytest.mark.parametrize("grad_kind", ["random", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", FUSED_SHAPES, ids=[str(s) for s in FUSED_SHAPES])
+def test_fused_quadratic_kernels_match_float64(shape, dtype, grad_kind):
+    f, leaves, f_ref, ref_leaves = _fused_case(shape, dtype, grad_kind)
+    assert_matches(f, f_ref, dtype, "f")
+    for name, got, ref in zip(("z", "W", "V", "B", "A"), leaves, ref_leaves):
+        assert torch.isfinite(got.grad).all(), f"d{name} has unwritten (NaN) elements"
+        assert_matches(got.grad, ref.grad, dtype, "d" + name)
+
+
+def test_fused_quadratic_every_subset_requiring_grad():
+    import itertools
+
+    for wants in itertools.product([False, True], repeat=5):
+        if not any(wants):
+            continue
+        f, leaves, f_ref, ref_leaves = _fused_case(((700,), 40, 30, 10, 6), torch.float64, "random", wants, seed=4)
+        for name, got, ref, w in zip(("z", "W", "V", "B", "A"), leaves, ref_leaves, wants):
+            assert (got.grad is None) == (not w)
+            if w:
+                assert_matches(got.grad, ref.grad, torch.float64, f"{wants} d{name}")
+
+
+def test_fused_quadratic_is_bitwise_reproducible_and_agrees_with_aten_path(monkeypatch):
+    inputs = make_inputs(((5000,), 48, 80, 30, 20), torch.float32, "cuda", seed=7)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        f = torchext.two_layer_square(*leaves, plan="quadratic")
+        f.sum().backward()
+        return [f.detach()] + [t.grad for t in leaves]
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    monkeypatch.setenv("TORCHEXT_CUDA_KERNELS", "aten")
+    aten = run()
+    for a, b in zip(first, aten):
+        assert_matches(a, b.double(), torch.float32)
+
+
+def test_fused_quadratic_under_cuda_graph_capture():
+    z, W, V, B, A = make_inputs(((3000,), 64, 64, 64, 64), torch.float32, "cuda", seed=8)
+    ops = torch.ops.torchext
+    eager = ops._two_layer_square_forward(z, W, V, B, A, "quadratic", True)
+    grads_eager = ops._two_layer_square_backward(torch.ones(3000, device="cuda"), z, W, V, B, A, eager[1], eager[2],
+                                                 "quadratic", [True] * 5)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as capture wants
+        ops._two_layer_square_forward(z, W, V, B, A, "quadratic", True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    g = torch.ones(3000, device="cuda")
+    with torch.cuda.graph(graph):
+        out = ops._two_layer_square_forward(z, W, V, B, A, "quadratic", True)
+        grads = ops._two_layer_square_backward(g, z, W, V, B, A, out[1], out[2], "quadratic", [True] * 5)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(list(out) + list(grads), list(eager) + list(grads_eager)):
+        assert torch.equal(a, b)

@@ -1,12 +1,25 @@
-// CUDA backend. The direct plan's inference forward is one fused kernel: a
-// warp owns a sample at a time, its lanes split the output features of each
-// layer, the per-sample vectors live in shared memory (or, for very wide
-// layers, in a global scratch slice of the warp), and the square-and-weight
-// reduction is a fixed shuffle tree, so f is deterministic. Everything else
-// runs the device-generic ATen implementation (two_layer_square_aten.cpp) on
-// cuBLAS, chunk after chunk in a fixed order: no floating-point atomics,
-// bitwise reproducible.
+// CUDA backend.
+//
+// Quadratic plan (what the cost model picks for every batch worth a GPU):
+// after the per-call products M = B V and Q = Mᵀ diag(a) M (cuBLAS, through
+// ATen), the per-sample work is two fused kernels built on one tile product
+// (tile_mma.cuh):
+//   forward   a block owns 64 samples at a time (persistent grid): x = z Wᵀ
+//             and r = relu(x) into shared memory, then q = r Qᵀ and
+//             f = Σ r ⊙ q; r and q reach device memory only when saved.
+//   backward  one launch, three kinds of blocks: partial dW = Σ p zᵀ and the
+//             partial Gram Σ g r rᵀ (upper block triangle) over a fixed
+//             partition of the batch, and dz = p W; p = 2 g q ⊙ 1[r > 0] is
+//             formed while the operands are loaded. A second kernel sums the
+//             partitions in order, then cuBLAS turns the Gram into dV, dB, dA.
+// No floating-point atomics, partitions fixed by the shapes alone: bitwise
+// reproducible. The direct plan's inference forward is one fused kernel too
+// (a warp per sample). Every other case runs the device-generic ATen
+// implementation (two_layer_square_aten.cpp) on cuBLAS, chunk after chunk in
+// a fixed order. TORCHEXT_CUDA_KERNELS=aten turns the fused quadratic kernels
+// off (comparisons, and an escape hatch).
 #include "../two_layer_square.h"
+#include "tile_mma.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -16,6 +29,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
 
 namespace torchext {
 namespace {
@@ -64,7 +82,7 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // f[n] = sum_q a[q] * (B V relu(W z_n))_q^2
 template <typename T>
@@ -124,6 +142,327 @@ void launch_forward(const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---------------------------------------------------------------------------
+// Quadratic plan, fused (see the top of the file).
+
+namespace tiles = cuda_tiles;
+using tiles::Along;
+using tiles::kLd;
+using tiles::kPatch;
+using tiles::kStep;
+using tiles::kTile;
+
+__host__ __device__ inline int64_t tiles_of(int64_t n) { return ceil_div(n, kTile); }
+
+// p = 2 g q where not r <= 0, else 0: threshold_backward, as on the CPU.
+template <typename T>
+__device__ __forceinline__ T relu_grad(T g, T q, T r) {
+  return r <= T(0) ? T(0) : (T(2) * g) * q;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(tiles::kThreads)
+    quadratic_forward_kernel(const T* __restrict__ z, const T* __restrict__ W,
+                             const T* __restrict__ Q, T* __restrict__ f, T* __restrict__ r_out,
+                             T* __restrict__ q_out, int64_t N, int64_t d, int64_t k) {
+  __shared__ T As[kStep][kLd];
+  __shared__ T Bs[kStep][kLd];
+  __shared__ T f_parts[kTile][kTile / kPatch];
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  T* r_s = reinterpret_cast<T*>(shared_raw);  // the tile's r: kTile × k
+  const int pr = tiles::patch_row(), pc = tiles::patch_col();
+  T acc[kPatch][kPatch];
+  for (int64_t tile = blockIdx.x; tile < tiles_of(N); tile += gridDim.x) {
+    const int64_t row0 = tile * kTile;
+    // x = z Wᵀ and r = relu(x), 64 columns at a time (rows past N: z = 0).
+    for (int64_t n0 = 0; n0 < k; n0 += kTile) {
+      tiles::tile_product<Along::kDeep, Along::kDeep>(
+          acc, As, Bs, 0, d,
+          [&](int w, int64_t p) { return row0 + w < N ? z[(row0 + w) * d + p] : T(0); },
+          [&](int w, int64_t p) { return n0 + w < k ? W[(n0 + w) * d + p] : T(0); });
+#pragma unroll
+      for (int i = 0; i < kPatch; ++i) {
+#pragma unroll
+        for (int j = 0; j < kPatch; ++j) {
+          const int64_t col = n0 + pc + j;
+          if (col >= k) continue;
+          const T v = relu(acc[i][j]);
+          r_s[(pr + i) * k + col] = v;
+          if (r_out != nullptr && row0 + pr + i < N) r_out[(row0 + pr + i) * k + col] = v;
+        }
+      }
+    }
+    __syncthreads();  // r_s complete
+    // q = r Qᵀ, 64 columns at a time; f = Σ_j r_j q_j in per-thread partial sums.
+    T f_part[kPatch] = {};
+    for (int64_t n0 = 0; n0 < k; n0 += kTile) {
+      tiles::tile_product<Along::kDeep, Along::kDeep>(
+          acc, As, Bs, 0, k, [&](int w, int64_t p) { return r_s[w * k + p]; },
+          [&](int w, int64_t p) { return n0 + w < k ? Q[(n0 + w) * k + p] : T(0); });
+#pragma unroll
+      for (int i = 0; i < kPatch; ++i) {
+#pragma unroll
+        for (int j = 0; j < kPatch; ++j) {
+          const int64_t col = n0 + pc + j;
+          if (col >= k) continue;
+          f_part[i] += r_s[(pr + i) * k + col] * acc[i][j];
+          if (q_out != nullptr && row0 + pr + i < N) q_out[(row0 + pr + i) * k + col] = acc[i][j];
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPatch; ++i) f_parts[pr + i][pc / kPatch] = f_part[i];
+    __syncthreads();
+    if (threadIdx.x < kTile && row0 + threadIdx.x < N) {
+      T sum = T(0);
+      for (int t = 0; t < kTile / kPatch; ++t) sum += f_parts[threadIdx.x][t];
+      f[row0 + threadIdx.x] = sum;
+    }
+    __syncthreads();  // the next tile rewrites r_s and f_parts
+  }
+}
+
+// The backward's blocks, in launch order: dW (partition-major, then k × d
+// tiles), Gram (partition-major, then the upper block triangle of k × k,
+// row by row), dz (row tiles, then d tiles). Counts of zero skip a kind.
+template <typename T>
+struct QuadraticBackwardArgs {
+  const T *z, *W, *g, *r, *q;
+  int64_t g_stride;             // 1, or 0 for a broadcast gradient
+  T *dW_parts, *gram_parts, *dz;  // partitions × k × d, partitions × k × k, N × d
+  int64_t N, d, k;
+  int64_t rows_per_partition;
+  int64_t dW_blocks, gram_blocks, dz_blocks;
+};
+
+// The (it, jt), jt >= it, of upper-triangle tile number t of an n × n tiling.
+__device__ __forceinline__ void upper_tile(int64_t t, int64_t n, int64_t& it, int64_t& jt) {
+  it = 0;
+  while (t >= n - it) {
+    t -= n - it;
+    ++it;
+  }
+  jt = it + t;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_patch(const T (&acc)[kPatch][kPatch], T* out, int64_t ld,
+                                            int64_t row0, int64_t rows, int64_t col0,
+                                            int64_t cols) {
+  const int pr = tiles::patch_row(), pc = tiles::patch_col();
+#pragma unroll
+  for (int i = 0; i < kPatch; ++i) {
+    const int64_t row = row0 + pr + i;
+    if (row >= rows) continue;
+#pragma unroll
+    for (int j = 0; j < kPatch; ++j) {
+      const int64_t col = col0 + pc + j;
+      if (col < cols) out[row * ld + col] = acc[i][j];
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(tiles::kThreads)
+    quadratic_backward_kernel(const QuadraticBackwardArgs<T> a) {
+  __shared__ T As[kStep][kLd];
+  __shared__ T Bs[kStep][kLd];
+  const int64_t N = a.N, d = a.d, k = a.k;
+  auto p_at = [&](int64_t n, int64_t i) {
+    return relu_grad(a.g[n * a.g_stride], a.q[n * k + i], a.r[n * k + i]);
+  };
+  T acc[kPatch][kPatch];
+  int64_t b = blockIdx.x;  // the same for the whole block: branches are uniform
+  if (b < a.dW_blocks) {  // dW[i][c] = Σ_n p[n][i] z[n][c] over one partition
+    const int64_t per_part = tiles_of(k) * tiles_of(d);
+    const int64_t part = b / per_part, t = b % per_part;
+    const int64_t kt = (t / tiles_of(d)) * kTile, dt = (t % tiles_of(d)) * kTile;
+    const int64_t n_begin = part * a.rows_per_partition;
+    const int64_t n_end = n_begin + a.rows_per_partition < N ? n_begin + a.rows_per_partition : N;
+    tiles::tile_product<Along::kWide, Along::kWide>(
+        acc, As, Bs, n_begin, n_end,
+        [&](int w, int64_t n) { return kt + w < k ? p_at(n, kt + w) : T(0); },
+        [&](int w, int64_t n) { return dt + w < d ? a.z[n * d + dt + w] : T(0); });
+    store_patch(acc, a.dW_parts + part * k * d, d, kt, k, dt, d);
+    return;
+  }
+  b -= a.dW_blocks;
+  if (b < a.gram_blocks) {  // G[i][j] = Σ_n g_n r[n][i] r[n][j], j's tile >= i's
+    const int64_t per_part = tiles_of(k) * (tiles_of(k) + 1) / 2;
+    const int64_t part = b / per_part;
+    int64_t it, jt;
+    upper_tile(b % per_part, tiles_of(k), it, jt);
+    it *= kTile;
+    jt *= kTile;
+    const int64_t n_begin = part * a.rows_per_partition;
+    const int64_t n_end = n_begin + a.rows_per_partition < N ? n_begin + a.rows_per_partition : N;
+    tiles::tile_product<Along::kWide, Along::kWide>(
+        acc, As, Bs, n_begin, n_end,
+        [&](int w, int64_t n) { return it + w < k ? a.g[n * a.g_stride] * a.r[n * k + it + w] : T(0); },
+        [&](int w, int64_t n) { return jt + w < k ? a.r[n * k + jt + w] : T(0); });
+    store_patch(acc, a.gram_parts + part * k * k, k, it, k, jt, k);
+    return;
+  }
+  b -= a.gram_blocks;
+  if (b < a.dz_blocks) {  // dz[n][c] = Σ_i p[n][i] W[i][c]
+    const int64_t row0 = (b / tiles_of(d)) * kTile, dt = (b % tiles_of(d)) * kTile;
+    tiles::tile_product<Along::kDeep, Along::kWide>(
+        acc, As, Bs, 0, k,
+        [&](int w, int64_t i) { return row0 + w < N ? p_at(row0 + w, i) : T(0); },
+        [&](int w, int64_t i) { return dt + w < d ? a.W[i * d + dt + w] : T(0); });
+    store_patch(acc, a.dz, d, row0, N, dt, d);
+  }
+}
+
+// out[e] = Σ_p parts[p][e] in partition order; mirror_upper: a rows × rows
+// Gram whose partials hold the upper triangle, mirrored into the lower one.
+template <typename T>
+__global__ void sum_partitions_kernel(const T* __restrict__ parts, int64_t partitions,
+                                      int64_t rows, int64_t cols, bool mirror_upper,
+                                      T* __restrict__ out) {
+  const int64_t elems = rows * cols;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < elems;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = e / cols, j = e % cols;
+    const int64_t src = mirror_upper && i > j ? j * cols + i : e;
+    T sum = parts[src];
+    for (int64_t p = 1; p < partitions; ++p) sum += parts[p * elems + src];
+    out[e] = sum;
+  }
+}
+
+bool fused_kernels_enabled() {
+  const char* v = std::getenv("TORCHEXT_CUDA_KERNELS");
+  return v == nullptr || std::strcmp(v, "aten") != 0;
+}
+
+// Shared memory the fused forward needs beyond its static arrays: the tile's r.
+template <typename T>
+size_t forward_dynamic_shared(int64_t k) {
+  return size_t(kTile) * size_t(k) * sizeof(T);
+}
+
+// How the fused forward launches for a width k on the current device:
+// whether its shared memory fits at all, and how many blocks an SM holds.
+// Decided once per (device, dtype, k) — the driver calls it takes (raising
+// the dynamic shared-memory limit past 48 KiB, the occupancy query) stay out
+// of later calls, and so out of CUDA graph captures after a warm-up.
+struct ForwardLaunch {
+  bool fits = false;
+  int blocks_per_sm = 0;
+};
+
+template <typename T>
+ForwardLaunch forward_launch(int64_t k) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, int64_t>, ForwardLaunch> decided;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = decided.find({device, k});
+  if (it != decided.end()) return it->second;
+  ForwardLaunch launch;
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, quadratic_forward_kernel<T>));
+  const size_t dynamic = forward_dynamic_shared<T>(k);
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  if (attr.sharedSizeBytes + dynamic <= prop->sharedMemPerBlockOptin) {
+    if (dynamic > kSharedLimit) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(quadratic_forward_kernel<T>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          int(dynamic)));
+    }
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &launch.blocks_per_sm, quadratic_forward_kernel<T>, tiles::kThreads, dynamic));
+    launch.fits = launch.blocks_per_sm > 0;
+  }
+  decided[{device, k}] = launch;
+  return launch;
+}
+
+template <typename T>
+void launch_quadratic_forward(const Dims& dims, const ComputeInputs& in, const at::Tensor& Q,
+                              const ForwardLaunch& launch, ForwardOutputs& out) {
+  const bool save = out.r.size(0) == dims.N;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = std::max<int64_t>(1, std::min(tiles_of(dims.N), sms * launch.blocks_per_sm));
+  quadratic_forward_kernel<T>
+      <<<blocks, tiles::kThreads, forward_dynamic_shared<T>(dims.k), at::cuda::getCurrentCUDAStream()>>>(
+          in.z.const_data_ptr<T>(), in.W.const_data_ptr<T>(), Q.const_data_ptr<T>(),
+          out.f.mutable_data_ptr<T>(), save ? out.r.mutable_data_ptr<T>() : nullptr,
+          save ? out.q.mutable_data_ptr<T>() : nullptr, dims.N, dims.d, dims.k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The batch partition of the fused backward: by the shapes alone (never the
+// device), so the sums, and the results, are the same on every card.
+constexpr int64_t kMinRowsPerPartition = 512;
+constexpr int64_t kMaxCudaPartitions = 64;
+constexpr int64_t kPartialElemsBudget = int64_t{1} << 25;
+
+int64_t fused_partitions(const Dims& dims) {
+  int64_t parts = std::min(kMaxCudaPartitions, std::max<int64_t>(1, dims.N / kMinRowsPerPartition));
+  const int64_t per_part = dims.k * std::max(dims.d, dims.k);
+  parts = std::min(parts, std::max<int64_t>(1, kPartialElemsBudget / std::max<int64_t>(1, per_part)));
+  return parts;
+}
+
+void launch_sums(const at::Tensor& parts, int64_t partitions, int64_t rows, int64_t cols,
+                 bool mirror_upper, at::Tensor& out) {
+  const int64_t elems = rows * cols;
+  if (elems == 0) return;
+  const int64_t blocks = std::min<int64_t>(ceil_div(elems, 256), 4096);
+  AT_DISPATCH_FLOATING_TYPES(parts.scalar_type(), "torchext_sum_partitions", [&] {
+    sum_partitions_kernel<scalar_t><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+        parts.const_data_ptr<scalar_t>(), partitions, rows, cols, mirror_upper,
+        out.mutable_data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// dz, dW and the Gram from the saved r and q; dV, dB, dA from the Gram.
+template <typename T>
+void quadratic_backward_fused(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
+                              const at::Tensor& r, const at::Tensor& q, const OutputMask& mask,
+                              GradBuffers& bufs) {
+  const bool want_gram = mask[kV] || mask[kB] || mask[kA];
+  const int64_t parts = fused_partitions(dims);
+  QuadraticBackwardArgs<T> a{};
+  a.z = in.z.const_data_ptr<T>();
+  a.W = in.W.const_data_ptr<T>();
+  a.g = g.const_data_ptr<T>();
+  a.g_stride = g.size(0) > 1 ? g.stride(0) : 0;
+  a.r = r.const_data_ptr<T>();
+  a.q = q.const_data_ptr<T>();
+  a.N = dims.N, a.d = dims.d, a.k = dims.k;
+  a.rows_per_partition = ceil_div(dims.N, parts);
+  at::Tensor dW_parts, gram_parts, gram;
+  if (mask[kW] && dims.k > 0 && dims.d > 0) {
+    dW_parts = at::empty({parts, dims.k, dims.d}, in.z.options());
+    a.dW_parts = dW_parts.mutable_data_ptr<T>();
+    a.dW_blocks = parts * tiles_of(dims.k) * tiles_of(dims.d);
+  }
+  if (want_gram && dims.k > 0) {
+    gram_parts = at::empty({parts, dims.k, dims.k}, in.z.options());
+    gram = at::empty({dims.k, dims.k}, in.z.options());
+    a.gram_parts = gram_parts.mutable_data_ptr<T>();
+    a.gram_blocks = parts * tiles_of(dims.k) * (tiles_of(dims.k) + 1) / 2;
+  }
+  if (mask[kZ] && dims.d > 0) {
+    a.dz = bufs.acc[kZ].mutable_data_ptr<T>();
+    a.dz_blocks = tiles_of(dims.N) * tiles_of(dims.d);
+  }
+  const int64_t blocks = a.dW_blocks + a.gram_blocks + a.dz_blocks;
+  if (blocks > 0) {
+    quadratic_backward_kernel<T><<<blocks, tiles::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (dW_parts.defined()) launch_sums(dW_parts, parts, dims.k, dims.d, false, bufs.acc[kW]);
+  if (gram.defined()) {
+    launch_sums(gram_parts, parts, dims.k, dims.k, true, gram);
+    add_grads_from_gram(in, fold_head(in, Plan::kFolded).M, gram, mask, bufs);
+  }
+}
+
 void forward_kernel_cuda(const Dims& dims, const ComputeInputs& in, Plan plan,
                          ForwardOutputs& out) {
   const c10::cuda::CUDAGuard device_guard(in.z.device());
@@ -133,6 +472,17 @@ void forward_kernel_cuda(const Dims& dims, const ComputeInputs& in, Plan plan,
     });
     return;
   }
+  if (plan == Plan::kQuadratic) {
+    bool done = false;
+    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cuda_quadratic", [&] {
+      const ForwardLaunch launch = forward_launch<scalar_t>(dims.k);
+      if (fused_kernels_enabled() && launch.fits) {
+        launch_quadratic_forward<scalar_t>(dims, in, fold_head(in, plan).Q, launch, out);
+        done = true;
+      }
+    });
+    if (done) return;
+  }
   const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
   forward_aten(dims, in, plan, bp.chunk_rows, out);
 }
@@ -141,6 +491,12 @@ void backward_kernel_cuda(const Dims& dims, const ComputeInputs& in, const at::T
                           const at::Tensor& r, const at::Tensor& q, Plan plan,
                           const OutputMask& mask, GradBuffers& bufs) {
   const c10::cuda::CUDAGuard device_guard(in.z.device());
+  if (plan == Plan::kQuadratic && r.defined() && fused_kernels_enabled()) {
+    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cuda", [&] {
+      quadratic_backward_fused<scalar_t>(dims, in, g, r, q, mask, bufs);
+    });
+    return;
+  }
   const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
   backward_aten(dims, in, g, r, q, plan, mask, bp.chunk_rows, bufs);
 }

@@ -1,0 +1,97 @@
+// The one piece of tile arithmetic the fused CUDA kernels are built from: a
+// block of 256 threads computes a 64 × 64 tile of C = Σ_p A(i, p) B(p, j),
+// each thread a 4 × 4 patch of it in registers, with A and B staged through
+// shared memory 16 values of p at a time. A and B are not matrices in memory
+// but functions (i or j, p) -> value: the kernels build their operands while
+// loading them (p = 2 g q ⊙ 1[r > 0], g ⊙ r, a zero outside the problem), so
+// nothing but the inputs and the outputs crosses device memory.
+//
+// Sums run over p in increasing order, one fused multiply-add at a time, for
+// every element alike: results do not depend on the launch configuration.
+#pragma once
+
+#include <cstdint>
+
+namespace torchext {
+namespace cuda_tiles {
+
+constexpr int kThreads = 256;
+constexpr int kTile = 64;    // output tile: kTile × kTile
+constexpr int kStep = 16;    // values of p staged per step
+constexpr int kPatch = 4;    // each thread: kPatch × kPatch outputs
+constexpr int kLd = kTile + 4;  // staged row length (padding spreads banks)
+
+static_assert((kTile / kPatch) * (kTile / kPatch) == kThreads, "one patch per thread");
+static_assert((kStep * kTile) % kThreads == 0, "whole stage per thread count");
+
+// Which way an operand runs along memory: along the tile's 64-wide index
+// (kWide: e.g. z[n][dt + j] for fixed n) or along p (kDeep: e.g. z[row][p]).
+// It decides how threads are mapped to the elements they stage, so that
+// neighbouring threads read neighbouring addresses.
+enum class Along { kWide, kDeep };
+
+// The thread's patch: rows patch_row() + [0, kPatch), columns patch_col() + [0, kPatch).
+__device__ __forceinline__ int patch_row() { return (threadIdx.x / (kTile / kPatch)) * kPatch; }
+__device__ __forceinline__ int patch_col() { return (threadIdx.x % (kTile / kPatch)) * kPatch; }
+
+// dst[s][w] = load(w, p0 + s) for s < kStep, w < kTile; zero for p0 + s >= p_end.
+template <Along kAlong, typename T, typename Load>
+__device__ __forceinline__ void stage(T (*dst)[kLd], const Load& load, int64_t p0,
+                                      int64_t p_end) {
+#pragma unroll
+  for (int it = 0; it < (kStep * kTile) / kThreads; ++it) {
+    const int e = threadIdx.x + it * kThreads;
+    const int w = kAlong == Along::kDeep ? e / kStep : e % kTile;
+    const int s = kAlong == Along::kDeep ? e % kStep : e / kTile;
+    const int64_t p = p0 + s;
+    dst[s][w] = p < p_end ? load(w, p) : T(0);
+  }
+}
+
+// acc += As[s][patch rows]ᵀ Bs[s][patch cols] over the staged s.
+template <typename T>
+__device__ __forceinline__ void mma_step(T (&acc)[kPatch][kPatch], const T (*As)[kLd],
+                                         const T (*Bs)[kLd]) {
+  const int r0 = patch_row(), c0 = patch_col();
+#pragma unroll
+  for (int s = 0; s < kStep; ++s) {
+    T a[kPatch], b[kPatch];
+#pragma unroll
+    for (int i = 0; i < kPatch; ++i) a[i] = As[s][r0 + i];
+#pragma unroll
+    for (int j = 0; j < kPatch; ++j) b[j] = Bs[s][c0 + j];
+#pragma unroll
+    for (int i = 0; i < kPatch; ++i)
+#pragma unroll
+      for (int j = 0; j < kPatch; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void zero(T (&acc)[kPatch][kPatch]) {
+#pragma unroll
+  for (int i = 0; i < kPatch; ++i)
+#pragma unroll
+    for (int j = 0; j < kPatch; ++j) acc[i][j] = T(0);
+}
+
+// acc = Σ_{p in [p_begin, p_end)} A(i, p) B(p, j) for the thread's patch, with
+// loadA(i, p) and loadB(j, p) returning the operands for p in range (and
+// zero for an i or j outside the problem).
+// Every thread of the block must call it (it synchronises the block).
+template <Along kAlongA, Along kAlongB, typename T, typename LoadA, typename LoadB>
+__device__ void tile_product(T (&acc)[kPatch][kPatch], T (*As)[kLd], T (*Bs)[kLd],
+                             int64_t p_begin, int64_t p_end, const LoadA& loadA,
+                             const LoadB& loadB) {
+  zero(acc);
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += kStep) {
+    stage<kAlongA>(As, loadA, p0, p_end);
+    stage<kAlongB>(Bs, loadB, p0, p_end);
+    __syncthreads();
+    mma_step(acc, As, Bs);
+    __syncthreads();  // the next stage overwrites As and Bs
+  }
+}
+
+}  // namespace cuda_tiles
+}  // namespace torchext
