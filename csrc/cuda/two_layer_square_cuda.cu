@@ -19,7 +19,7 @@
 // a fixed order. TORCHEXT_CUDA_KERNELS=aten turns the fused quadratic kernels
 // off (comparisons, and an escape hatch).
 #include "../two_layer_square.h"
-#include "tile_mma.cuh"
+#include "quadratic_kernels.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -47,12 +47,6 @@ constexpr size_t kSharedLimit = 48 * 1024;  // no opt-in needed on any arch
 // for the weight-gradient products to be efficient.
 constexpr int64_t kChunkScratchElems = int64_t{1} << 24;
 constexpr int64_t kChunkMinRows = 1024;
-
-// torch.relu semantics: NaN stays NaN.
-template <typename T>
-__device__ __forceinline__ T relu(T x) {
-  return x > T(0) ? x : (x != x ? x : T(0));
-}
 
 // sum_j row[j] * v[j]  (row of a row-major matrix times a vector)
 template <typename T>
@@ -82,7 +76,6 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // f[n] = sum_q a[q] * (B V relu(W z_n))_q^2
 template <typename T>
@@ -92,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
                    const T* __restrict__ a, T* __restrict__ f,
                    T* __restrict__ global_scratch, int64_t N, int64_t d,
                    int64_t k, int64_t m, int64_t ell) {
-  extern __shared__ __align__(16) unsigned char shared_raw[];
+  TORCHEXT_DYNAMIC_SHARED(shared_raw);
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
   const int64_t per_warp = k + m;
@@ -143,193 +136,9 @@ void launch_forward(const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
 }
 
 // ---------------------------------------------------------------------------
-// Quadratic plan, fused (see the top of the file).
+// Quadratic plan, fused (see the top of the file; kernels in quadratic_kernels.cuh).
 
-namespace tiles = cuda_tiles;
-using tiles::Along;
-using tiles::kLd;
-using tiles::kPatch;
-using tiles::kStep;
-using tiles::kTile;
-
-__host__ __device__ inline int64_t tiles_of(int64_t n) { return ceil_div(n, kTile); }
-
-// p = 2 g q where not r <= 0, else 0: threshold_backward, as on the CPU.
-template <typename T>
-__device__ __forceinline__ T relu_grad(T g, T q, T r) {
-  return r <= T(0) ? T(0) : (T(2) * g) * q;
-}
-
-template <typename T>
-__global__ void __launch_bounds__(tiles::kThreads)
-    quadratic_forward_kernel(const T* __restrict__ z, const T* __restrict__ W,
-                             const T* __restrict__ Q, T* __restrict__ f, T* __restrict__ r_out,
-                             T* __restrict__ q_out, int64_t N, int64_t d, int64_t k) {
-  __shared__ T As[kStep][kLd];
-  __shared__ T Bs[kStep][kLd];
-  __shared__ T f_parts[kTile][kTile / kPatch];
-  extern __shared__ __align__(16) unsigned char shared_raw[];
-  T* r_s = reinterpret_cast<T*>(shared_raw);  // the tile's r: kTile × k
-  const int pr = tiles::patch_row(), pc = tiles::patch_col();
-  T acc[kPatch][kPatch];
-  for (int64_t tile = blockIdx.x; tile < tiles_of(N); tile += gridDim.x) {
-    const int64_t row0 = tile * kTile;
-    // x = z Wᵀ and r = relu(x), 64 columns at a time (rows past N: z = 0).
-    for (int64_t n0 = 0; n0 < k; n0 += kTile) {
-      tiles::tile_product<Along::kDeep, Along::kDeep>(
-          acc, As, Bs, 0, d,
-          [&](int w, int64_t p) { return row0 + w < N ? z[(row0 + w) * d + p] : T(0); },
-          [&](int w, int64_t p) { return n0 + w < k ? W[(n0 + w) * d + p] : T(0); });
-#pragma unroll
-      for (int i = 0; i < kPatch; ++i) {
-#pragma unroll
-        for (int j = 0; j < kPatch; ++j) {
-          const int64_t col = n0 + pc + j;
-          if (col >= k) continue;
-          const T v = relu(acc[i][j]);
-          r_s[(pr + i) * k + col] = v;
-          if (r_out != nullptr && row0 + pr + i < N) r_out[(row0 + pr + i) * k + col] = v;
-        }
-      }
-    }
-    __syncthreads();  // r_s complete
-    // q = r Qᵀ, 64 columns at a time; f = Σ_j r_j q_j in per-thread partial sums.
-    T f_part[kPatch] = {};
-    for (int64_t n0 = 0; n0 < k; n0 += kTile) {
-      tiles::tile_product<Along::kDeep, Along::kDeep>(
-          acc, As, Bs, 0, k, [&](int w, int64_t p) { return r_s[w * k + p]; },
-          [&](int w, int64_t p) { return n0 + w < k ? Q[(n0 + w) * k + p] : T(0); });
-#pragma unroll
-      for (int i = 0; i < kPatch; ++i) {
-#pragma unroll
-        for (int j = 0; j < kPatch; ++j) {
-          const int64_t col = n0 + pc + j;
-          if (col >= k) continue;
-          f_part[i] += r_s[(pr + i) * k + col] * acc[i][j];
-          if (q_out != nullptr && row0 + pr + i < N) q_out[(row0 + pr + i) * k + col] = acc[i][j];
-        }
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < kPatch; ++i) f_parts[pr + i][pc / kPatch] = f_part[i];
-    __syncthreads();
-    if (threadIdx.x < kTile && row0 + threadIdx.x < N) {
-      T sum = T(0);
-      for (int t = 0; t < kTile / kPatch; ++t) sum += f_parts[threadIdx.x][t];
-      f[row0 + threadIdx.x] = sum;
-    }
-    __syncthreads();  // the next tile rewrites r_s and f_parts
-  }
-}
-
-// The backward's blocks, in launch order: dW (partition-major, then k × d
-// tiles), Gram (partition-major, then the upper block triangle of k × k,
-// row by row), dz (row tiles, then d tiles). Counts of zero skip a kind.
-template <typename T>
-struct QuadraticBackwardArgs {
-  const T *z, *W, *g, *r, *q;
-  int64_t g_stride;             // 1, or 0 for a broadcast gradient
-  T *dW_parts, *gram_parts, *dz;  // partitions × k × d, partitions × k × k, N × d
-  int64_t N, d, k;
-  int64_t rows_per_partition;
-  int64_t dW_blocks, gram_blocks, dz_blocks;
-};
-
-// The (it, jt), jt >= it, of upper-triangle tile number t of an n × n tiling.
-__device__ __forceinline__ void upper_tile(int64_t t, int64_t n, int64_t& it, int64_t& jt) {
-  it = 0;
-  while (t >= n - it) {
-    t -= n - it;
-    ++it;
-  }
-  jt = it + t;
-}
-
-template <typename T>
-__device__ __forceinline__ void store_patch(const T (&acc)[kPatch][kPatch], T* out, int64_t ld,
-                                            int64_t row0, int64_t rows, int64_t col0,
-                                            int64_t cols) {
-  const int pr = tiles::patch_row(), pc = tiles::patch_col();
-#pragma unroll
-  for (int i = 0; i < kPatch; ++i) {
-    const int64_t row = row0 + pr + i;
-    if (row >= rows) continue;
-#pragma unroll
-    for (int j = 0; j < kPatch; ++j) {
-      const int64_t col = col0 + pc + j;
-      if (col < cols) out[row * ld + col] = acc[i][j];
-    }
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(tiles::kThreads)
-    quadratic_backward_kernel(const QuadraticBackwardArgs<T> a) {
-  __shared__ T As[kStep][kLd];
-  __shared__ T Bs[kStep][kLd];
-  const int64_t N = a.N, d = a.d, k = a.k;
-  auto p_at = [&](int64_t n, int64_t i) {
-    return relu_grad(a.g[n * a.g_stride], a.q[n * k + i], a.r[n * k + i]);
-  };
-  T acc[kPatch][kPatch];
-  int64_t b = blockIdx.x;  // the same for the whole block: branches are uniform
-  if (b < a.dW_blocks) {  // dW[i][c] = Σ_n p[n][i] z[n][c] over one partition
-    const int64_t per_part = tiles_of(k) * tiles_of(d);
-    const int64_t part = b / per_part, t = b % per_part;
-    const int64_t kt = (t / tiles_of(d)) * kTile, dt = (t % tiles_of(d)) * kTile;
-    const int64_t n_begin = part * a.rows_per_partition;
-    const int64_t n_end = n_begin + a.rows_per_partition < N ? n_begin + a.rows_per_partition : N;
-    tiles::tile_product<Along::kWide, Along::kWide>(
-        acc, As, Bs, n_begin, n_end,
-        [&](int w, int64_t n) { return kt + w < k ? p_at(n, kt + w) : T(0); },
-        [&](int w, int64_t n) { return dt + w < d ? a.z[n * d + dt + w] : T(0); });
-    store_patch(acc, a.dW_parts + part * k * d, d, kt, k, dt, d);
-    return;
-  }
-  b -= a.dW_blocks;
-  if (b < a.gram_blocks) {  // G[i][j] = Σ_n g_n r[n][i] r[n][j], j's tile >= i's
-    const int64_t per_part = tiles_of(k) * (tiles_of(k) + 1) / 2;
-    const int64_t part = b / per_part;
-    int64_t it, jt;
-    upper_tile(b % per_part, tiles_of(k), it, jt);
-    it *= kTile;
-    jt *= kTile;
-    const int64_t n_begin = part * a.rows_per_partition;
-    const int64_t n_end = n_begin + a.rows_per_partition < N ? n_begin + a.rows_per_partition : N;
-    tiles::tile_product<Along::kWide, Along::kWide>(
-        acc, As, Bs, n_begin, n_end,
-        [&](int w, int64_t n) { return it + w < k ? a.g[n * a.g_stride] * a.r[n * k + it + w] : T(0); },
-        [&](int w, int64_t n) { return jt + w < k ? a.r[n * k + jt + w] : T(0); });
-    store_patch(acc, a.gram_parts + part * k * k, k, it, k, jt, k);
-    return;
-  }
-  b -= a.gram_blocks;
-  if (b < a.dz_blocks) {  // dz[n][c] = Σ_i p[n][i] W[i][c]
-    const int64_t row0 = (b / tiles_of(d)) * kTile, dt = (b % tiles_of(d)) * kTile;
-    tiles::tile_product<Along::kDeep, Along::kWide>(
-        acc, As, Bs, 0, k,
-        [&](int w, int64_t i) { return row0 + w < N ? p_at(row0 + w, i) : T(0); },
-        [&](int w, int64_t i) { return dt + w < d ? a.W[i * d + dt + w] : T(0); });
-    store_patch(acc, a.dz, d, row0, N, dt, d);
-  }
-}
-
-// out[e] = Σ_p parts[p][e] in partition order; mirror_upper: a rows × rows
-// Gram whose partials hold the upper triangle, mirrored into the lower one.
-template <typename T>
-__global__ void sum_partitions_kernel(const T* __restrict__ parts, int64_t partitions,
-                                      int64_t rows, int64_t cols, bool mirror_upper,
-                                      T* __restrict__ out) {
-  const int64_t elems = rows * cols;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < elems;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = e / cols, j = e % cols;
-    const int64_t src = mirror_upper && i > j ? j * cols + i : e;
-    T sum = parts[src];
-    for (int64_t p = 1; p < partitions; ++p) sum += parts[p * elems + src];
-    out[e] = sum;
-  }
-}
+using namespace quadratic;
 
 bool fused_kernels_enabled() {
   const char* v = std::getenv("TORCHEXT_CUDA_KERNELS");
@@ -372,7 +181,7 @@ ForwardLaunch forward_launch(int64_t k) {
                                           int(dynamic)));
     }
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &launch.blocks_per_sm, quadratic_forward_kernel<T>, tiles::kThreads, dynamic));
+        &launch.blocks_per_sm, quadratic_forward_kernel<T>, cuda_tiles::kThreads, dynamic));
     launch.fits = launch.blocks_per_sm > 0;
   }
   decided[{device, k}] = launch;
@@ -386,7 +195,7 @@ void launch_quadratic_forward(const Dims& dims, const ComputeInputs& in, const a
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = std::max<int64_t>(1, std::min(tiles_of(dims.N), sms * launch.blocks_per_sm));
   quadratic_forward_kernel<T>
-      <<<blocks, tiles::kThreads, forward_dynamic_shared<T>(dims.k), at::cuda::getCurrentCUDAStream()>>>(
+      <<<blocks, cuda_tiles::kThreads, forward_dynamic_shared<T>(dims.k), at::cuda::getCurrentCUDAStream()>>>(
           in.z.const_data_ptr<T>(), in.W.const_data_ptr<T>(), Q.const_data_ptr<T>(),
           out.f.mutable_data_ptr<T>(), save ? out.r.mutable_data_ptr<T>() : nullptr,
           save ? out.q.mutable_data_ptr<T>() : nullptr, dims.N, dims.d, dims.k);
@@ -453,7 +262,7 @@ void quadratic_backward_fused(const Dims& dims, const ComputeInputs& in, const a
   }
   const int64_t blocks = a.dW_blocks + a.gram_blocks + a.dz_blocks;
   if (blocks > 0) {
-    quadratic_backward_kernel<T><<<blocks, tiles::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+    quadratic_backward_kernel<T><<<blocks, cuda_tiles::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (dW_parts.defined()) launch_sums(dW_parts, parts, dims.k, dims.d, false, bufs.acc[kW]);

@@ -1,0 +1,194 @@
+// The fused quadratic-plan CUDA kernels (csrc/cuda/quadratic_kernels.cuh)
+// compiled as plain C++ and run on the CPU: each block's 256 threads are host
+// threads, __syncthreads is a barrier among them, __shared__ arrays are one
+// copy per kernel instantiation (blocks run one after another). This checks
+// the kernels' indexing, bounds and barriers — not the GPU's memory model or
+// speed — against float64 loops, on shapes around the tile edges, with every
+// output poisoned (NaN) first so that an element no thread wrote shows.
+//
+// Build and run: tests/test_cuda_emulation.py (g++ -std=c++20 -pthread).
+// Exit status 0 and "ok" when every check holds.
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <limits>
+#include <random>
+#include <thread>
+#include <vector>
+
+// --- the CUDA dialect the kernels use, on the host ---------------------------
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+thread_local dim3 threadIdx, blockIdx;
+dim3 gridDim, blockDim;
+std::barrier<>* block_barrier = nullptr;
+inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __shared__ static
+#define __align__(n) alignas(n)
+alignas(16) unsigned char emulated_dynamic_shared[1 << 20];
+#define TORCHEXT_DYNAMIC_SHARED(name) unsigned char* name = emulated_dynamic_shared
+
+using std::fma;
+#include "../../csrc/cuda/quadratic_kernels.cuh"
+
+namespace q = torchext::quadratic;
+
+// Runs kernel(args...) over grid × threads, block after block.
+template <typename Kernel, typename... Args>
+void launch(int64_t grid, int threads, Kernel kernel, Args... args) {
+  gridDim.x = unsigned(grid);
+  blockDim.x = unsigned(threads);
+  for (int64_t b = 0; b < grid; ++b) {
+    std::barrier<> barrier(threads);
+    block_barrier = &barrier;
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([=] {
+        blockIdx.x = unsigned(b);
+        threadIdx.x = unsigned(t);
+        kernel(args...);
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+
+int failures = 0;
+
+template <typename T>
+void expect_close(const char* what, const std::vector<T>& got, const std::vector<double>& want,
+                  double tol) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (std::isnan(double(got[i]))) {
+      std::printf("FAIL %s: element %zu not written (NaN)\n", what, i);
+      ++failures;
+      return;
+    }
+    num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    den += want[i] * want[i];
+  }
+  const double err = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  if (!(err <= tol)) {
+    std::printf("FAIL %s: relative error %.3g > %.1g\n", what, err, tol);
+    ++failures;
+  }
+}
+
+template <typename T>
+void check_shape(int64_t N, int64_t d, int64_t k, int64_t g_stride, int64_t grid_cap,
+                 int64_t partitions, std::mt19937& rng) {
+  const double tol = sizeof(T) == 8 ? 1e-12 : 1e-5;
+  std::normal_distribution<double> normal;
+  auto random = [&](size_t n) {
+    std::vector<T> v(n);
+    for (auto& x : v) x = T(normal(rng));
+    return v;
+  };
+  const std::vector<T> z = random(N * d), W = random(k * d), Qraw = random(k * k),
+                       g = random(g_stride == 0 ? 1 : N);
+  std::vector<T> Q(k * k);
+  for (int64_t i = 0; i < k; ++i)  // symmetric, as Mᵀ diag(a) M is
+    for (int64_t j = 0; j < k; ++j) Q[i * k + j] = T(0.5) * (Qraw[i * k + j] + Qraw[j * k + i]);
+
+  // float64 reference
+  std::vector<double> r_ref(N * k), q_ref(N * k), f_ref(N), p_ref(N * k);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t i = 0; i < k; ++i) {
+      double x = 0;
+      for (int64_t c = 0; c < d; ++c) x += double(z[n * d + c]) * double(W[i * d + c]);
+      r_ref[n * k + i] = x > 0 ? x : 0;
+    }
+    double f = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      double qi = 0;
+      for (int64_t j = 0; j < k; ++j) qi += double(Q[i * k + j]) * r_ref[n * k + j];
+      q_ref[n * k + i] = qi;
+      f += r_ref[n * k + i] * qi;
+    }
+    f_ref[n] = f;
+  }
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+
+  // forward, saving r and q
+  std::vector<T> f(N, nan), r(N * k, nan), qv(N * k, nan);
+  const int64_t grid = std::max<int64_t>(1, std::min(q::tiles_of(N), grid_cap));
+  launch(grid, q::tiles::kThreads, q::quadratic_forward_kernel<T>, z.data(), W.data(), Q.data(),
+         f.data(), r.data(), qv.data(), N, d, k);
+  expect_close("forward f", f, f_ref, tol);
+  expect_close("forward r", r, r_ref, tol);
+  expect_close("forward q", qv, q_ref, tol);
+  // forward, f only
+  std::vector<T> f2(N, nan);
+  launch(grid, q::tiles::kThreads, q::quadratic_forward_kernel<T>, z.data(), W.data(), Q.data(),
+         f2.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr), N, d, k);
+  expect_close("forward f (not saving)", f2, f_ref, tol);
+
+  // backward from the kernel's own r and q
+  std::vector<double> dW_ref(k * d, 0), G_ref(k * k, 0), dz_ref(N * d, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const double gn = double(g[g_stride * n]);
+    for (int64_t i = 0; i < k; ++i) {
+      const double p = double(r[n * k + i]) <= 0 ? 0 : 2 * gn * double(qv[n * k + i]);
+      for (int64_t c = 0; c < d; ++c) {
+        dW_ref[i * d + c] += p * double(z[n * d + c]);
+        dz_ref[n * d + c] += p * double(W[i * d + c]);
+      }
+      for (int64_t j = 0; j < k; ++j) G_ref[i * k + j] += gn * double(r[n * k + i]) * double(r[n * k + j]);
+    }
+  }
+  std::vector<T> dW_parts(partitions * k * d, nan), gram_parts(partitions * k * k, nan),
+      dz(N * d, nan), dW(k * d, nan), G(k * k, nan);
+  q::QuadraticBackwardArgs<T> a{};
+  a.z = z.data(), a.W = W.data(), a.g = g.data(), a.r = r.data(), a.q = qv.data();
+  a.g_stride = g_stride;
+  a.dW_parts = dW_parts.data(), a.gram_parts = gram_parts.data(), a.dz = dz.data();
+  a.N = N, a.d = d, a.k = k;
+  a.rows_per_partition = torchext::ceil_div(N, partitions);
+  a.dW_blocks = partitions * q::tiles_of(k) * q::tiles_of(d);
+  a.gram_blocks = partitions * q::tiles_of(k) * (q::tiles_of(k) + 1) / 2;
+  a.dz_blocks = q::tiles_of(N) * q::tiles_of(d);
+  launch(a.dW_blocks + a.gram_blocks + a.dz_blocks, q::tiles::kThreads,
+         q::quadratic_backward_kernel<T>, a);
+  launch(3, 64, q::sum_partitions_kernel<T>, static_cast<const T*>(dW_parts.data()), partitions, k, d,
+         false, dW.data());
+  launch(2, 32, q::sum_partitions_kernel<T>, static_cast<const T*>(gram_parts.data()), partitions, k, k,
+         true, G.data());
+  expect_close("backward dW", dW, dW_ref, tol);
+  expect_close("backward Gram", G, G_ref, tol);
+  expect_close("backward dz", dz, dz_ref, tol);
+}
+
+int main() {
+  std::mt19937 rng(2026);
+  struct Case {
+    int64_t N, d, k, g_stride, grid_cap, partitions;
+  };
+  // Around the 64-wide tiles and 16-deep steps; a persistent grid smaller
+  // than the tile count; several partitions, one of them short.
+  const Case cases[] = {
+      {1, 1, 1, 1, 4, 1},     {5, 3, 2, 0, 4, 1},    {64, 16, 64, 1, 1, 1},
+      {65, 17, 65, 1, 2, 2},  {130, 33, 70, 0, 2, 3}, {200, 80, 129, 1, 8, 4},
+  };
+  for (const Case& c : cases) {
+    check_shape<float>(c.N, c.d, c.k, c.g_stride, c.grid_cap, c.partitions, rng);
+    check_shape<double>(c.N, c.d, c.k, c.g_stride, c.grid_cap, c.partitions, rng);
+  }
+  if (failures) {
+    std::printf("%d failures\n", failures);
+    return 1;
+  }
+  std::printf("ok\n");
+  return 0;
+}
