@@ -166,6 +166,7 @@ ComputeInputs to_compute_inputs(const Dims& dims, const at::Tensor& z,
     return t.scalar_type() == cdt && t.is_contiguous() ? t : t.to(cdt).contiguous();
   };
   ComputeInputs in;
+  in.input_dtype = z.scalar_type();
   in.z = prep(z.dim() == 2 ? z : z.reshape({dims.N, dims.d}));
   in.W = prep(W);
   in.V = prep(V);

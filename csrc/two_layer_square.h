@@ -71,6 +71,7 @@ at::ScalarType compute_dtype(at::ScalarType input_dtype);
 // Views of the caller's tensors when they already qualify (no copy).
 struct ComputeInputs {
   at::Tensor z, W, V, B, a;
+  at::ScalarType input_dtype;  // the caller's dtype (half types: z .. a are float32 copies)
 };
 ComputeInputs to_compute_inputs(const Dims& dims, const at::Tensor& z,
                                 const at::Tensor& W, const at::Tensor& V,

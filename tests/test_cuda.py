@@ -171,3 +171,23 @@ def test_fused_quadratic_under_cuda_graph_capture():
     torch.cuda.synchronize()
     for a, b in zip(list(out) + list(grads), list(eager) + list(grads_eager)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [((1000,), 64, 64, 64, 64), ((333,), 100, 129, 20, 7)])
+def test_half_inputs_on_tensor_cores_within_1e2_of_float64(shape, dtype):
+    # bfloat16/float16 inputs run the tensor-core tiles (sm_80+): error of f and
+    # of every gradient against float64 on the same (rounded) inputs < 1e-2.
+    inputs = [t.to(dtype) for t in make_inputs(shape, torch.float32, "cuda", seed=11)]
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    f = torchext.two_layer_square(*leaves, plan="quadratic")
+    g = torch.randn(f.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    f.backward(g.to(f.dtype).cuda())
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in inputs]
+    f_ref = torchext.reference.two_layer_square(*ref_leaves)
+    (f_ref * g).sum().backward()
+    from conftest import rel_err
+    assert rel_err(f, f_ref) < 1e-2
+    for name, got, ref in zip(("z", "W", "V", "B", "A"), leaves, ref_leaves):
+        assert got.grad.dtype == dtype
+        assert rel_err(got.grad, ref.grad) < 1e-2, name

@@ -38,19 +38,50 @@ using tiles::kTile;
 
 __host__ __device__ inline int64_t tiles_of(int64_t n) { return ceil_div(n, kTile); }
 
+// The tile product a kernel runs on: SIMT fused multiply-adds in the compute
+// type T, or (kTensorCores; T = float, for bfloat16/float16 inputs) tensor
+// cores on bfloat16-staged operands (tile_mma.cuh).
+template <typename T, bool kTensorCores>
+struct TileEngine;
+
+template <typename T>
+struct TileEngine<T, false> {
+  struct Staging {
+    T As[kStep][kLd];
+    T Bs[kStep][kLd];
+  };
+  template <Along kA, Along kB, typename LoadA, typename LoadB>
+  __device__ static void product(T (&acc)[kPatch][kPatch], Staging& st, int64_t p_begin,
+                                 int64_t p_end, const LoadA& loadA, const LoadB& loadB) {
+    tiles::tile_product<kA, kB>(acc, st.As, st.Bs, p_begin, p_end, loadA, loadB);
+  }
+};
+
+#if defined(TORCHEXT_TENSOR_CORE_TILES)
+template <>
+struct TileEngine<float, true> {
+  using Staging = tiles::tc::Staging;
+  template <Along kA, Along kB, typename LoadA, typename LoadB>
+  __device__ static void product(float (&acc)[kPatch][kPatch], Staging& st, int64_t p_begin,
+                                 int64_t p_end, const LoadA& loadA, const LoadB& loadB) {
+    tiles::tc::tile_product<kA, kB>(acc, st, p_begin, p_end, loadA, loadB);
+  }
+};
+#endif
+
 // p = 2 g q where not r <= 0, else 0: threshold_backward, as on the CPU.
 template <typename T>
 __device__ __forceinline__ T relu_grad(T g, T q, T r) {
   return r <= T(0) ? T(0) : (T(2) * g) * q;
 }
 
-template <typename T>
+template <typename T, bool kTensorCores = false>
 __global__ void __launch_bounds__(tiles::kThreads)
     quadratic_forward_kernel(const T* __restrict__ z, const T* __restrict__ W,
                              const T* __restrict__ Q, T* __restrict__ f, T* __restrict__ r_out,
                              T* __restrict__ q_out, int64_t N, int64_t d, int64_t k) {
-  __shared__ T As[kStep][kLd];
-  __shared__ T Bs[kStep][kLd];
+  using Engine = TileEngine<T, kTensorCores>;
+  __shared__ typename Engine::Staging st;
   __shared__ T f_parts[kTile][kTile / kPatch];
   TORCHEXT_DYNAMIC_SHARED(shared_raw);
   T* r_s = reinterpret_cast<T*>(shared_raw);  // the tile's r: kTile × k
@@ -60,8 +91,8 @@ __global__ void __launch_bounds__(tiles::kThreads)
     const int64_t row0 = tile * kTile;
     // x = z Wᵀ and r = relu(x), 64 columns at a time (rows past N: z = 0).
     for (int64_t n0 = 0; n0 < k; n0 += kTile) {
-      tiles::tile_product<Along::kDeep, Along::kDeep>(
-          acc, As, Bs, 0, d,
+      Engine::template product<Along::kDeep, Along::kDeep>(
+          acc, st, 0, d,
           [&](int w, int64_t p) { return row0 + w < N ? z[(row0 + w) * d + p] : T(0); },
           [&](int w, int64_t p) { return n0 + w < k ? W[(n0 + w) * d + p] : T(0); });
 #pragma unroll
@@ -80,8 +111,8 @@ __global__ void __launch_bounds__(tiles::kThreads)
     // q = r Qᵀ, 64 columns at a time; f = Σ_j r_j q_j in per-thread partial sums.
     T f_part[kPatch] = {};
     for (int64_t n0 = 0; n0 < k; n0 += kTile) {
-      tiles::tile_product<Along::kDeep, Along::kDeep>(
-          acc, As, Bs, 0, k, [&](int w, int64_t p) { return r_s[w * k + p]; },
+      Engine::template product<Along::kDeep, Along::kDeep>(
+          acc, st, 0, k, [&](int w, int64_t p) { return r_s[w * k + p]; },
           [&](int w, int64_t p) { return n0 + w < k ? Q[(n0 + w) * k + p] : T(0); });
 #pragma unroll
       for (int i = 0; i < kPatch; ++i) {
@@ -146,11 +177,11 @@ __device__ __forceinline__ void store_patch(const T (&acc)[kPatch][kPatch], T* o
   }
 }
 
-template <typename T>
+template <typename T, bool kTensorCores = false>
 __global__ void __launch_bounds__(tiles::kThreads)
     quadratic_backward_kernel(const QuadraticBackwardArgs<T> a) {
-  __shared__ T As[kStep][kLd];
-  __shared__ T Bs[kStep][kLd];
+  using Engine = TileEngine<T, kTensorCores>;
+  __shared__ typename Engine::Staging st;
   const int64_t N = a.N, d = a.d, k = a.k;
   auto p_at = [&](int64_t n, int64_t i) {
     return relu_grad(a.g[n * a.g_stride], a.q[n * k + i], a.r[n * k + i]);
@@ -163,8 +194,8 @@ __global__ void __launch_bounds__(tiles::kThreads)
     const int64_t kt = (t / tiles_of(d)) * kTile, dt = (t % tiles_of(d)) * kTile;
     const int64_t n_begin = part * a.rows_per_partition;
     const int64_t n_end = n_begin + a.rows_per_partition < N ? n_begin + a.rows_per_partition : N;
-    tiles::tile_product<Along::kWide, Along::kWide>(
-        acc, As, Bs, n_begin, n_end,
+    Engine::template product<Along::kWide, Along::kWide>(
+        acc, st, n_begin, n_end,
         [&](int w, int64_t n) { return kt + w < k ? p_at(n, kt + w) : T(0); },
         [&](int w, int64_t n) { return dt + w < d ? a.z[n * d + dt + w] : T(0); });
     store_patch(acc, a.dW_parts + part * k * d, d, kt, k, dt, d);
@@ -180,8 +211,8 @@ __global__ void __launch_bounds__(tiles::kThreads)
     jt *= kTile;
     const int64_t n_begin = part * a.rows_per_partition;
     const int64_t n_end = n_begin + a.rows_per_partition < N ? n_begin + a.rows_per_partition : N;
-    tiles::tile_product<Along::kWide, Along::kWide>(
-        acc, As, Bs, n_begin, n_end,
+    Engine::template product<Along::kWide, Along::kWide>(
+        acc, st, n_begin, n_end,
         [&](int w, int64_t n) { return it + w < k ? a.g[n * a.g_stride] * a.r[n * k + it + w] : T(0); },
         [&](int w, int64_t n) { return jt + w < k ? a.r[n * k + jt + w] : T(0); });
     store_patch(acc, a.gram_parts + part * k * k, k, it, k, jt, k);
@@ -190,8 +221,8 @@ __global__ void __launch_bounds__(tiles::kThreads)
   b -= a.gram_blocks;
   if (b < a.dz_blocks) {  // dz[n][c] = Σ_i p[n][i] W[i][c]
     const int64_t row0 = (b / tiles_of(d)) * kTile, dt = (b % tiles_of(d)) * kTile;
-    tiles::tile_product<Along::kDeep, Along::kWide>(
-        acc, As, Bs, 0, k,
+    Engine::template product<Along::kDeep, Along::kWide>(
+        acc, st, 0, k,
         [&](int w, int64_t i) { return row0 + w < N ? p_at(row0 + w, i) : T(0); },
         [&](int w, int64_t i) { return dt + w < d ? a.W[i * d + dt + w] : T(0); });
     store_patch(acc, a.dz, d, row0, N, dt, d);

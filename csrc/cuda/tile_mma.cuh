@@ -95,3 +95,92 @@ __device__ void tile_product(T (&acc)[kPatch][kPatch], T (*As)[kLd], T (*Bs)[kLd
 
 }  // namespace cuda_tiles
 }  // namespace torchext
+
+// ---------------------------------------------------------------------------
+// The same tile product on tensor cores, for bfloat16/float16 inputs: the
+// operands are staged as bfloat16 (its float32-sized exponent range keeps the
+// per-call Q, which can be large, from overflowing, as float16 could), the
+// products accumulate in float32 (wmma 16 × 16 × 16 fragments; each of the 8
+// warps owns two of the tile's sixteen), and the result is handed back as the
+// same per-thread 4 × 4 patch in float32, so the kernels' epilogues are the
+// SIMT ones. Needs sm_80 or newer (the host picks it only there; older
+// architectures compile a trap).
+#if defined(TORCHEXT_TENSOR_CORE_TILES)
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <mma.h>
+#endif
+namespace torchext {
+namespace cuda_tiles {
+namespace tc {
+
+using Half = __nv_bfloat16;
+constexpr int kLdA = kStep + 8;  // 16-bit elements: wmma wants multiples of 8
+constexpr int kLdB = kTile + 8;
+constexpr int kLdC = kTile + 4;  // float
+
+struct __align__(32) Staging {
+  Half A[kTile][kLdA];  // A(i, p0 + s) at A[i][s]
+  Half B[kStep][kLdB];  // B(p0 + s, j) at B[s][j]
+  float C[kTile][kLdC];  // the finished tile
+};
+
+// A[w][s] = load(w, p0 + s) (or B[s][w]), as bfloat16; zero for p >= p_end.
+template <bool kTransposed, Along kAlong, typename Load>
+__device__ __forceinline__ void stage_half(Half* dst, int ld, const Load& load, int64_t p0,
+                                           int64_t p_end) {
+#pragma unroll
+  for (int it = 0; it < (kStep * kTile) / kThreads; ++it) {
+    const int e = threadIdx.x + it * kThreads;
+    const int w = kAlong == Along::kDeep ? e / kStep : e % kTile;
+    const int s = kAlong == Along::kDeep ? e % kStep : e / kTile;
+    const int64_t p = p0 + s;
+    const float v = p < p_end ? float(load(w, p)) : 0.f;
+    dst[kTransposed ? s * ld + w : w * ld + s] = __float2bfloat16(v);
+  }
+}
+
+template <Along kAlongA, Along kAlongB, typename LoadA, typename LoadB>
+__device__ void tile_product(float (&acc)[kPatch][kPatch], Staging& st, int64_t p_begin,
+                             int64_t p_end, const LoadA& loadA, const LoadB& loadB) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(TORCHEXT_EMULATED_WMMA)
+  namespace wmma = nvcuda::wmma;
+  static_assert(kThreads == 256 && kTile == 64, "8 warps, two 16 x 16 fragments each");
+  const int warp = threadIdx.x / 32;
+  const int fr = (warp / 2) * 16, fc = (warp % 2) * 32;  // the warp's 16 x 32 of the tile
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2];
+  wmma::fill_fragment(c[0], 0.f);
+  wmma::fill_fragment(c[1], 0.f);
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += kStep) {
+    stage_half<false, kAlongA>(&st.A[0][0], kLdA, loadA, p0, p_end);
+    stage_half<true, kAlongB>(&st.B[0][0], kLdB, loadB, p0, p_end);
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, Half, wmma::row_major> a;
+    wmma::load_matrix_sync(a, &st.A[fr][0], kLdA);
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, Half, wmma::row_major> b;
+      wmma::load_matrix_sync(b, &st.B[0][fc + 16 * t], kLdB);
+      wmma::mma_sync(c[t], a, b, c[t]);
+    }
+    __syncthreads();  // the next stage overwrites A and B
+  }
+  __syncthreads();  // every thread has read the previous product's C
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+    wmma::store_matrix_sync(&st.C[fr][fc + 16 * t], c[t], kLdC, wmma::mem_row_major);
+  __syncthreads();
+  const int r0 = patch_row(), c0 = patch_col();
+#pragma unroll
+  for (int i = 0; i < kPatch; ++i)
+#pragma unroll
+    for (int j = 0; j < kPatch; ++j) acc[i][j] = st.C[r0 + i][c0 + j];
+#else
+  __trap();
+#endif
+}
+
+}  // namespace tc
+}  // namespace cuda_tiles
+}  // namespace torchext
+#endif  // TORCHEXT_TENSOR_CORE_TILES

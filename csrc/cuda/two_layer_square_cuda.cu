@@ -19,6 +19,7 @@
 // a fixed order. TORCHEXT_CUDA_KERNELS=aten turns the fused quadratic kernels
 // off (comparisons, and an escape hatch).
 #include "../two_layer_square.h"
+#define TORCHEXT_TENSOR_CORE_TILES 1
 #include "quadratic_kernels.cuh"
 
 #include <ATen/ATen.h>
@@ -140,6 +141,15 @@ void launch_forward(const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
 
 using namespace quadratic;
 
+// bfloat16/float16 inputs on sm_80 or newer: the products on tensor cores
+// (operands staged in bfloat16, float32 accumulation; see tile_mma.cuh).
+// float32 and float64 inputs keep full-precision SIMT products, whatever
+// allow_tf32 says (cuBLAS's per-call products follow it).
+bool use_tensor_cores(const ComputeInputs& in) {
+  return (in.input_dtype == at::kBFloat16 || in.input_dtype == at::kHalf) &&
+         at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
 bool fused_kernels_enabled() {
   const char* v = std::getenv("TORCHEXT_CUDA_KERNELS");
   return v == nullptr || std::strcmp(v, "aten") != 0;
@@ -161,7 +171,7 @@ struct ForwardLaunch {
   int blocks_per_sm = 0;
 };
 
-template <typename T>
+template <typename T, bool kTensorCores>
 ForwardLaunch forward_launch(int64_t k) {
   static std::mutex mutex;
   static std::map<std::pair<int, int64_t>, ForwardLaunch> decided;
@@ -171,30 +181,30 @@ ForwardLaunch forward_launch(int64_t k) {
   if (it != decided.end()) return it->second;
   ForwardLaunch launch;
   cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, quadratic_forward_kernel<T>));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, quadratic_forward_kernel<T, kTensorCores>));
   const size_t dynamic = forward_dynamic_shared<T>(k);
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   if (attr.sharedSizeBytes + dynamic <= prop->sharedMemPerBlockOptin) {
     if (dynamic > kSharedLimit) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(quadratic_forward_kernel<T>,
+      C10_CUDA_CHECK(cudaFuncSetAttribute(quadratic_forward_kernel<T, kTensorCores>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           int(dynamic)));
     }
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &launch.blocks_per_sm, quadratic_forward_kernel<T>, cuda_tiles::kThreads, dynamic));
+        &launch.blocks_per_sm, quadratic_forward_kernel<T, kTensorCores>, cuda_tiles::kThreads, dynamic));
     launch.fits = launch.blocks_per_sm > 0;
   }
   decided[{device, k}] = launch;
   return launch;
 }
 
-template <typename T>
+template <typename T, bool kTensorCores>
 void launch_quadratic_forward(const Dims& dims, const ComputeInputs& in, const at::Tensor& Q,
                               const ForwardLaunch& launch, ForwardOutputs& out) {
   const bool save = out.r.size(0) == dims.N;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = std::max<int64_t>(1, std::min(tiles_of(dims.N), sms * launch.blocks_per_sm));
-  quadratic_forward_kernel<T>
+  quadratic_forward_kernel<T, kTensorCores>
       <<<blocks, cuda_tiles::kThreads, forward_dynamic_shared<T>(dims.k), at::cuda::getCurrentCUDAStream()>>>(
           in.z.const_data_ptr<T>(), in.W.const_data_ptr<T>(), Q.const_data_ptr<T>(),
           out.f.mutable_data_ptr<T>(), save ? out.r.mutable_data_ptr<T>() : nullptr,
@@ -229,7 +239,7 @@ void launch_sums(const at::Tensor& parts, int64_t partitions, int64_t rows, int6
 }
 
 // dz, dW and the Gram from the saved r and q; dV, dB, dA from the Gram.
-template <typename T>
+template <typename T, bool kTensorCores>
 void quadratic_backward_fused(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
                               const at::Tensor& r, const at::Tensor& q, const OutputMask& mask,
                               GradBuffers& bufs) {
@@ -262,7 +272,7 @@ void quadratic_backward_fused(const Dims& dims, const ComputeInputs& in, const a
   }
   const int64_t blocks = a.dW_blocks + a.gram_blocks + a.dz_blocks;
   if (blocks > 0) {
-    quadratic_backward_kernel<T><<<blocks, cuda_tiles::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+    quadratic_backward_kernel<T, kTensorCores><<<blocks, cuda_tiles::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (dW_parts.defined()) launch_sums(dW_parts, parts, dims.k, dims.d, false, bufs.acc[kW]);
@@ -281,15 +291,23 @@ void forward_kernel_cuda(const Dims& dims, const ComputeInputs& in, Plan plan,
     });
     return;
   }
-  if (plan == Plan::kQuadratic) {
+  if (plan == Plan::kQuadratic && fused_kernels_enabled()) {
     bool done = false;
-    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cuda_quadratic", [&] {
-      const ForwardLaunch launch = forward_launch<scalar_t>(dims.k);
-      if (fused_kernels_enabled() && launch.fits) {
-        launch_quadratic_forward<scalar_t>(dims, in, fold_head(in, plan).Q, launch, out);
+    if (use_tensor_cores(in)) {
+      const ForwardLaunch launch = forward_launch<float, true>(dims.k);
+      if (launch.fits) {
+        launch_quadratic_forward<float, true>(dims, in, fold_head(in, plan).Q, launch, out);
         done = true;
       }
-    });
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cuda_quadratic", [&] {
+        const ForwardLaunch launch = forward_launch<scalar_t, false>(dims.k);
+        if (launch.fits) {
+          launch_quadratic_forward<scalar_t, false>(dims, in, fold_head(in, plan).Q, launch, out);
+          done = true;
+        }
+      });
+    }
     if (done) return;
   }
   const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
@@ -301,9 +319,13 @@ void backward_kernel_cuda(const Dims& dims, const ComputeInputs& in, const at::T
                           const OutputMask& mask, GradBuffers& bufs) {
   const c10::cuda::CUDAGuard device_guard(in.z.device());
   if (plan == Plan::kQuadratic && r.defined() && fused_kernels_enabled()) {
-    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cuda", [&] {
-      quadratic_backward_fused<scalar_t>(dims, in, g, r, q, mask, bufs);
-    });
+    if (use_tensor_cores(in)) {
+      quadratic_backward_fused<float, true>(dims, in, g, r, q, mask, bufs);
+    } else {
+      AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cuda", [&] {
+        quadratic_backward_fused<scalar_t, false>(dims, in, g, r, q, mask, bufs);
+      });
+    }
     return;
   }
   const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);

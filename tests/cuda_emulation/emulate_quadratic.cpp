@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <random>
@@ -38,7 +39,67 @@ inline void __syncthreads() { block_barrier->arrive_and_wait(); }
 alignas(16) unsigned char emulated_dynamic_shared[1 << 20];
 #define TORCHEXT_DYNAMIC_SHARED(name) unsigned char* name = emulated_dynamic_shared
 
+// bfloat16 and the warp-level matrix operations of the tensor-core tiles:
+// every thread of a warp holds (and computes) a whole 16 × 16 fragment, and
+// the warp's stores write the same values.
+struct __nv_bfloat16 {
+  float value;  // rounded to bfloat16's precision
+};
+inline __nv_bfloat16 __float2bfloat16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7f800000u) != 0x7f800000u) u += 0x7fffu + ((u >> 16) & 1u);  // to nearest even
+  u &= 0xffff0000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return {r};
+}
+inline float to_float(__nv_bfloat16 h) { return h.value; }
+inline float to_float(float f) { return f; }
+
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+enum layout_t { mem_row_major };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  float x[16][16];
+};
+template <typename F>
+void fill_fragment(F& f, float v) {
+  for (auto& row : f.x)
+    for (auto& e : row) e = v;
+}
+template <typename F, typename P>
+void load_matrix_sync(F& f, const P* p, unsigned ld) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) f.x[i][j] = to_float(p[i * ld + j]);
+}
+template <typename D, typename A, typename B>
+void mma_sync(D& d, const A& a, const B& b, const D& c) {
+  D out;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.x[i][j];
+      for (int k = 0; k < 16; ++k) s += a.x[i][k] * b.x[k][j];
+      out.x[i][j] = s;
+    }
+  d = out;
+}
+template <typename F>
+void store_matrix_sync(float* p, const F& f, unsigned ld, layout_t) {
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) p[i * ld + j] = f.x[i][j];
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
 using std::fma;
+#define TORCHEXT_TENSOR_CORE_TILES 1
+#define TORCHEXT_EMULATED_WMMA 1
 #include "../../csrc/cuda/quadratic_kernels.cuh"
 
 namespace q = torchext::quadratic;
@@ -86,10 +147,12 @@ void expect_close(const char* what, const std::vector<T>& got, const std::vector
   }
 }
 
-template <typename T>
+// kTensorCores: the bfloat16-staged tiles (T = float); their operands are
+// rounded to bfloat16, hence the looser bound.
+template <typename T, bool kTensorCores = false>
 void check_shape(int64_t N, int64_t d, int64_t k, int64_t g_stride, int64_t grid_cap,
                  int64_t partitions, std::mt19937& rng) {
-  const double tol = sizeof(T) == 8 ? 1e-12 : 1e-5;
+  const double tol = kTensorCores ? 3e-2 : sizeof(T) == 8 ? 1e-12 : 1e-5;
   std::normal_distribution<double> normal;
   auto random = [&](size_t n) {
     std::vector<T> v(n);
@@ -124,14 +187,14 @@ void check_shape(int64_t N, int64_t d, int64_t k, int64_t g_stride, int64_t grid
   // forward, saving r and q
   std::vector<T> f(N, nan), r(N * k, nan), qv(N * k, nan);
   const int64_t grid = std::max<int64_t>(1, std::min(q::tiles_of(N), grid_cap));
-  launch(grid, q::tiles::kThreads, q::quadratic_forward_kernel<T>, z.data(), W.data(), Q.data(),
+  launch(grid, q::tiles::kThreads, q::quadratic_forward_kernel<T, kTensorCores>, z.data(), W.data(), Q.data(),
          f.data(), r.data(), qv.data(), N, d, k);
   expect_close("forward f", f, f_ref, tol);
   expect_close("forward r", r, r_ref, tol);
   expect_close("forward q", qv, q_ref, tol);
   // forward, f only
   std::vector<T> f2(N, nan);
-  launch(grid, q::tiles::kThreads, q::quadratic_forward_kernel<T>, z.data(), W.data(), Q.data(),
+  launch(grid, q::tiles::kThreads, q::quadratic_forward_kernel<T, kTensorCores>, z.data(), W.data(), Q.data(),
          f2.data(), static_cast<T*>(nullptr), static_cast<T*>(nullptr), N, d, k);
   expect_close("forward f (not saving)", f2, f_ref, tol);
 
@@ -160,7 +223,7 @@ void check_shape(int64_t N, int64_t d, int64_t k, int64_t g_stride, int64_t grid
   a.gram_blocks = partitions * q::tiles_of(k) * (q::tiles_of(k) + 1) / 2;
   a.dz_blocks = q::tiles_of(N) * q::tiles_of(d);
   launch(a.dW_blocks + a.gram_blocks + a.dz_blocks, q::tiles::kThreads,
-         q::quadratic_backward_kernel<T>, a);
+         q::quadratic_backward_kernel<T, kTensorCores>, a);
   launch(3, 64, q::sum_partitions_kernel<T>, static_cast<const T*>(dW_parts.data()), partitions, k, d,
          false, dW.data());
   launch(2, 32, q::sum_partitions_kernel<T>, static_cast<const T*>(gram_parts.data()), partitions, k, k,
@@ -184,6 +247,7 @@ int main() {
   for (const Case& c : cases) {
     check_shape<float>(c.N, c.d, c.k, c.g_stride, c.grid_cap, c.partitions, rng);
     check_shape<double>(c.N, c.d, c.k, c.g_stride, c.grid_cap, c.partitions, rng);
+    check_shape<float, true>(c.N, c.d, c.k, c.g_stride, c.grid_cap, c.partitions, rng);
   }
   if (failures) {
     std::printf("%d failures\n", failures);
