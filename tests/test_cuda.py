@@ -191,3 +191,25 @@ def test_half_inputs_on_tensor_cores_within_1e2_of_float64(shape, dtype):
     for name, got, ref in zip(("z", "W", "V", "B", "A"), leaves, ref_leaves):
         assert got.grad.dtype == dtype
         assert rel_err(got.grad, ref.grad) < 1e-2, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [((), 16, 16, 16, 16), ((5,), 3, 300, 7, 2), ((64,), 33, 40, 50, 9)])
+def test_small_batch_direct_backward_kernel(shape, dtype):
+    # the direct plan's one-block backward (direct_kernels.cuh), every subset of
+    # gradients, against float64 (outputs poisoned first)
+    import itertools
+
+    for wants in itertools.product([False, True], repeat=5):
+        if not any(wants):
+            continue
+        inputs = make_inputs(shape, dtype, "cuda", seed=12)
+        leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
+        _poison([t.shape for t in inputs], dtype, "cuda")
+        f = torchext.two_layer_square(*leaves, plan="direct")
+        f.sum().backward()
+        ref_leaves = [t.detach().double().cpu().requires_grad_(w) for t, w in zip(inputs, wants)]
+        torchext.reference.two_layer_square(*ref_leaves).sum().backward()
+        for name, got, ref, w in zip(("z", "W", "V", "B", "A"), leaves, ref_leaves, wants):
+            if w:
+                assert_matches(got.grad, ref.grad, dtype, f"{wants} d{name}")

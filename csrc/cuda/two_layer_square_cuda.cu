@@ -14,13 +14,16 @@
 //             partitions in order, then cuBLAS turns the Gram into dV, dB, dA.
 // No floating-point atomics, partitions fixed by the shapes alone: bitwise
 // reproducible. The direct plan's inference forward is one fused kernel too
-// (a warp per sample). Every other case runs the device-generic ATen
-// implementation (two_layer_square_aten.cpp) on cuBLAS, chunk after chunk in
-// a fixed order. TORCHEXT_CUDA_KERNELS=aten turns the fused quadratic kernels
-// off (comparisons, and an escape hatch).
+// (a warp per sample), and so is its backward for small batches (one block
+// walking the samples in order: direct_kernels.cuh). Every other case runs
+// the device-generic ATen implementation (two_layer_square_aten.cpp) on
+// cuBLAS, chunk after chunk in a fixed order. TORCHEXT_CUDA_KERNELS=aten
+// turns the fused kernels off (comparisons, and an escape hatch); the
+// direct forward's warp kernel stays.
 #include "../two_layer_square.h"
 #define TORCHEXT_TENSOR_CORE_TILES 1
 #include "quadratic_kernels.cuh"
+#include "direct_kernels.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -314,10 +317,50 @@ void forward_kernel_cuda(const Dims& dims, const ComputeInputs& in, Plan plan,
   forward_aten(dims, in, plan, bp.chunk_rows, out);
 }
 
+// The direct plan's single-kernel backward (direct_kernels.cuh) takes batches
+// this small, whose work is too little to fill more than one multiprocessor.
+constexpr int64_t kSmallBatchMax = 64;
+constexpr double kSmallBatchMaxWork = double(1 << 22);
+
+bool small_direct_backward_applies(const Dims& dims, size_t elem_size) {
+  const double work = double(dims.N) * double(dims.k * dims.d + dims.m * dims.k + dims.ell * dims.m);
+  const size_t shared =
+      size_t(direct::small_backward_shared_elems(dims.d, dims.k, dims.m, dims.ell)) * elem_size;
+  return fused_kernels_enabled() && dims.N <= kSmallBatchMax && work <= kSmallBatchMaxWork &&
+         shared <= kSharedLimit;
+}
+
+template <typename T>
+void small_direct_backward(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
+                           const OutputMask& mask, GradBuffers& bufs) {
+  auto out = [&](int i) { return mask[i] ? bufs.acc[i].mutable_data_ptr<T>() : nullptr; };
+  direct::SmallBackwardArgs<T> a{};
+  a.z = in.z.const_data_ptr<T>();
+  a.W = in.W.const_data_ptr<T>();
+  a.V = in.V.const_data_ptr<T>();
+  a.B = in.B.const_data_ptr<T>();
+  a.a = in.a.const_data_ptr<T>();
+  a.g = g.const_data_ptr<T>();
+  a.g_stride = g.size(0) > 1 ? g.stride(0) : 0;
+  a.dz = out(kZ), a.dW = out(kW), a.dV = out(kV), a.dB = out(kB), a.dA = out(kA);
+  a.N = dims.N, a.d = dims.d, a.k = dims.k, a.m = dims.m, a.ell = dims.ell;
+  const size_t shared =
+      size_t(direct::small_backward_shared_elems(dims.d, dims.k, dims.m, dims.ell)) * sizeof(T);
+  direct::small_backward_kernel<T>
+      <<<1, direct::kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void backward_kernel_cuda(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
                           const at::Tensor& r, const at::Tensor& q, Plan plan,
                           const OutputMask& mask, GradBuffers& bufs) {
   const c10::cuda::CUDAGuard device_guard(in.z.device());
+  if (plan == Plan::kDirect && small_direct_backward_applies(dims, in.z.element_size())) {
+    AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cuda_small", [&] {
+      small_direct_backward<scalar_t>(dims, in, g, mask, bufs);
+    });
+    return;
+  }
   if (plan == Plan::kQuadratic && r.defined() && fused_kernels_enabled()) {
     if (use_tensor_cores(in)) {
       quadratic_backward_fused<float, true>(dims, in, g, r, q, mask, bufs);

@@ -1,7 +1,9 @@
-// The fused quadratic-plan CUDA kernels (csrc/cuda/quadratic_kernels.cuh)
-// compiled as plain C++ and run on the CPU: each block's 256 threads are host
-// threads, __syncthreads is a barrier among them, __shared__ arrays are one
-// copy per kernel instantiation (blocks run one after another). This checks
+// The fused CUDA kernels (csrc/cuda/quadratic_kernels.cuh: the quadratic
+// plan on SIMT and on tensor-core tiles; csrc/cuda/direct_kernels.cuh: the
+// direct plan's small-batch backward) compiled as plain C++ and run on the
+// CPU: each block's threads are host threads, __syncthreads is a barrier
+// among them, __shared__ arrays are one copy per kernel instantiation
+// (blocks run one after another). This checks
 // the kernels' indexing, bounds and barriers — not the GPU's memory model or
 // speed — against float64 loops, on shapes around the tile edges, with every
 // output poisoned (NaN) first so that an element no thread wrote shows.
@@ -101,6 +103,7 @@ using std::fma;
 #define TORCHEXT_TENSOR_CORE_TILES 1
 #define TORCHEXT_EMULATED_WMMA 1
 #include "../../csrc/cuda/quadratic_kernels.cuh"
+#include "../../csrc/cuda/direct_kernels.cuh"
 
 namespace q = torchext::quadratic;
 
@@ -233,6 +236,74 @@ void check_shape(int64_t N, int64_t d, int64_t k, int64_t g_stride, int64_t grid
   expect_close("backward dz", dz, dz_ref, tol);
 }
 
+// The direct plan's small-batch backward (direct_kernels.cuh); want: which of
+// dz, dW, dV, dB, dA are requested.
+template <typename T>
+void check_small_direct(int64_t N, int64_t d, int64_t k, int64_t m, int64_t ell, int64_t g_stride,
+                        const bool (&want)[5], std::mt19937& rng) {
+  const double tol = sizeof(T) == 8 ? 1e-12 : 1e-5;
+  std::normal_distribution<double> normal;
+  auto random = [&](size_t n) {
+    std::vector<T> v(n);
+    for (auto& x : v) x = T(normal(rng));
+    return v;
+  };
+  const std::vector<T> z = random(N * d), W = random(k * d), V = random(m * k), B = random(ell * m),
+                       A = random(ell), g = random(g_stride == 0 ? 1 : N);
+  std::vector<double> dz_ref(N * d, 0), dW_ref(k * d, 0), dV_ref(m * k, 0), dB_ref(ell * m, 0),
+      dA_ref(ell, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const double gn = g[g_stride * n];
+    std::vector<double> r(k), u(m, 0), y(ell, 0), e(ell), gu(m, 0), p(k, 0);
+    for (int64_t i = 0; i < k; ++i) {
+      double x = 0;
+      for (int64_t c = 0; c < d; ++c) x += double(W[i * d + c]) * z[n * d + c];
+      r[i] = x > 0 ? x : 0;
+    }
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t i = 0; i < k; ++i) u[j] += double(V[j * k + i]) * r[i];
+    for (int64_t l = 0; l < ell; ++l)
+      for (int64_t j = 0; j < m; ++j) y[l] += double(B[l * m + j]) * u[j];
+    for (int64_t l = 0; l < ell; ++l) {
+      dA_ref[l] += gn * y[l] * y[l];
+      e[l] = 2 * gn * A[l] * y[l];
+      for (int64_t j = 0; j < m; ++j) {
+        dB_ref[l * m + j] += e[l] * u[j];
+        gu[j] += double(B[l * m + j]) * e[l];
+      }
+    }
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t i = 0; i < k; ++i) {
+        dV_ref[j * k + i] += gu[j] * r[i];
+        p[i] += double(V[j * k + i]) * gu[j];
+      }
+    for (int64_t i = 0; i < k; ++i) {
+      if (r[i] <= 0) p[i] = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        dW_ref[i * d + c] += p[i] * z[n * d + c];
+        dz_ref[n * d + c] += double(W[i * d + c]) * p[i];
+      }
+    }
+  }
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  std::vector<T> dz(N * d, nan), dW(k * d, 0), dV(m * k, 0), dB(ell * m, 0), dA(ell, 0);
+  torchext::direct::SmallBackwardArgs<T> a{};
+  a.z = z.data(), a.W = W.data(), a.V = V.data(), a.B = B.data(), a.a = A.data(), a.g = g.data();
+  a.g_stride = g_stride;
+  a.dz = want[0] ? dz.data() : nullptr;
+  a.dW = want[1] ? dW.data() : nullptr;
+  a.dV = want[2] ? dV.data() : nullptr;
+  a.dB = want[3] ? dB.data() : nullptr;
+  a.dA = want[4] ? dA.data() : nullptr;
+  a.N = N, a.d = d, a.k = k, a.m = m, a.ell = ell;
+  launch(1, torchext::direct::kThreads, torchext::direct::small_backward_kernel<T>, a);
+  if (want[0]) expect_close("small direct dz", dz, dz_ref, tol);
+  if (want[1]) expect_close("small direct dW", dW, dW_ref, tol);
+  if (want[2]) expect_close("small direct dV", dV, dV_ref, tol);
+  if (want[3]) expect_close("small direct dB", dB, dB_ref, tol);
+  if (want[4]) expect_close("small direct dA", dA, dA_ref, tol);
+}
+
 int main() {
   std::mt19937 rng(2026);
   struct Case {
@@ -248,6 +319,16 @@ int main() {
     check_shape<float>(c.N, c.d, c.k, c.g_stride, c.grid_cap, c.partitions, rng);
     check_shape<double>(c.N, c.d, c.k, c.g_stride, c.grid_cap, c.partitions, rng);
     check_shape<float, true>(c.N, c.d, c.k, c.g_stride, c.grid_cap, c.partitions, rng);
+  }
+  // The direct plan's small-batch backward: the seed's sizes, odd widths
+  // wider than the block, a broadcast gradient, partial requests.
+  const bool all[5] = {true, true, true, true, true}, head[5] = {false, false, false, true, true},
+             only_v[5] = {false, false, true, false, false}, only_w[5] = {false, true, false, false, false};
+  for (const bool* want : {all, head, only_v, only_w}) {
+    const bool(&w)[5] = *reinterpret_cast<const bool(*)[5]>(want);
+    check_small_direct<float>(1, 16, 16, 16, 16, 1, w, rng);
+    check_small_direct<double>(5, 3, 300, 7, 2, 0, w, rng);
+    check_small_direct<double>(3, 260, 5, 270, 9, 1, w, rng);
   }
   if (failures) {
     std::printf("%d failures\n", failures);
