@@ -34,17 +34,40 @@ enum class Along { kWide, kDeep };
 __device__ __forceinline__ int patch_row() { return (threadIdx.x / (kTile / kPatch)) * kPatch; }
 __device__ __forceinline__ int patch_col() { return (threadIdx.x % (kTile / kPatch)) * kPatch; }
 
-// dst[s][w] = load(w, p0 + s) for s < kStep, w < kTile; zero for p0 + s >= p_end.
-template <Along kAlong, typename T, typename Load>
-__device__ __forceinline__ void stage(T (*dst)[kLd], const Load& load, int64_t p0,
+// A step stages kStep × kTile values of each operand; each thread moves
+// kPerThread of them: its it-th is (w, s) = staged_at<kAlong>(it).
+constexpr int kPerThread = (kStep * kTile) / kThreads;
+
+template <Along kAlong>
+__device__ __forceinline__ void staged_at(int it, int& w, int& s) {
+  const int e = threadIdx.x + it * kThreads;
+  w = kAlong == Along::kDeep ? e / kStep : e % kTile;
+  s = kAlong == Along::kDeep ? e % kStep : e / kTile;
+}
+
+// reg[it] = load(w, p0 + s) (zero for p0 + s >= p_end): the thread's share of
+// a step, fetched into registers one step ahead, so that the loads are in
+// flight while the previous step multiplies.
+template <Along kAlong, typename R, typename Load>
+__device__ __forceinline__ void fetch(R (&reg)[kPerThread], const Load& load, int64_t p0,
                                       int64_t p_end) {
 #pragma unroll
-  for (int it = 0; it < (kStep * kTile) / kThreads; ++it) {
-    const int e = threadIdx.x + it * kThreads;
-    const int w = kAlong == Along::kDeep ? e / kStep : e % kTile;
-    const int s = kAlong == Along::kDeep ? e % kStep : e / kTile;
+  for (int it = 0; it < kPerThread; ++it) {
+    int w, s;
+    staged_at<kAlong>(it, w, s);
     const int64_t p = p0 + s;
-    dst[s][w] = p < p_end ? load(w, p) : T(0);
+    reg[it] = p < p_end ? R(load(w, p)) : R(0);
+  }
+}
+
+// dst[s][w] = reg[it].
+template <Along kAlong, typename T>
+__device__ __forceinline__ void put(T (*dst)[kLd], const T (&reg)[kPerThread]) {
+#pragma unroll
+  for (int it = 0; it < kPerThread; ++it) {
+    int w, s;
+    staged_at<kAlong>(it, w, s);
+    dst[s][w] = reg[it];
   }
 }
 
@@ -84,12 +107,20 @@ __device__ void tile_product(T (&acc)[kPatch][kPatch], T (*As)[kLd], T (*Bs)[kLd
                              int64_t p_begin, int64_t p_end, const LoadA& loadA,
                              const LoadB& loadB) {
   zero(acc);
+  if (p_begin >= p_end) return;
+  T ra[kPerThread], rb[kPerThread];
+  fetch<kAlongA>(ra, loadA, p_begin, p_end);
+  fetch<kAlongB>(rb, loadB, p_begin, p_end);
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kStep) {
-    stage<kAlongA>(As, loadA, p0, p_end);
-    stage<kAlongB>(Bs, loadB, p0, p_end);
+    put<kAlongA>(As, ra);
+    put<kAlongB>(Bs, rb);
     __syncthreads();
+    if (p0 + kStep < p_end) {
+      fetch<kAlongA>(ra, loadA, p0 + kStep, p_end);
+      fetch<kAlongB>(rb, loadB, p0 + kStep, p_end);
+    }
     mma_step(acc, As, Bs);
-    __syncthreads();  // the next stage overwrites As and Bs
+    __syncthreads();  // the next step overwrites As and Bs
   }
 }
 
@@ -125,18 +156,14 @@ struct __align__(32) Staging {
   float C[kTile][kLdC];  // the finished tile
 };
 
-// A[w][s] = load(w, p0 + s) (or B[s][w]), as bfloat16; zero for p >= p_end.
-template <bool kTransposed, Along kAlong, typename Load>
-__device__ __forceinline__ void stage_half(Half* dst, int ld, const Load& load, int64_t p0,
-                                           int64_t p_end) {
+// A[w][s] (kTransposed: B[s][w]) = reg[it], as bfloat16.
+template <bool kTransposed, Along kAlong>
+__device__ __forceinline__ void put_half(Half* dst, int ld, const float (&reg)[kPerThread]) {
 #pragma unroll
-  for (int it = 0; it < (kStep * kTile) / kThreads; ++it) {
-    const int e = threadIdx.x + it * kThreads;
-    const int w = kAlong == Along::kDeep ? e / kStep : e % kTile;
-    const int s = kAlong == Along::kDeep ? e % kStep : e / kTile;
-    const int64_t p = p0 + s;
-    const float v = p < p_end ? float(load(w, p)) : 0.f;
-    dst[kTransposed ? s * ld + w : w * ld + s] = __float2bfloat16(v);
+  for (int it = 0; it < kPerThread; ++it) {
+    int w, s;
+    staged_at<kAlong>(it, w, s);
+    dst[kTransposed ? s * ld + w : w * ld + s] = __float2bfloat16(reg[it]);
   }
 }
 
@@ -151,10 +178,19 @@ __device__ void tile_product(float (&acc)[kPatch][kPatch], Staging& st, int64_t 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2];
   wmma::fill_fragment(c[0], 0.f);
   wmma::fill_fragment(c[1], 0.f);
+  float ra[kPerThread], rb[kPerThread];
+  if (p_begin < p_end) {
+    fetch<kAlongA>(ra, loadA, p_begin, p_end);
+    fetch<kAlongB>(rb, loadB, p_begin, p_end);
+  }
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kStep) {
-    stage_half<false, kAlongA>(&st.A[0][0], kLdA, loadA, p0, p_end);
-    stage_half<true, kAlongB>(&st.B[0][0], kLdB, loadB, p0, p_end);
+    put_half<false, kAlongA>(&st.A[0][0], kLdA, ra);
+    put_half<true, kAlongB>(&st.B[0][0], kLdB, rb);
     __syncthreads();
+    if (p0 + kStep < p_end) {
+      fetch<kAlongA>(ra, loadA, p0 + kStep, p_end);
+      fetch<kAlongB>(rb, loadB, p0 + kStep, p_end);
+    }
     wmma::fragment<wmma::matrix_a, 16, 16, 16, Half, wmma::row_major> a;
     wmma::load_matrix_sync(a, &st.A[fr][0], kLdA);
 #pragma unroll
