@@ -383,7 +383,29 @@ def main(argv=None):
     print("float32 matmul rates measured: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
           + f" GFLOP/s; peak {peak:.1f}")
 
-    rows = []
+    rows, sweep, memory, denormal, bf16 = [], [], {}, {}, {}
+    os.makedirs(args.out, exist_ok=True)
+    # The GPU record is named after the card: <date>-<card>.json.
+    label = device if device == "cpu" else "-".join(card.lower().replace("nvidia", "nvidia ").split())
+    stem = f"{datetime.date.today().isoformat()}-{label}"
+
+    def partial_record(final=False):
+        """The record so far, written after every case (a run cut short by a
+        time limit still leaves what it measured), and at the end."""
+        record = {
+            "device": card, "device_type": device, "threads": torch.get_num_threads(),
+            "torch_version": torch.__version__, "torchext_build": torchext.build_info(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "matmul_peak_gflops": peak, "matmul_rates_gflops": rates, "rounds": args.rounds, "cases": rows,
+            "sweep": sweep, "memory": memory, "denormal": denormal, "complete": final,
+        }
+        if device == "cuda":
+            record.update({"ceilings": ceilings, "bf16": bf16, "timing": "CUDA events, medians, rotating input sets",
+                           "tf32": False})
+        with open(os.path.join(args.out, stem + ".json"), "w") as fh:
+            json.dump(record, fh, indent=1)
+        return record
+
     hdr = f"{'case':<16}{'N':>8}{'d,k,m,ell':>18}{'plan':>11}{'torchext':>11}{'eager':>11}{'compile':>11}{'floor':>9}{'x eager':>9}{'x compile':>10}{'/floor':>8}{'fwd x':>7}{'% peak':>8}"
     print(hdr)
     for name, shape in cases.items():
@@ -400,8 +422,8 @@ def main(argv=None):
               f"{fmt(row['torchext_ms'])+'ms':>11}{fmt(row['eager_ms'])+'ms':>11}{fmt(row['compile_ms'])+'ms':>11}"
               f"{fmt(row['floor_ms'], '.2g')+'ms':>9}{fmt(row['vs_eager'], '.2f'):>9}{fmt(row['vs_compile'], '.2f'):>10}"
               f"{fmt(row['vs_floor'], '.2f'):>8}{fmt(row['fwd_vs_eager'], '.2f'):>7}{100 * row['fraction_of_peak']:>7.0f}%", flush=True)
+        partial_record()
 
-    sweep = []
     if args.sweep:
         print(f"\nguard-rail sweep ({args.sweep} seeded random shapes, fwd+bwd, torchext vs eager):")
         for shape in sweep_shapes(args.sweep, seed=2026):
@@ -418,7 +440,6 @@ def main(argv=None):
             print(f"  N={shape[0]:>6} d,k,m,ell={str(shape[1:]):<22} {entry['plan']:<10} {entry['vs_eager']:6.2f}x", flush=True)
         print(f"  min ratio over the sweep: {min(e['vs_eager'] for e in sweep):.2f}x")
 
-    denormal = {}
     if not args.quick or args.cases:
         # Cost of denormal inputs (a report, not a test): z scaled into the
         # float32 subnormal range (below 1.2e-38), and so x = W z too.
@@ -432,19 +453,17 @@ def main(argv=None):
             "eager_denormal": lambda: reference.two_layer_square(zs, W, V, B, A).sum().backward(),
         }
         t = interleaved_medians(fns, device, args.rounds, min(args.min_run_time, 0.3))
-        denormal = {"shape": shape, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+        denormal.update({"shape": shape, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
                     "torchext_slowdown": t["torchext_denormal"] / t["torchext"],
-                    "eager_slowdown": t["eager_denormal"] / t["eager"]}
+                    "eager_slowdown": t["eager_denormal"] / t["eager"]})
         print(f"\ndenormal inputs at {shape}: torchext {denormal['torchext_slowdown']:.2f}x slower, "
               f"eager {denormal['eager_slowdown']:.2f}x slower than with normal inputs")
 
-    bf16 = {}
     if device == "cuda" and "gpu-large" in cases:
-        bf16 = bf16_check(cases["gpu-large"])
+        bf16.update(bf16_check(cases["gpu-large"]))
         print(f"\nbfloat16 at gpu-large: {bf16['speedup']:.2f}x float32's speed; relative error of f "
               f"against float64 on the bf16 inputs {bf16['bf16_rel_err_f_vs_float64']:.2e}")
 
-    memory = {}
     if not args.no_memory and device == "cpu" and "large" in cases:
         for who in ("torchext", "eager"):
             memory[f"peak_rss_added_{who}_bytes"] = peak_rss_added(cases["large"], who)
@@ -460,21 +479,7 @@ def main(argv=None):
         print(f"  {row['name']:<16} vs eager {row['vs_eager']:.2f}x (target {te}x) {'ok' if ok_e else 'MISSED'}; "
               f"vs compile {fmt(row['vs_compile'], '.2f')}x (target {tc}x) {'ok' if ok_c else 'MISSED'}")
 
-    record = {
-        "device": card, "device_type": device, "threads": torch.get_num_threads(),
-        "torch_version": torch.__version__, "torchext_build": torchext.build_info(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "matmul_peak_gflops": peak, "matmul_rates_gflops": rates, "rounds": args.rounds, "cases": rows, "sweep": sweep, "memory": memory, "denormal": denormal,
-    }
-    if device == "cuda":
-        record.update({"ceilings": ceilings, "bf16": bf16, "timing": "CUDA events, medians, rotating input sets",
-                       "tf32": False})
-    os.makedirs(args.out, exist_ok=True)
-    # The GPU record is named after the card: <date>-<card>.json.
-    label = device if device == "cpu" else "-".join(card.lower().replace("nvidia", "nvidia ").split())
-    stem = f"{datetime.date.today().isoformat()}-{label}"
-    with open(os.path.join(args.out, stem + ".json"), "w") as fh:
-        json.dump(record, fh, indent=1)
+    record = partial_record(final=True)
     plotted = plot(rows, sweep, os.path.join(args.out, stem + ".png"), card)
     with open(os.path.join(args.out, stem + ".md"), "w") as fh:
         fh.write(markdown_table(record))

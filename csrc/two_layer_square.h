@@ -185,6 +185,8 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // The device-generic implementation in ATen ops (two_layer_square_aten.cpp):
 // what the CUDA backend runs around its fused kernels, and what the
 // `_..._aten` test ops run on the CPU, so CPU CI checks the CUDA algorithm.
+// backward_aten zeroes the weight-gradient buffers it accumulates into (they
+// may come uninitialised: kWritesGrads below).
 void forward_aten(const Dims& dims, const ComputeInputs& in, Plan plan,
                   int64_t chunk_rows, ForwardOutputs& out);
 // r and q undefined: the backward recomputes them chunk by chunk.

@@ -36,19 +36,27 @@ fi
 grep "torchext build:" "$DIR/build.log" | sort -u > "$DIR/build-decisions.txt" || true
 build_s=$(( $(date +%s) - T0 ))
 
+# Each stage gets its own limit, cut to what is left of the whole budget
+# (BUDGET_S, default 340 s), so that a rerun still fits in the GPU lease.
+BUDGET_S=${BUDGET_S:-340}
+left() {  # seconds for the next stage: min(its own limit, what the budget has left)
+  local rest=$(( BUDGET_S - ($(date +%s) - T0) ))
+  [ "$rest" -lt "$1" ] && echo $(( rest > 5 ? rest : 5 )) || echo "$1"
+}
+
 tests="not run"; demo="not run"; bench="not run"; memcheck="not run"; racecheck="not run"
 if [ "$build" = ok ]; then
-  timeout 150 $PY -m pytest -q -p no:cacheprovider -rs --junitxml="$DIR/junit.xml" tests > "$DIR/pytest.log" 2>&1
+  timeout "$(left 130)" $PY -m pytest -q -p no:cacheprovider -rs --junitxml="$DIR/junit.xml" tests > "$DIR/pytest.log" 2>&1
   tests=$(tail -n 1 "$DIR/pytest.log" | sed -E 's/=+//g; s/^ +| +$//g')
-  timeout 60 $PY -m torchext --device cuda > "$DIR/demo.log" 2>&1 && demo=ok || demo=FAILED
+  timeout "$(left 40)" $PY -m torchext --device cuda > "$DIR/demo.log" 2>&1 && demo=ok || demo=FAILED
   # The GPU benchmark: one round, torch.compile included (the targets compare with it).
-  timeout 170 $PY benchmarks/bench.py --device cuda --quick --sweep 0 --no-memory \
+  timeout "$(left 160)" $PY benchmarks/bench.py --device cuda --quick --sweep 0 --no-memory \
     --out "$DIR/bench" > "$DIR/bench.log" 2>&1 && bench=ok || bench=FAILED
   # compute-sanitizer on a small case; a machine that refuses it is recorded as such.
   if command -v compute-sanitizer > /dev/null 2>&1 || [ -x "$CUDA_HOME/bin/compute-sanitizer" ]; then
     SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
     for tool in memcheck racecheck; do
-      timeout 75 "$SAN" --tool "$tool" --error-exitcode 9 $PY scripts/sanitizer_case.py > "$DIR/sanitizer-$tool.log" 2>&1
+      timeout "$(left 60)" "$SAN" --tool "$tool" --error-exitcode 9 $PY scripts/sanitizer_case.py > "$DIR/sanitizer-$tool.log" 2>&1
       rc=$?
       case $rc in
         0) verdict=clean ;;

@@ -21,8 +21,7 @@ namespace direct {
 constexpr int kThreads = 256;
 
 // The gradients to write (null where not requested, and then not computed
-// where nothing else needs them); all but dz are added into, so they start
-// zeroed.
+// where nothing else needs them); the first sample writes them, later ones add.
 template <typename T>
 struct SmallBackwardArgs {
   const T *z, *W, *V, *B, *a, *g;
@@ -59,11 +58,13 @@ __device__ __forceinline__ void cols_times(const T* __restrict__ M, int64_t ld, 
   }
 }
 
-// G[i * cols + j] += x[i] y[j], each element by one thread.
+// G[i * cols + j] (= if first, else +=) x[i] y[j], each element by one thread.
 template <typename T>
 __device__ __forceinline__ void add_outer(T* __restrict__ G, int64_t rows, int64_t cols,
-                                          const T* __restrict__ x, const T* __restrict__ y) {
-  for (int64_t e = threadIdx.x; e < rows * cols; e += blockDim.x) G[e] += x[e / cols] * y[e % cols];
+                                          const T* __restrict__ x, const T* __restrict__ y,
+                                          bool first) {
+  for (int64_t e = threadIdx.x; e < rows * cols; e += blockDim.x)
+    G[e] = (first ? T(0) : G[e]) + x[e / cols] * y[e % cols];
 }
 
 template <typename T>
@@ -89,20 +90,20 @@ __global__ void __launch_bounds__(kThreads) small_backward_kernel(const SmallBac
     __syncthreads();
     for (int64_t i = threadIdx.x; i < a.ell; i += blockDim.x) {
       const T yi = y[i];
-      if (a.dA != nullptr) a.dA[i] += gn * (yi * yi);
+      if (a.dA != nullptr) a.dA[i] = (n == 0 ? T(0) : a.dA[i]) + gn * (yi * yi);
       y[i] = T(2) * (gn * a.a[i]) * yi;  // y becomes e
     }
     __syncthreads();
-    if (a.dB != nullptr) add_outer(a.dB, a.ell, a.m, y, u);
+    if (a.dB != nullptr) add_outer(a.dB, a.ell, a.m, y, u, n == 0);
     if (need_gu) cols_times(a.B, a.m, a.ell, a.m, y, gu);
     __syncthreads();
-    if (a.dV != nullptr) add_outer(a.dV, a.m, a.k, gu, r);
+    if (a.dV != nullptr) add_outer(a.dV, a.m, a.k, gu, r, n == 0);
     if (need_p) {
       cols_times(a.V, a.k, a.m, a.k, gu, p);
       __syncthreads();
       for (int64_t i = threadIdx.x; i < a.k; i += blockDim.x) p[i] = r[i] <= T(0) ? T(0) : p[i];
       __syncthreads();
-      if (a.dW != nullptr) add_outer(a.dW, a.k, a.d, p, zn);
+      if (a.dW != nullptr) add_outer(a.dW, a.k, a.d, p, zn, n == 0);
       if (a.dz != nullptr) cols_times(a.W, a.d, a.k, a.d, p, a.dz + n * a.d);
     }
     __syncthreads();  // r, p, u, gu, y are rewritten by the next sample

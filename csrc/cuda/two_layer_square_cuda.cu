@@ -263,7 +263,7 @@ void quadratic_backward_fused(const Dims& dims, const ComputeInputs& in, const a
     a.dW_parts = dW_parts.mutable_data_ptr<T>();
     a.dW_blocks = parts * tiles_of(dims.k) * tiles_of(dims.d);
   }
-  if (want_gram && dims.k > 0) {
+  if (want_gram) {  // (k = 0 too: dB and dA are then zeros, written below)
     gram_parts = at::empty({parts, dims.k, dims.k}, in.z.options());
     gram = at::empty({dims.k, dims.k}, in.z.options());
     a.gram_parts = gram_parts.mutable_data_ptr<T>();
@@ -378,8 +378,10 @@ void backward_kernel_cuda(const Dims& dims, const ComputeInputs& in, const at::T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchext, CUDA, m) {
+  // Every path writes the gradients it is asked for (backward_aten zeroes
+  // its accumulators itself): no zero fill per call.
   register_kernels<&internal_forward<&forward_kernel_cuda>,
-                   &internal_backward<&backward_kernel_cuda>>(m);
+                   &internal_backward<&backward_kernel_cuda, /*kWritesGrads=*/true>>(m);
 }
 
 }  // namespace torchext

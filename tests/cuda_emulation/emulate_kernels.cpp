@@ -286,7 +286,7 @@ void check_small_direct(int64_t N, int64_t d, int64_t k, int64_t m, int64_t ell,
     }
   }
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  std::vector<T> dz(N * d, nan), dW(k * d, 0), dV(m * k, 0), dB(ell * m, 0), dA(ell, 0);
+  std::vector<T> dz(N * d, nan), dW(k * d, nan), dV(m * k, nan), dB(ell * m, nan), dA(ell, nan);
   torchext::direct::SmallBackwardArgs<T> a{};
   a.z = z.data(), a.W = W.data(), a.V = V.data(), a.B = B.data(), a.a = A.data(), a.g = g.data();
   a.g_stride = g_stride;
