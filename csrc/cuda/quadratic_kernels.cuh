@@ -36,7 +36,7 @@ using tiles::kPatch;
 using tiles::kStep;
 using tiles::kTile;
 
-__host__ __device__ inline int64_t tiles_of(int64_t n) { return ceil_div(n, kTile); }
+__host__ __device__ inline int64_t tiles_of(int64_t n, int64_t tile = kTile) { return ceil_div(n, tile); }
 
 // The tile product a kernel runs on: SIMT fused multiply-adds in the compute
 // type T, or (kTensorCores; T = float, for bfloat16/float16 inputs) tensor
@@ -46,6 +46,7 @@ struct TileEngine;
 
 template <typename T>
 struct TileEngine<T, false> {
+  using G = tiles::Tile64;
   struct Staging {
     T As[kStep][kLd];
     T Bs[kStep][kLd];
@@ -53,13 +54,29 @@ struct TileEngine<T, false> {
   template <Along kA, Along kB, typename LoadA, typename LoadB>
   __device__ static void product(T (&acc)[kPatch][kPatch], Staging& st, int64_t p_begin,
                                  int64_t p_end, const LoadA& loadA, const LoadB& loadB) {
-    tiles::tile_product<kA, kB>(acc, st.As, st.Bs, p_begin, p_end, loadA, loadB);
+    tiles::tile_product<tiles::Tile64, kA, kB>(acc, st.As, st.Bs, p_begin, p_end, loadA, loadB);
+  }
+};
+
+// The 128 × 128 SIMT tiles of the backward's weight-gradient blocks.
+template <typename T>
+struct WideEngine {
+  using G = tiles::Tile128;
+  struct Staging {
+    T As[G::kStep][G::kLd];
+    T Bs[G::kStep][G::kLd];
+  };
+  template <Along kA, Along kB, typename LoadA, typename LoadB>
+  __device__ static void product(T (&acc)[G::kPatch][G::kPatch], Staging& st, int64_t p_begin,
+                                 int64_t p_end, const LoadA& loadA, const LoadB& loadB) {
+    tiles::tile_product<G, kA, kB>(acc, st.As, st.Bs, p_begin, p_end, loadA, loadB);
   }
 };
 
 #if defined(TORCHEXT_TENSOR_CORE_TILES)
 template <>
 struct TileEngine<float, true> {
+  using G = tiles::Tile64;
   using Staging = tiles::tc::Staging;
   template <Along kA, Along kB, typename LoadA, typename LoadB>
   __device__ static void product(float (&acc)[kPatch][kPatch], Staging& st, int64_t p_begin,
@@ -82,10 +99,10 @@ __global__ void __launch_bounds__(tiles::kThreads)
                              T* __restrict__ q_out, int64_t N, int64_t d, int64_t k) {
   using Engine = TileEngine<T, kTensorCores>;
   __shared__ typename Engine::Staging st;
-  __shared__ T f_parts[kTile][kTile / kPatch];
+  __shared__ T f_parts[kTile][tiles::kLanes];
   TORCHEXT_DYNAMIC_SHARED(shared_raw);
   T* r_s = reinterpret_cast<T*>(shared_raw);  // the tile's r: kTile × k
-  const int pr = tiles::patch_row(), pc = tiles::patch_col();
+  using G = tiles::Tile64;
   T acc[kPatch][kPatch];
   for (int64_t tile = blockIdx.x; tile < tiles_of(N); tile += gridDim.x) {
     const int64_t row0 = tile * kTile;
@@ -99,11 +116,11 @@ __global__ void __launch_bounds__(tiles::kThreads)
       for (int i = 0; i < kPatch; ++i) {
 #pragma unroll
         for (int j = 0; j < kPatch; ++j) {
-          const int64_t col = n0 + pc + j;
+          const int64_t row = G::row(i), col = n0 + G::col(j);
           if (col >= k) continue;
           const T v = relu(acc[i][j]);
-          r_s[(pr + i) * k + col] = v;
-          if (r_out != nullptr && row0 + pr + i < N) r_out[(row0 + pr + i) * k + col] = v;
+          r_s[row * k + col] = v;
+          if (r_out != nullptr && row0 + row < N) r_out[(row0 + row) * k + col] = v;
         }
       }
     }
@@ -118,19 +135,19 @@ __global__ void __launch_bounds__(tiles::kThreads)
       for (int i = 0; i < kPatch; ++i) {
 #pragma unroll
         for (int j = 0; j < kPatch; ++j) {
-          const int64_t col = n0 + pc + j;
+          const int64_t row = G::row(i), col = n0 + G::col(j);
           if (col >= k) continue;
-          f_part[i] += r_s[(pr + i) * k + col] * acc[i][j];
-          if (q_out != nullptr && row0 + pr + i < N) q_out[(row0 + pr + i) * k + col] = acc[i][j];
+          f_part[i] += r_s[row * k + col] * acc[i][j];
+          if (q_out != nullptr && row0 + row < N) q_out[(row0 + row) * k + col] = acc[i][j];
         }
       }
     }
 #pragma unroll
-    for (int i = 0; i < kPatch; ++i) f_parts[pr + i][pc / kPatch] = f_part[i];
+    for (int i = 0; i < kPatch; ++i) f_parts[G::row(i)][threadIdx.x % tiles::kLanes] = f_part[i];
     __syncthreads();
     if (threadIdx.x < kTile && row0 + threadIdx.x < N) {
       T sum = T(0);
-      for (int t = 0; t < kTile / kPatch; ++t) sum += f_parts[threadIdx.x][t];
+      for (int t = 0; t < tiles::kLanes; ++t) sum += f_parts[threadIdx.x][t];
       f[row0 + threadIdx.x] = sum;
     }
     __syncthreads();  // the next tile rewrites r_s and f_parts
@@ -160,72 +177,92 @@ __device__ __forceinline__ void upper_tile(int64_t t, int64_t n, int64_t& it, in
   jt = it + t;
 }
 
-template <typename T>
-__device__ __forceinline__ void store_patch(const T (&acc)[kPatch][kPatch], T* out, int64_t ld,
-                                            int64_t row0, int64_t rows, int64_t col0,
+// out[(row0 + i) * ld + col0 + j] = the thread's patch, within rows × cols.
+template <class G, typename T>
+__device__ __forceinline__ void store_patch(const T (&acc)[G::kPatch][G::kPatch], T* out,
+                                            int64_t ld, int64_t row0, int64_t rows, int64_t col0,
                                             int64_t cols) {
-  const int pr = tiles::patch_row(), pc = tiles::patch_col();
 #pragma unroll
-  for (int i = 0; i < kPatch; ++i) {
-    const int64_t row = row0 + pr + i;
+  for (int i = 0; i < G::kPatch; ++i) {
+    const int64_t row = row0 + G::row(i);
     if (row >= rows) continue;
 #pragma unroll
-    for (int j = 0; j < kPatch; ++j) {
-      const int64_t col = col0 + pc + j;
+    for (int j = 0; j < G::kPatch; ++j) {
+      const int64_t col = col0 + G::col(j);
       if (col < cols) out[row * ld + col] = acc[i][j];
     }
   }
 }
 
-template <typename T, bool kTensorCores = false>
-__global__ void __launch_bounds__(tiles::kThreads)
+// The weight-gradient blocks (dW, Gram) of one partition: one output tile
+// each, of `Engine`'s geometry, summing over the partition's samples.
+template <typename T, class Engine, typename Staging>
+__device__ void weight_blocks(const QuadraticBackwardArgs<T>& a, int64_t b, Staging& st) {
+  using G = typename Engine::G;
+  const int64_t N = a.N, d = a.d, k = a.k, tile = G::kTile;
+  T acc[G::kPatch][G::kPatch];
+  if (b < a.dW_blocks) {  // dW[i][c] = Σ_n p[n][i] z[n][c] over one partition
+    const int64_t per_part = tiles_of(k, tile) * tiles_of(d, tile);
+    const int64_t part = b / per_part, t = b % per_part;
+    const int64_t kt = (t / tiles_of(d, tile)) * tile, dt = (t % tiles_of(d, tile)) * tile;
+    const int64_t n_begin = part * a.rows_per_partition;
+    const int64_t n_end = n_begin + a.rows_per_partition < N ? n_begin + a.rows_per_partition : N;
+    Engine::template product<Along::kWide, Along::kWide>(
+        acc, st, n_begin, n_end,
+        [&](int w, int64_t n) {
+          return kt + w < k ? relu_grad(a.g[n * a.g_stride], a.q[n * k + kt + w], a.r[n * k + kt + w])
+                            : T(0);
+        },
+        [&](int w, int64_t n) { return dt + w < d ? a.z[n * d + dt + w] : T(0); });
+    store_patch<G>(acc, a.dW_parts + part * k * d, d, kt, k, dt, d);
+    return;
+  }
+  b -= a.dW_blocks;  // G[i][j] = Σ_n g_n r[n][i] r[n][j], j's tile >= i's
+  const int64_t per_part = tiles_of(k, tile) * (tiles_of(k, tile) + 1) / 2;
+  const int64_t part = b / per_part;
+  int64_t it, jt;
+  upper_tile(b % per_part, tiles_of(k, tile), it, jt);
+  it *= tile;
+  jt *= tile;
+  const int64_t n_begin = part * a.rows_per_partition;
+  const int64_t n_end = n_begin + a.rows_per_partition < N ? n_begin + a.rows_per_partition : N;
+  Engine::template product<Along::kWide, Along::kWide>(
+      acc, st, n_begin, n_end,
+      [&](int w, int64_t n) { return it + w < k ? a.g[n * a.g_stride] * a.r[n * k + it + w] : T(0); },
+      [&](int w, int64_t n) { return jt + w < k ? a.r[n * k + jt + w] : T(0); });
+  store_patch<G>(acc, a.gram_parts + part * k * k, k, it, k, jt, k);
+}
+
+// kWide: the dW and Gram blocks use 128 × 128 tiles (float32 SIMT only; the
+// host counts their blocks in that tile), the dz blocks 64 × 64.
+template <typename T, bool kTensorCores = false, bool kWide = false>
+__global__ void __launch_bounds__(tiles::kThreads, kWide ? 2 : 1)
     quadratic_backward_kernel(const QuadraticBackwardArgs<T> a) {
   using Engine = TileEngine<T, kTensorCores>;
   __shared__ typename Engine::Staging st;
-  const int64_t N = a.N, d = a.d, k = a.k;
-  auto p_at = [&](int64_t n, int64_t i) {
-    return relu_grad(a.g[n * a.g_stride], a.q[n * k + i], a.r[n * k + i]);
-  };
-  T acc[kPatch][kPatch];
   int64_t b = blockIdx.x;  // the same for the whole block: branches are uniform
-  if (b < a.dW_blocks) {  // dW[i][c] = Σ_n p[n][i] z[n][c] over one partition
-    const int64_t per_part = tiles_of(k) * tiles_of(d);
-    const int64_t part = b / per_part, t = b % per_part;
-    const int64_t kt = (t / tiles_of(d)) * kTile, dt = (t % tiles_of(d)) * kTile;
-    const int64_t n_begin = part * a.rows_per_partition;
-    const int64_t n_end = n_begin + a.rows_per_partition < N ? n_begin + a.rows_per_partition : N;
-    Engine::template product<Along::kWide, Along::kWide>(
-        acc, st, n_begin, n_end,
-        [&](int w, int64_t n) { return kt + w < k ? p_at(n, kt + w) : T(0); },
-        [&](int w, int64_t n) { return dt + w < d ? a.z[n * d + dt + w] : T(0); });
-    store_patch(acc, a.dW_parts + part * k * d, d, kt, k, dt, d);
+  if (b < a.dW_blocks + a.gram_blocks) {
+    if constexpr (kWide) {
+      __shared__ typename WideEngine<T>::Staging wide_st;
+      weight_blocks<T, WideEngine<T>>(a, b, wide_st);
+    } else {
+      weight_blocks<T, Engine>(a, b, st);
+    }
     return;
   }
-  b -= a.dW_blocks;
-  if (b < a.gram_blocks) {  // G[i][j] = Σ_n g_n r[n][i] r[n][j], j's tile >= i's
-    const int64_t per_part = tiles_of(k) * (tiles_of(k) + 1) / 2;
-    const int64_t part = b / per_part;
-    int64_t it, jt;
-    upper_tile(b % per_part, tiles_of(k), it, jt);
-    it *= kTile;
-    jt *= kTile;
-    const int64_t n_begin = part * a.rows_per_partition;
-    const int64_t n_end = n_begin + a.rows_per_partition < N ? n_begin + a.rows_per_partition : N;
-    Engine::template product<Along::kWide, Along::kWide>(
-        acc, st, n_begin, n_end,
-        [&](int w, int64_t n) { return it + w < k ? a.g[n * a.g_stride] * a.r[n * k + it + w] : T(0); },
-        [&](int w, int64_t n) { return jt + w < k ? a.r[n * k + jt + w] : T(0); });
-    store_patch(acc, a.gram_parts + part * k * k, k, it, k, jt, k);
-    return;
-  }
-  b -= a.gram_blocks;
+  b -= a.dW_blocks + a.gram_blocks;
   if (b < a.dz_blocks) {  // dz[n][c] = Σ_i p[n][i] W[i][c]
+    const int64_t N = a.N, d = a.d, k = a.k;
     const int64_t row0 = (b / tiles_of(d)) * kTile, dt = (b % tiles_of(d)) * kTile;
+    T acc[kPatch][kPatch];
     Engine::template product<Along::kDeep, Along::kWide>(
         acc, st, 0, k,
-        [&](int w, int64_t i) { return row0 + w < N ? p_at(row0 + w, i) : T(0); },
+        [&](int w, int64_t i) {
+          const int64_t n = row0 + w;
+          return n < N ? relu_grad(a.g[n * a.g_stride], a.q[n * k + i], a.r[n * k + i]) : T(0);
+        },
         [&](int w, int64_t i) { return dt + w < d ? a.W[i * d + dt + w] : T(0); });
-    store_patch(acc, a.dz, d, row0, N, dt, d);
+    store_patch<tiles::Tile64>(acc, a.dz, d, row0, N, dt, d);
   }
 }
 

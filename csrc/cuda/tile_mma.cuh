@@ -1,10 +1,17 @@
 // The one piece of tile arithmetic the fused CUDA kernels are built from: a
-// block of 256 threads computes a 64 × 64 tile of C = Σ_p A(i, p) B(p, j),
-// each thread a 4 × 4 patch of it in registers, with A and B staged through
-// shared memory 16 values of p at a time. A and B are not matrices in memory
-// but functions (i or j, p) -> value: the kernels build their operands while
-// loading them (p = 2 g q ⊙ 1[r > 0], g ⊙ r, a zero outside the problem), so
-// nothing but the inputs and the outputs crosses device memory.
+// block of 256 threads computes a tile of C = Σ_p A(i, p) B(p, j), each thread
+// a patch of it in registers, with A and B staged through shared memory a few
+// values of p at a time. A and B are not matrices in memory but functions
+// (i or j, p) -> value: the kernels build their operands while loading them
+// (p = 2 g q ⊙ 1[r > 0], g ⊙ r, a zero outside the problem), so nothing but
+// the inputs and the outputs crosses device memory.
+//
+// Two shapes (Geometry): 64 × 64 tiles, 16 values of p per step, 4 × 4 per
+// thread (Tile64, every kernel), and 128 × 128 tiles, 8 per step, 8 × 8 per
+// thread (Tile128: twice the multiply-adds per shared-memory load, for the
+// backward's large weight-gradient products). A thread's patch rows are
+// 4-row groups 64 apart, (i / 4) · 64 + ty · 4 + i % 4, and likewise its
+// columns, so that a warp's 16-byte shared-memory reads hit distinct banks.
 //
 // Sums run over p in increasing order, one fused multiply-add at a time, for
 // every element alike: results do not depend on the launch configuration.
@@ -16,110 +23,121 @@ namespace torchext {
 namespace cuda_tiles {
 
 constexpr int kThreads = 256;
-constexpr int kTile = 64;    // output tile: kTile × kTile
-constexpr int kStep = 16;    // values of p staged per step
-constexpr int kPatch = 4;    // each thread: kPatch × kPatch outputs
-constexpr int kLd = kTile + 4;  // staged row length (padding spreads banks)
+constexpr int kGroup = 4;        // a patch is made of 4 × 4 groups
+constexpr int kGroupStride = 64; // ... 64 rows (columns) apart
+constexpr int kLanes = 16;       // threads along a tile's rows (and columns)
 
-static_assert((kTile / kPatch) * (kTile / kPatch) == kThreads, "one patch per thread");
-static_assert((kStep * kTile) % kThreads == 0, "whole stage per thread count");
+template <int kTileSize, int kStepSize>
+struct Geometry {
+  static constexpr int kTile = kTileSize;        // output tile: kTile × kTile
+  static constexpr int kStep = kStepSize;        // values of p staged per step
+  static constexpr int kPatch = kTile / kLanes;  // each thread: kPatch × kPatch outputs
+  static constexpr int kLd = kTile + 4;          // staged row length (float4-aligned)
+  static constexpr int kPerThread = (kStep * kTile) / kThreads;  // staged values per thread
+  static_assert(kPatch % kGroup == 0 && kTile == kGroupStride * (kPatch / kGroup), "patch groups");
+  static_assert((kStep * kTile) % kThreads == 0, "whole stage per thread count");
 
-// Which way an operand runs along memory: along the tile's 64-wide index
+  // Row (column) of the tile that the thread's patch row (column) i is.
+  __device__ static __forceinline__ int row(int i) {
+    return (i / kGroup) * kGroupStride + int(threadIdx.x / kLanes) * kGroup + i % kGroup;
+  }
+  __device__ static __forceinline__ int col(int j) {
+    return (j / kGroup) * kGroupStride + int(threadIdx.x % kLanes) * kGroup + j % kGroup;
+  }
+};
+using Tile64 = Geometry<64, 16>;
+using Tile128 = Geometry<128, 8>;
+
+// The 64 × 64 geometry's constants, as the kernels name them.
+constexpr int kTile = Tile64::kTile;
+constexpr int kStep = Tile64::kStep;
+constexpr int kPatch = Tile64::kPatch;
+constexpr int kLd = Tile64::kLd;
+constexpr int kPerThread = Tile64::kPerThread;
+
+// Which way an operand runs along memory: along the tile's wide index
 // (kWide: e.g. z[n][dt + j] for fixed n) or along p (kDeep: e.g. z[row][p]).
 // It decides how threads are mapped to the elements they stage, so that
 // neighbouring threads read neighbouring addresses.
 enum class Along { kWide, kDeep };
 
-// The thread's patch: rows patch_row() + [0, kPatch), columns patch_col() + [0, kPatch).
-__device__ __forceinline__ int patch_row() { return (threadIdx.x / (kTile / kPatch)) * kPatch; }
-__device__ __forceinline__ int patch_col() { return (threadIdx.x % (kTile / kPatch)) * kPatch; }
-
-// A step stages kStep × kTile values of each operand; each thread moves
-// kPerThread of them: its it-th is (w, s) = staged_at<kAlong>(it).
-constexpr int kPerThread = (kStep * kTile) / kThreads;
-
-template <Along kAlong>
+// The thread's it-th staged value of a step is (w, s).
+template <class G, Along kAlong>
 __device__ __forceinline__ void staged_at(int it, int& w, int& s) {
   const int e = threadIdx.x + it * kThreads;
-  w = kAlong == Along::kDeep ? e / kStep : e % kTile;
-  s = kAlong == Along::kDeep ? e % kStep : e / kTile;
+  w = kAlong == Along::kDeep ? e / G::kStep : e % G::kTile;
+  s = kAlong == Along::kDeep ? e % G::kStep : e / G::kTile;
 }
 
 // reg[it] = load(w, p0 + s) (zero for p0 + s >= p_end): the thread's share of
 // a step, fetched into registers one step ahead, so that the loads are in
 // flight while the previous step multiplies.
-template <Along kAlong, typename R, typename Load>
-__device__ __forceinline__ void fetch(R (&reg)[kPerThread], const Load& load, int64_t p0,
+template <class G, Along kAlong, typename R, typename Load>
+__device__ __forceinline__ void fetch(R (&reg)[G::kPerThread], const Load& load, int64_t p0,
                                       int64_t p_end) {
 #pragma unroll
-  for (int it = 0; it < kPerThread; ++it) {
+  for (int it = 0; it < G::kPerThread; ++it) {
     int w, s;
-    staged_at<kAlong>(it, w, s);
+    staged_at<G, kAlong>(it, w, s);
     const int64_t p = p0 + s;
     reg[it] = p < p_end ? R(load(w, p)) : R(0);
   }
 }
 
 // dst[s][w] = reg[it].
-template <Along kAlong, typename T>
-__device__ __forceinline__ void put(T (*dst)[kLd], const T (&reg)[kPerThread]) {
+template <class G, Along kAlong, typename T>
+__device__ __forceinline__ void put(T (*dst)[G::kLd], const T (&reg)[G::kPerThread]) {
 #pragma unroll
-  for (int it = 0; it < kPerThread; ++it) {
+  for (int it = 0; it < G::kPerThread; ++it) {
     int w, s;
-    staged_at<kAlong>(it, w, s);
+    staged_at<G, kAlong>(it, w, s);
     dst[s][w] = reg[it];
   }
 }
 
 // acc += As[s][patch rows]ᵀ Bs[s][patch cols] over the staged s.
-template <typename T>
-__device__ __forceinline__ void mma_step(T (&acc)[kPatch][kPatch], const T (*As)[kLd],
-                                         const T (*Bs)[kLd]) {
-  const int r0 = patch_row(), c0 = patch_col();
+template <class G, typename T>
+__device__ __forceinline__ void mma_step(T (&acc)[G::kPatch][G::kPatch], const T (*As)[G::kLd],
+                                         const T (*Bs)[G::kLd]) {
 #pragma unroll
-  for (int s = 0; s < kStep; ++s) {
-    T a[kPatch], b[kPatch];
+  for (int s = 0; s < G::kStep; ++s) {
+    T a[G::kPatch], b[G::kPatch];
 #pragma unroll
-    for (int i = 0; i < kPatch; ++i) a[i] = As[s][r0 + i];
+    for (int i = 0; i < G::kPatch; ++i) a[i] = As[s][G::row(i)];
 #pragma unroll
-    for (int j = 0; j < kPatch; ++j) b[j] = Bs[s][c0 + j];
+    for (int j = 0; j < G::kPatch; ++j) b[j] = Bs[s][G::col(j)];
 #pragma unroll
-    for (int i = 0; i < kPatch; ++i)
+    for (int i = 0; i < G::kPatch; ++i)
 #pragma unroll
-      for (int j = 0; j < kPatch; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+      for (int j = 0; j < G::kPatch; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
   }
-}
-
-template <typename T>
-__device__ __forceinline__ void zero(T (&acc)[kPatch][kPatch]) {
-#pragma unroll
-  for (int i = 0; i < kPatch; ++i)
-#pragma unroll
-    for (int j = 0; j < kPatch; ++j) acc[i][j] = T(0);
 }
 
 // acc = Σ_{p in [p_begin, p_end)} A(i, p) B(p, j) for the thread's patch, with
 // loadA(i, p) and loadB(j, p) returning the operands for p in range (and
 // zero for an i or j outside the problem).
 // Every thread of the block must call it (it synchronises the block).
-template <Along kAlongA, Along kAlongB, typename T, typename LoadA, typename LoadB>
-__device__ void tile_product(T (&acc)[kPatch][kPatch], T (*As)[kLd], T (*Bs)[kLd],
+template <class G, Along kAlongA, Along kAlongB, typename T, typename LoadA, typename LoadB>
+__device__ void tile_product(T (&acc)[G::kPatch][G::kPatch], T (*As)[G::kLd], T (*Bs)[G::kLd],
                              int64_t p_begin, int64_t p_end, const LoadA& loadA,
                              const LoadB& loadB) {
-  zero(acc);
+#pragma unroll
+  for (int i = 0; i < G::kPatch; ++i)
+#pragma unroll
+    for (int j = 0; j < G::kPatch; ++j) acc[i][j] = T(0);
   if (p_begin >= p_end) return;
-  T ra[kPerThread], rb[kPerThread];
-  fetch<kAlongA>(ra, loadA, p_begin, p_end);
-  fetch<kAlongB>(rb, loadB, p_begin, p_end);
-  for (int64_t p0 = p_begin; p0 < p_end; p0 += kStep) {
-    put<kAlongA>(As, ra);
-    put<kAlongB>(Bs, rb);
+  T ra[G::kPerThread], rb[G::kPerThread];
+  fetch<G, kAlongA>(ra, loadA, p_begin, p_end);
+  fetch<G, kAlongB>(rb, loadB, p_begin, p_end);
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += G::kStep) {
+    put<G, kAlongA>(As, ra);
+    put<G, kAlongB>(Bs, rb);
     __syncthreads();
-    if (p0 + kStep < p_end) {
-      fetch<kAlongA>(ra, loadA, p0 + kStep, p_end);
-      fetch<kAlongB>(rb, loadB, p0 + kStep, p_end);
+    if (p0 + G::kStep < p_end) {
+      fetch<G, kAlongA>(ra, loadA, p0 + G::kStep, p_end);
+      fetch<G, kAlongB>(rb, loadB, p0 + G::kStep, p_end);
     }
-    mma_step(acc, As, Bs);
+    mma_step<G>(acc, As, Bs);
     __syncthreads();  // the next step overwrites As and Bs
   }
 }
@@ -162,7 +180,7 @@ __device__ __forceinline__ void put_half(Half* dst, int ld, const float (&reg)[k
 #pragma unroll
   for (int it = 0; it < kPerThread; ++it) {
     int w, s;
-    staged_at<kAlong>(it, w, s);
+    staged_at<Tile64, kAlong>(it, w, s);
     dst[kTransposed ? s * ld + w : w * ld + s] = __float2bfloat16(reg[it]);
   }
 }
@@ -180,16 +198,16 @@ __device__ void tile_product(float (&acc)[kPatch][kPatch], Staging& st, int64_t 
   wmma::fill_fragment(c[1], 0.f);
   float ra[kPerThread], rb[kPerThread];
   if (p_begin < p_end) {
-    fetch<kAlongA>(ra, loadA, p_begin, p_end);
-    fetch<kAlongB>(rb, loadB, p_begin, p_end);
+    fetch<Tile64, kAlongA>(ra, loadA, p_begin, p_end);
+    fetch<Tile64, kAlongB>(rb, loadB, p_begin, p_end);
   }
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kStep) {
     put_half<false, kAlongA>(&st.A[0][0], kLdA, ra);
     put_half<true, kAlongB>(&st.B[0][0], kLdB, rb);
     __syncthreads();
     if (p0 + kStep < p_end) {
-      fetch<kAlongA>(ra, loadA, p0 + kStep, p_end);
-      fetch<kAlongB>(rb, loadB, p0 + kStep, p_end);
+      fetch<Tile64, kAlongA>(ra, loadA, p0 + kStep, p_end);
+      fetch<Tile64, kAlongB>(rb, loadB, p0 + kStep, p_end);
     }
     wmma::fragment<wmma::matrix_a, 16, 16, 16, Half, wmma::row_major> a;
     wmma::load_matrix_sync(a, &st.A[fr][0], kLdA);
@@ -206,11 +224,10 @@ __device__ void tile_product(float (&acc)[kPatch][kPatch], Staging& st, int64_t 
   for (int t = 0; t < 2; ++t)
     wmma::store_matrix_sync(&st.C[fr][fc + 16 * t], c[t], kLdC, wmma::mem_row_major);
   __syncthreads();
-  const int r0 = patch_row(), c0 = patch_col();
 #pragma unroll
   for (int i = 0; i < kPatch; ++i)
 #pragma unroll
-    for (int j = 0; j < kPatch; ++j) acc[i][j] = st.C[r0 + i][c0 + j];
+    for (int j = 0; j < kPatch; ++j) acc[i][j] = st.C[Tile64::row(i)][Tile64::col(j)];
 #else
   __trap();
 #endif

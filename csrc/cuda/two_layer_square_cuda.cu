@@ -37,6 +37,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 namespace torchext {
@@ -257,17 +258,22 @@ void quadratic_backward_fused(const Dims& dims, const ComputeInputs& in, const a
   a.q = q.const_data_ptr<T>();
   a.N = dims.N, a.d = dims.d, a.k = dims.k;
   a.rows_per_partition = ceil_div(dims.N, parts);
+  // float32 SIMT with wide layers: 128 × 128 tiles for dW and the Gram (see
+  // tile_mma.cuh); narrower layers would leave most of such a tile empty.
+  constexpr bool kMayWiden = std::is_same_v<T, float> && !kTensorCores;
+  const bool wide = kMayWiden && dims.k >= 128 && dims.d >= 128;
+  const int64_t tile = wide ? cuda_tiles::Tile128::kTile : kTile;
   at::Tensor dW_parts, gram_parts, gram;
   if (mask[kW] && dims.k > 0 && dims.d > 0) {
     dW_parts = at::empty({parts, dims.k, dims.d}, in.z.options());
     a.dW_parts = dW_parts.mutable_data_ptr<T>();
-    a.dW_blocks = parts * tiles_of(dims.k) * tiles_of(dims.d);
+    a.dW_blocks = parts * tiles_of(dims.k, tile) * tiles_of(dims.d, tile);
   }
   if (want_gram) {  // (k = 0 too: dB and dA are then zeros, written below)
     gram_parts = at::empty({parts, dims.k, dims.k}, in.z.options());
     gram = at::empty({dims.k, dims.k}, in.z.options());
     a.gram_parts = gram_parts.mutable_data_ptr<T>();
-    a.gram_blocks = parts * tiles_of(dims.k) * (tiles_of(dims.k) + 1) / 2;
+    a.gram_blocks = parts * tiles_of(dims.k, tile) * (tiles_of(dims.k, tile) + 1) / 2;
   }
   if (mask[kZ] && dims.d > 0) {
     a.dz = bufs.acc[kZ].mutable_data_ptr<T>();
@@ -275,7 +281,12 @@ void quadratic_backward_fused(const Dims& dims, const ComputeInputs& in, const a
   }
   const int64_t blocks = a.dW_blocks + a.gram_blocks + a.dz_blocks;
   if (blocks > 0) {
-    quadratic_backward_kernel<T, kTensorCores><<<blocks, cuda_tiles::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    if (wide) {
+      quadratic_backward_kernel<T, kTensorCores, kMayWiden><<<blocks, cuda_tiles::kThreads, 0, stream>>>(a);
+    } else {
+      quadratic_backward_kernel<T, kTensorCores, false><<<blocks, cuda_tiles::kThreads, 0, stream>>>(a);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (dW_parts.defined()) launch_sums(dW_parts, parts, dims.k, dims.d, false, bufs.acc[kW]);

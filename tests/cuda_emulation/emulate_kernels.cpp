@@ -151,8 +151,9 @@ void expect_close(const char* what, const std::vector<T>& got, const std::vector
 }
 
 // kTensorCores: the bfloat16-staged tiles (T = float); their operands are
-// rounded to bfloat16, hence the looser bound.
-template <typename T, bool kTensorCores = false>
+// rounded to bfloat16, hence the looser bound. kWide: 128 × 128 tiles for the
+// backward's dW and Gram blocks.
+template <typename T, bool kTensorCores = false, bool kWide = false>
 void check_shape(int64_t N, int64_t d, int64_t k, int64_t g_stride, int64_t grid_cap,
                  int64_t partitions, std::mt19937& rng) {
   const double tol = kTensorCores ? 3e-2 : sizeof(T) == 8 ? 1e-12 : 1e-5;
@@ -222,11 +223,12 @@ void check_shape(int64_t N, int64_t d, int64_t k, int64_t g_stride, int64_t grid
   a.dW_parts = dW_parts.data(), a.gram_parts = gram_parts.data(), a.dz = dz.data();
   a.N = N, a.d = d, a.k = k;
   a.rows_per_partition = torchext::ceil_div(N, partitions);
-  a.dW_blocks = partitions * q::tiles_of(k) * q::tiles_of(d);
-  a.gram_blocks = partitions * q::tiles_of(k) * (q::tiles_of(k) + 1) / 2;
+  const int64_t tile = kWide ? 128 : 64;
+  a.dW_blocks = partitions * q::tiles_of(k, tile) * q::tiles_of(d, tile);
+  a.gram_blocks = partitions * q::tiles_of(k, tile) * (q::tiles_of(k, tile) + 1) / 2;
   a.dz_blocks = q::tiles_of(N) * q::tiles_of(d);
   launch(a.dW_blocks + a.gram_blocks + a.dz_blocks, q::tiles::kThreads,
-         q::quadratic_backward_kernel<T, kTensorCores>, a);
+         q::quadratic_backward_kernel<T, kTensorCores, kWide>, a);
   launch(3, 64, q::sum_partitions_kernel<T>, static_cast<const T*>(dW_parts.data()), partitions, k, d,
          false, dW.data());
   launch(2, 32, q::sum_partitions_kernel<T>, static_cast<const T*>(gram_parts.data()), partitions, k, k,
@@ -320,6 +322,10 @@ int main() {
     check_shape<double>(c.N, c.d, c.k, c.g_stride, c.grid_cap, c.partitions, rng);
     check_shape<float, true>(c.N, c.d, c.k, c.g_stride, c.grid_cap, c.partitions, rng);
   }
+  // The wide (128 × 128) weight-gradient tiles, around their edges.
+  check_shape<float, false, true>(150, 128, 128, 1, 2, 2, rng);
+  check_shape<float, false, true>(77, 200, 131, 0, 2, 3, rng);
+  check_shape<float, false, true>(40, 300, 257, 1, 1, 1, rng);
   // The direct plan's small-batch backward: the seed's sizes, odd widths
   // wider than the block, a broadcast gradient, partial requests.
   const bool all[5] = {true, true, true, true, true}, head[5] = {false, false, false, true, true},
