@@ -492,7 +492,8 @@ def markdown_table(record):
     lines = [
         f"Measured {record['date']} on {record['device']} ({record['device_type']}, {record['threads']} threads), "
         f"torch {record['torch_version']}, float32; median ms of fwd+bwd (W, V trainable, loss = f.sum()); "
-        f"best of {record['rounds']} interleaved rounds. Float32 1024³ product rates measured in the same run: "
+        f"best of {record['rounds']} interleaved rounds. Float32 "
+        + ("8192³ (TF32 off)" if record.get("ceilings") else "1024³") + " product rates measured in the same run: "
         + ", ".join(f"{k} {v:.0f}" for k, v in record.get("matmul_rates_gflops", {}).items())
         + f" GFLOP/s; % of peak is against the faster ({record['matmul_peak_gflops']:.0f}).",
         "",
