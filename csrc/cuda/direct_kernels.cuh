@@ -36,25 +36,17 @@ inline int64_t small_backward_shared_elems(int64_t d, int64_t k, int64_t m, int6
   return 2 * k + 2 * m + ell;  // r, p | u, gu | y (then e)
 }
 
-// out[i] = Σ_j M[i * ld + j] v[j] for i < rows, threads striding over i.
+// out[i] = Σ_j M[i * row_stride + j * col_stride] v[j] for i < rows, threads
+// striding over i: M v for a row-major M (row_stride = ld, col_stride = 1),
+// Mᵀ v for (1, ld).
 template <typename T>
-__device__ __forceinline__ void rows_times(const T* __restrict__ M, int64_t ld, int64_t rows,
-                                           int64_t cols, const T* __restrict__ v, T* __restrict__ out) {
+__device__ __forceinline__ void mat_vec(const T* __restrict__ M, int64_t row_stride,
+                                        int64_t col_stride, int64_t rows, int64_t cols,
+                                        const T* __restrict__ v, T* __restrict__ out) {
   for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) {
     T acc = T(0);
-    for (int64_t j = 0; j < cols; ++j) acc += M[i * ld + j] * v[j];
+    for (int64_t j = 0; j < cols; ++j) acc += M[i * row_stride + j * col_stride] * v[j];
     out[i] = acc;
-  }
-}
-
-// out[j] = Σ_i M[i * ld + j] v[i] for j < cols (Mᵀ v), threads striding over j.
-template <typename T>
-__device__ __forceinline__ void cols_times(const T* __restrict__ M, int64_t ld, int64_t rows,
-                                           int64_t cols, const T* __restrict__ v, T* __restrict__ out) {
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    T acc = T(0);
-    for (int64_t i = 0; i < rows; ++i) acc += M[i * ld + j] * v[i];
-    out[j] = acc;
   }
 }
 
@@ -80,13 +72,13 @@ __global__ void __launch_bounds__(kThreads) small_backward_kernel(const SmallBac
   for (int64_t n = 0; n < a.N; ++n) {
     const T* zn = a.z + n * a.d;
     const T gn = a.g[n * a.g_stride];
-    rows_times(a.W, a.d, a.k, a.d, zn, r);  // x
+    mat_vec(a.W, a.d, 1, a.k, a.d, zn, r);  // x = W z
     __syncthreads();
     for (int64_t i = threadIdx.x; i < a.k; i += blockDim.x) r[i] = relu(r[i]);
     __syncthreads();
-    rows_times(a.V, a.k, a.m, a.k, r, u);
+    mat_vec(a.V, a.k, 1, a.m, a.k, r, u);  // u = V r
     __syncthreads();
-    rows_times(a.B, a.m, a.ell, a.m, u, y);
+    mat_vec(a.B, a.m, 1, a.ell, a.m, u, y);  // y = B u
     __syncthreads();
     for (int64_t i = threadIdx.x; i < a.ell; i += blockDim.x) {
       const T yi = y[i];
@@ -95,16 +87,16 @@ __global__ void __launch_bounds__(kThreads) small_backward_kernel(const SmallBac
     }
     __syncthreads();
     if (a.dB != nullptr) add_outer(a.dB, a.ell, a.m, y, u, n == 0);
-    if (need_gu) cols_times(a.B, a.m, a.ell, a.m, y, gu);
+    if (need_gu) mat_vec(a.B, 1, a.m, a.m, a.ell, y, gu);  // gu = Bᵀ e
     __syncthreads();
     if (a.dV != nullptr) add_outer(a.dV, a.m, a.k, gu, r, n == 0);
     if (need_p) {
-      cols_times(a.V, a.k, a.m, a.k, gu, p);
+      mat_vec(a.V, 1, a.k, a.k, a.m, gu, p);  // Vᵀ gu
       __syncthreads();
       for (int64_t i = threadIdx.x; i < a.k; i += blockDim.x) p[i] = r[i] <= T(0) ? T(0) : p[i];
       __syncthreads();
       if (a.dW != nullptr) add_outer(a.dW, a.k, a.d, p, zn, n == 0);
-      if (a.dz != nullptr) cols_times(a.W, a.d, a.k, a.d, p, a.dz + n * a.d);
+      if (a.dz != nullptr) mat_vec(a.W, 1, a.d, a.d, a.k, p, a.dz + n * a.d);  // Wᵀ p
     }
     __syncthreads();  // r, p, u, gu, y are rewritten by the next sample
   }

@@ -92,6 +92,20 @@ __device__ __forceinline__ T relu_grad(T g, T q, T r) {
   return r <= T(0) ? T(0) : (T(2) * g) * q;
 }
 
+// fn(i, j, row, col) for each element (i, j) of the thread's patch, at tile
+// row `row` and column `col` = n0 + its tile column, where col < cols.
+template <class G, typename Fn>
+__device__ __forceinline__ void for_patch(int64_t n0, int64_t cols, const Fn& fn) {
+#pragma unroll
+  for (int i = 0; i < G::kPatch; ++i) {
+#pragma unroll
+    for (int j = 0; j < G::kPatch; ++j) {
+      const int64_t col = n0 + G::col(j);
+      if (col < cols) fn(i, j, int64_t(G::row(i)), col);
+    }
+  }
+}
+
 template <typename T, bool kTensorCores = false>
 __global__ void __launch_bounds__(tiles::kThreads)
     quadratic_forward_kernel(const T* __restrict__ z, const T* __restrict__ W,
@@ -112,17 +126,11 @@ __global__ void __launch_bounds__(tiles::kThreads)
           acc, st, 0, d,
           [&](int w, int64_t p) { return row0 + w < N ? z[(row0 + w) * d + p] : T(0); },
           [&](int w, int64_t p) { return n0 + w < k ? W[(n0 + w) * d + p] : T(0); });
-#pragma unroll
-      for (int i = 0; i < kPatch; ++i) {
-#pragma unroll
-        for (int j = 0; j < kPatch; ++j) {
-          const int64_t row = G::row(i), col = n0 + G::col(j);
-          if (col >= k) continue;
-          const T v = relu(acc[i][j]);
-          r_s[row * k + col] = v;
-          if (r_out != nullptr && row0 + row < N) r_out[(row0 + row) * k + col] = v;
-        }
-      }
+      for_patch<G>(n0, k, [&](int i, int j, int64_t row, int64_t col) {
+        const T v = relu(acc[i][j]);
+        r_s[row * k + col] = v;
+        if (r_out != nullptr && row0 + row < N) r_out[(row0 + row) * k + col] = v;
+      });
     }
     __syncthreads();  // r_s complete
     // q = r Qᵀ, 64 columns at a time; f = Σ_j r_j q_j in per-thread partial sums.
@@ -131,16 +139,10 @@ __global__ void __launch_bounds__(tiles::kThreads)
       Engine::template product<Along::kDeep, Along::kDeep>(
           acc, st, 0, k, [&](int w, int64_t p) { return r_s[w * k + p]; },
           [&](int w, int64_t p) { return n0 + w < k ? Q[(n0 + w) * k + p] : T(0); });
-#pragma unroll
-      for (int i = 0; i < kPatch; ++i) {
-#pragma unroll
-        for (int j = 0; j < kPatch; ++j) {
-          const int64_t row = G::row(i), col = n0 + G::col(j);
-          if (col >= k) continue;
-          f_part[i] += r_s[row * k + col] * acc[i][j];
-          if (q_out != nullptr && row0 + row < N) q_out[(row0 + row) * k + col] = acc[i][j];
-        }
-      }
+      for_patch<G>(n0, k, [&](int i, int j, int64_t row, int64_t col) {
+        f_part[i] += r_s[row * k + col] * acc[i][j];
+        if (q_out != nullptr && row0 + row < N) q_out[(row0 + row) * k + col] = acc[i][j];
+      });
     }
 #pragma unroll
     for (int i = 0; i < kPatch; ++i) f_parts[G::row(i)][threadIdx.x % tiles::kLanes] = f_part[i];
