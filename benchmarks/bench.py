@@ -169,11 +169,10 @@ def matmul_rates_gflops(device, n=1024):
     return rates
 
 
-def gpu_ceilings():
-    """The card's float32 multiply-add rate (a large product with TF32 off) and
-    copy bandwidth (bytes read plus written by a large device-to-device copy),
-    measured now."""
-    n = 8192
+def gpu_ceilings(n=8192, copy_elems=1 << 28):
+    """The card's float32 multiply-add rate (an n³ product with TF32 off) and
+    copy bandwidth (bytes read plus written by a device-to-device copy of
+    copy_elems floats, 1 GiB), measured now."""
     a = torch.randn(n, n, device="cuda")
     b = torch.randn(n, n, device="cuda")
     prev = torch.backends.cuda.matmul.allow_tf32
@@ -182,7 +181,7 @@ def gpu_ceilings():
         t_mm = cuda_event_medians({"mm": lambda: a @ b}, 1, 1.0)["mm"]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()  # 1 GiB
+    src = torch.empty(copy_elems, dtype=torch.float32, device="cuda").normal_()
     dst = torch.empty_like(src)
     t_copy = cuda_event_medians({"copy": lambda: dst.copy_(src)}, 1, 1.0)["copy"]
     return {"fp32_tflops": 2 * n ** 3 / t_mm / 1e12, "copy_gbytes_per_s": 2 * src.nbytes / t_copy / 1e9}
