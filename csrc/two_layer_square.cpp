@@ -210,10 +210,10 @@ BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
 }
 
 GradBuffers allocate_grad_buffers(const Dims& dims, const ComputeInputs& in,
-                                  const OutputMask& mask, bool zero_fill) {
+                                  const OutputMask& mask) {
   auto opts = in.z.options();
   auto make = [&](at::IntArrayRef shape) {
-    return zero_fill ? at::zeros(shape, opts) : at::empty(shape, opts);
+    return dims.N == 0 ? at::zeros(shape, opts) : at::empty(shape, opts);
   };
   GradBuffers g;
   if (mask[kZ]) g.acc[kZ] = at::empty({dims.N, dims.d}, opts);

@@ -79,8 +79,10 @@ ComputeInputs to_compute_inputs(const Dims& dims, const at::Tensor& z,
 
 // Incoming gradient as an (N,) compute-dtype tensor with stride 1, or 0: the
 // broadcast scalar that `.sum()` and `.mean()` hand back is passed on as it
-// is (kernels read g[i * stride]) rather than materialised.
+// is (kernels read g[i * grad_stride(g)]) rather than materialised.
 at::Tensor grad_to_compute(const Dims& dims, const at::Tensor& grad);
+// 1, or 0 for a broadcast gradient (and for N <= 1, where it does not matter).
+inline int64_t grad_stride(const at::Tensor& g) { return g.size(0) > 1 ? g.stride(0) : 0; }
 
 // How a call splits the batch. Depends on the sizes only, never on the thread
 // count or timing, so every reduction over samples has a fixed order:
@@ -101,15 +103,14 @@ struct BatchPlan {
 BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
                           int64_t min_rows, int64_t max_partitions);
 
-// Allocates the requested gradients in the compute dtype. The weights'
-// are accumulated: zero-filled, unless the backend's kernel writes every
-// requested one before adding to it (zero_fill = false; gz is written row by
-// row either way).
+// Allocates the requested gradients in the compute dtype, uninitialised: a
+// backward kernel writes every gradient it is asked for (one that accumulates
+// writes or zeroes it first). An empty batch runs no kernel and gets zeros.
 struct GradBuffers {
   std::array<at::Tensor, kNumInputs> acc;  // undefined where not requested
 };
 GradBuffers allocate_grad_buffers(const Dims& dims, const ComputeInputs& in,
-                                  const OutputMask& mask, bool zero_fill);
+                                  const OutputMask& mask);
 
 // Turns compute-dtype results into the op's outputs: each gradient in its
 // input's shape and dtype, contiguous, never aliasing an input.
@@ -185,8 +186,7 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // The device-generic implementation in ATen ops (two_layer_square_aten.cpp):
 // what the CUDA backend runs around its fused kernels, and what the
 // `_..._aten` test ops run on the CPU, so CPU CI checks the CUDA algorithm.
-// backward_aten zeroes the weight-gradient buffers it accumulates into (they
-// may come uninitialised: kWritesGrads below).
+// backward_aten zeroes the weight-gradient buffers it accumulates into.
 void forward_aten(const Dims& dims, const ComputeInputs& in, Plan plan,
                   int64_t chunk_rows, ForwardOutputs& out);
 // r and q undefined: the backward recomputes them chunk by chunk.
@@ -225,11 +225,11 @@ ForwardResult internal_forward(const at::Tensor& z, const at::Tensor& W,
 // with g as grad_to_compute gives it (stride 1 or 0), r and q contiguous, or
 // undefined when they were not saved (the kernel recomputes them chunk by
 // chunk). The internal backward op runs it on a non-empty batch with some
-// gradient requested. kWritesGrads: the kernel writes every requested weight
-// gradient before accumulating into it, so the buffers need no zero fill.
+// gradient requested; it writes every requested gradient (the buffers come
+// uninitialised, see allocate_grad_buffers).
 using OptionalTensor = std::optional<at::Tensor>;
 
-template <auto Kernel, bool kWritesGrads = false>
+template <auto Kernel>
 BackwardResult internal_backward(const at::Tensor& grad, const at::Tensor& z,
                                  const at::Tensor& W, const at::Tensor& V,
                                  const at::Tensor& B, const at::Tensor& A,
@@ -241,7 +241,7 @@ BackwardResult internal_backward(const at::Tensor& grad, const at::Tensor& z,
   check_plan_name(plan_name);
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
   const Plan plan = resolve_plan(dims, plan_name, /*training=*/true);
-  GradBuffers bufs = allocate_grad_buffers(dims, in, mask, !(kWritesGrads && dims.N > 0));
+  GradBuffers bufs = allocate_grad_buffers(dims, in, mask);
   bool any = false;
   for (bool b : mask) any = any || b;
   if (dims.N > 0 && any) {

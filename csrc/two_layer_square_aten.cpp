@@ -77,8 +77,8 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
   const bool recompute = !r_all.defined();
   const Head head = recompute ? fold_head(in, plan) : Head{};
   at::Tensor G = use_gram ? at::zeros({dims.k, dims.k}, in.z.options()) : at::Tensor();
-  // The buffers come uninitialised (internal_backward's kWritesGrads); these
-  // loops add into them.
+  // The buffers come uninitialised (allocate_grad_buffers); these loops add
+  // into them.
   for (int i : {kW, kV, kB, kA})
     if (mask[i]) bufs.acc[i].zero_();
   for (int64_t r0 = 0; r0 < dims.N; r0 += chunk_rows) {
@@ -149,8 +149,7 @@ void backward_test_kernel(const Dims& dims, const ComputeInputs& in, const at::T
 
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {
   m.impl("_two_layer_square_forward_aten", &internal_forward<&forward_test_kernel>);
-  m.impl("_two_layer_square_backward_aten",
-         &internal_backward<&backward_test_kernel, /*kWritesGrads=*/true>);
+  m.impl("_two_layer_square_backward_aten", &internal_backward<&backward_test_kernel>);
 }
 
 }  // namespace torchext

@@ -39,6 +39,14 @@ def make_inputs(shape, dtype=torch.float64, device="cpu", seed=0, a_vector=False
     return z, W, V, B, A
 
 
+def poison_allocator(shapes, dtype, device="cpu"):
+    """Frees NaN-filled blocks of these shapes into the allocator (malloc on the
+    CPU, the caching allocator on a GPU), so that the next outputs of those
+    sizes start as NaN: an element a kernel never wrote shows."""
+    junk = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in shapes for _ in range(4)]
+    del junk
+
+
 def rel_err(actual, expected):
     """‖actual − expected‖₂ / ‖expected‖₂ in float64 (absolute when expected is 0)."""
     a = actual.detach().double().cpu()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import torchext
-from conftest import SHAPES, assert_matches, make_inputs, requires_cuda
+from conftest import SHAPES, assert_matches, make_inputs, poison_allocator, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -83,11 +83,6 @@ FUSED_SHAPES = [
 ]
 
 
-def _poison(shapes, dtype, device):
-    junk = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in shapes for _ in range(3)]
-    del junk
-
-
 def _fused_case(shape, dtype, grad_kind, wants=(True,) * 5, seed=0):
     inputs = make_inputs(shape, dtype, "cuda", seed=seed)
     leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
@@ -95,7 +90,7 @@ def _fused_case(shape, dtype, grad_kind, wants=(True,) * 5, seed=0):
     for s in shape[0]:
         N *= s
     k, d = shape[2], shape[1]
-    _poison([(N,), (N, k), (N, d), (k, d), (k, k), (64, k, d), (64, k, k)], dtype, "cuda")
+    poison_allocator([(N,), (N, k), (N, d), (k, d), (k, k), (64, k, d), (64, k, k)], dtype, "cuda")
     f = torchext.two_layer_square(*leaves, plan="quadratic")
     if grad_kind == "sum":  # the stride-0 gradient of .sum()
         g = torch.ones(f.shape, dtype=torch.float64)
@@ -205,7 +200,7 @@ def test_small_batch_direct_backward_kernel(shape, dtype):
             continue
         inputs = make_inputs(shape, dtype, "cuda", seed=12)
         leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
-        _poison([t.shape for t in inputs], dtype, "cuda")
+        poison_allocator([t.shape for t in inputs], dtype, "cuda")
         f = torchext.two_layer_square(*leaves, plan="direct")
         f.sum().backward()
         ref_leaves = [t.detach().double().cpu().requires_grad_(w) for t, w in zip(inputs, wants)]

@@ -5,7 +5,8 @@ import torch
 
 import torchext
 from conftest import (
-    DEVICES, SHAPES, assert_matches, eager_outputs, fused_outputs, make_inputs, reference_outputs, rel_err,
+    DEVICES, SHAPES, assert_matches, eager_outputs, fused_outputs, make_inputs, poison_allocator,
+    reference_outputs, rel_err,
 )
 from torchext.testing import cancelling_inputs
 
@@ -216,8 +217,7 @@ def test_gradient_buffers_never_show_stale_memory(shape, plan, dtype):
                 continue
             f_ref, g, grads_ref = reference_outputs(inputs, wants=wants)
             for _ in range(3):
-                junk = [torch.full(s, float("nan"), dtype=dtype) for s in poison_shapes for _ in range(4)]
-                del junk
+                poison_allocator(poison_shapes, dtype)
                 grads = OPS._two_layer_square_backward(g.to(dtype), z, W, V, B, A, *rq, plan, list(wants))
                 for name, gr, ref in zip(NAMES, grads, grads_ref):
                     if ref is not None:

@@ -474,7 +474,7 @@ template <typename T>
 class ChunkGrad {
  public:
   ChunkGrad(const at::Tensor& g, int64_t rows)
-      : g_(g.const_data_ptr<T>()), broadcast_(g.stride(0) == 0 && g.size(0) > 1) {
+      : g_(g.const_data_ptr<T>()), broadcast_(grad_stride(g) == 0 && g.size(0) > 1) {
     if (broadcast_) {
       fill_ = aligned_block<T>(arena_, rows);
       std::fill(fill_, fill_ + rows, g_[0]);
@@ -703,7 +703,7 @@ at::Tensor cpu_matmul_op(const at::Tensor& a, const at::Tensor& b) {
 
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {
   register_kernels<&internal_forward<&forward_kernel_cpu>,
-                   &internal_backward<&backward_kernel_cpu, /*kWritesGrads=*/true>>(m);
+                   &internal_backward<&backward_kernel_cpu>>(m);
   m.impl("_cpu_matmul", &cpu_matmul_op);
 }
 

@@ -31,8 +31,7 @@ struct SmallBackwardArgs {
 };
 
 // Shared memory the kernel needs, in elements of T.
-inline int64_t small_backward_shared_elems(int64_t d, int64_t k, int64_t m, int64_t ell) {
-  (void)d;
+inline int64_t small_backward_shared_elems(int64_t k, int64_t m, int64_t ell) {
   return 2 * k + 2 * m + ell;  // r, p | u, gu | y (then e)
 }
 

@@ -202,9 +202,14 @@ ForwardLaunch forward_launch(int64_t k) {
   return launch;
 }
 
+// The fused forward, where its shared memory fits (else false: the caller
+// runs the ATen path).
 template <typename T, bool kTensorCores>
-void launch_quadratic_forward(const Dims& dims, const ComputeInputs& in, const at::Tensor& Q,
-                              const ForwardLaunch& launch, ForwardOutputs& out) {
+bool quadratic_forward_fused(const Dims& dims, const ComputeInputs& in, Plan plan,
+                             ForwardOutputs& out) {
+  const ForwardLaunch launch = forward_launch<T, kTensorCores>(dims.k);
+  if (!launch.fits) return false;
+  const at::Tensor Q = fold_head(in, plan).Q;
   const bool save = out.r.size(0) == dims.N;
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = std::max<int64_t>(1, std::min(tiles_of(dims.N), sms * launch.blocks_per_sm));
@@ -214,6 +219,7 @@ void launch_quadratic_forward(const Dims& dims, const ComputeInputs& in, const a
           out.f.mutable_data_ptr<T>(), save ? out.r.mutable_data_ptr<T>() : nullptr,
           save ? out.q.mutable_data_ptr<T>() : nullptr, dims.N, dims.d, dims.k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 // The batch partition of the fused backward: by the shapes alone (never the
@@ -253,7 +259,7 @@ void quadratic_backward_fused(const Dims& dims, const ComputeInputs& in, const a
   a.z = in.z.const_data_ptr<T>();
   a.W = in.W.const_data_ptr<T>();
   a.g = g.const_data_ptr<T>();
-  a.g_stride = g.size(0) > 1 ? g.stride(0) : 0;
+  a.g_stride = grad_stride(g);
   a.r = r.const_data_ptr<T>();
   a.q = q.const_data_ptr<T>();
   a.N = dims.N, a.d = dims.d, a.k = dims.k;
@@ -308,18 +314,10 @@ void forward_kernel_cuda(const Dims& dims, const ComputeInputs& in, Plan plan,
   if (plan == Plan::kQuadratic && fused_kernels_enabled()) {
     bool done = false;
     if (use_tensor_cores(in)) {
-      const ForwardLaunch launch = forward_launch<float, true>(dims.k);
-      if (launch.fits) {
-        launch_quadratic_forward<float, true>(dims, in, fold_head(in, plan).Q, launch, out);
-        done = true;
-      }
+      done = quadratic_forward_fused<float, true>(dims, in, plan, out);
     } else {
       AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cuda_quadratic", [&] {
-        const ForwardLaunch launch = forward_launch<scalar_t, false>(dims.k);
-        if (launch.fits) {
-          launch_quadratic_forward<scalar_t, false>(dims, in, fold_head(in, plan).Q, launch, out);
-          done = true;
-        }
+        done = quadratic_forward_fused<scalar_t, false>(dims, in, plan, out);
       });
     }
     if (done) return;
@@ -335,8 +333,7 @@ constexpr double kSmallBatchMaxWork = double(1 << 22);
 
 bool small_direct_backward_applies(const Dims& dims, size_t elem_size) {
   const double work = double(dims.N) * double(dims.k * dims.d + dims.m * dims.k + dims.ell * dims.m);
-  const size_t shared =
-      size_t(direct::small_backward_shared_elems(dims.d, dims.k, dims.m, dims.ell)) * elem_size;
+  const size_t shared = size_t(direct::small_backward_shared_elems(dims.k, dims.m, dims.ell)) * elem_size;
   return fused_kernels_enabled() && dims.N <= kSmallBatchMax && work <= kSmallBatchMaxWork &&
          shared <= kSharedLimit;
 }
@@ -352,11 +349,10 @@ void small_direct_backward(const Dims& dims, const ComputeInputs& in, const at::
   a.B = in.B.const_data_ptr<T>();
   a.a = in.a.const_data_ptr<T>();
   a.g = g.const_data_ptr<T>();
-  a.g_stride = g.size(0) > 1 ? g.stride(0) : 0;
+  a.g_stride = grad_stride(g);
   a.dz = out(kZ), a.dW = out(kW), a.dV = out(kV), a.dB = out(kB), a.dA = out(kA);
   a.N = dims.N, a.d = dims.d, a.k = dims.k, a.m = dims.m, a.ell = dims.ell;
-  const size_t shared =
-      size_t(direct::small_backward_shared_elems(dims.d, dims.k, dims.m, dims.ell)) * sizeof(T);
+  const size_t shared = size_t(direct::small_backward_shared_elems(dims.k, dims.m, dims.ell)) * sizeof(T);
   direct::small_backward_kernel<T>
       <<<1, direct::kThreads, shared, at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -389,10 +385,8 @@ void backward_kernel_cuda(const Dims& dims, const ComputeInputs& in, const at::T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchext, CUDA, m) {
-  // Every path writes the gradients it is asked for (backward_aten zeroes
-  // its accumulators itself): no zero fill per call.
   register_kernels<&internal_forward<&forward_kernel_cuda>,
-                   &internal_backward<&backward_kernel_cuda, /*kWritesGrads=*/true>>(m);
+                   &internal_backward<&backward_kernel_cuda>>(m);
 }
 
 }  // namespace torchext
