@@ -250,14 +250,33 @@ BackwardResult to_tuple(std::array<std::optional<at::Tensor>, kNumInputs>&& g) {
           std::move(g[4])};
 }
 
-void check_saved(const Dims& dims, const at::Tensor& z, const at::Tensor& r,
-                 const at::Tensor& q) {
+at::Tensor make_state(const SavedState& state, const at::TensorOptions& z_options) {
+  return at::empty({0, static_cast<int64_t>(state.plan), state.saved ? 1 : 0},
+                   z_options.dtype(at::kByte));
+}
+
+SavedState read_state(const at::Tensor& state) {
+  const auto s = state.sym_sizes();
+  auto is = [&](size_t i, int64_t lo, int64_t hi) {
+    const auto v = s[i].maybe_as_int();
+    return v && *v >= lo && *v <= hi;
+  };
+  TORCH_CHECK_VALUE(s.size() == 3 && is(0, 0, 0) && is(1, 0, 2) && is(2, 0, 1), kOp,
+                    ": state must be the fourth output of the forward that saved r and q "
+                    "(a tensor of shape (0, plan, saved)); got shape ", shape_str(s));
+  return {static_cast<Plan>(*s[1].maybe_as_int()), *s[2].maybe_as_int() == 1};
+}
+
+void check_saved(const Dims& dims, const at::Tensor& z, const SavedState& state,
+                 const at::Tensor& r, const at::Tensor& q) {
+  if (!state.saved) return;
   const auto cdt = compute_dtype(z.scalar_type());
   for (const auto* t : {&r, &q}) {
     const char* name = t == &r ? "r" : "q";
     TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == dims.N && t->size(1) == dims.k,
                       kOp, ": saved ", name, " must have shape (N, k) = (", dims.N,
-                      ", ", dims.k, "); got ", shape_str(t->sym_sizes()));
+                      ", ", dims.k, "), as the state says its forward saved it; got ",
+                      shape_str(t->sym_sizes()));
     TORCH_CHECK_TYPE(t->scalar_type() == cdt, kOp, ": saved ", name,
                      " must have dtype ", dtype_name(cdt), "; got ",
                      dtype_name(t->scalar_type()));
@@ -283,9 +302,9 @@ void check_plan_name(c10::string_view name) {
                     "\"quadratic\"; got \"", std::string(name), "\"");
 }
 
-double plan_cost(const Dims& dims, Plan plan, bool training) {
-  const double N = double(dims.N), d = double(dims.d), k = double(dims.k),
-               m = double(dims.m), ell = double(dims.ell);
+PlanCost plan_cost(int64_t d_, int64_t k_, int64_t m_, int64_t ell_, Plan plan,
+                   bool training) {
+  const double d = double(d_), k = double(k_), m = double(m_), ell = double(ell_);
   // Per-call products: M = B V, Q = Mᵀ diag(a) M, and in the backward the
   // products with the Gram (M G, Bᵀ D, D Vᵀ). They also cost a fixed handful
   // of extra op launches (about a million multiply-adds' worth of time on a
@@ -294,33 +313,15 @@ double plan_cost(const Dims& dims, Plan plan, bool training) {
   switch (plan) {
     case Plan::kDirect:
       // forward x, u, y; backward runs u, y, Bᵀe, Vᵀ(.) again and forms dV, dW.
-      return training ? N * (2 * k * d + 4 * m * k + 3 * ell * m)
-                      : N * (k * d + m * k + ell * m);
+      return {0, training ? 2 * k * d + 4 * m * k + 3 * ell * m : k * d + m * k + ell * m};
     case Plan::kFolded:
-      return training ? 3 * fold + ell * k * k + N * (2 * k * d + 2 * ell * k + 0.5 * k * k)
-                      : fold + N * (k * d + ell * k);
+      return training ? PlanCost{3 * fold + ell * k * k, 2 * k * d + 2 * ell * k + 0.5 * k * k}
+                      : PlanCost{fold, k * d + ell * k};
     case Plan::kQuadratic:
-      return training ? 3 * fold + 2 * ell * k * k + N * (2 * k * d + 1.5 * k * k)
-                      : fold + ell * k * k + N * (k * d + k * k);
+      return training ? PlanCost{3 * fold + 2 * ell * k * k, 2 * k * d + 1.5 * k * k}
+                      : PlanCost{fold + ell * k * k, k * d + k * k};
   }
-  return 0;
-}
-
-Plan resolve_plan(const Dims& dims, c10::string_view name, bool training) {
-  if (name == "direct") return Plan::kDirect;
-  if (name == "folded") return Plan::kFolded;
-  if (name == "quadratic") return Plan::kQuadratic;
-  // Ties go to the more accurate association (direct, then folded).
-  Plan best = Plan::kDirect;
-  double best_cost = plan_cost(dims, best, training);
-  for (Plan p : {Plan::kFolded, Plan::kQuadratic}) {
-    const double c = plan_cost(dims, p, training);
-    if (c < 0.98 * best_cost) {
-      best = p;
-      best_cost = c;
-    }
-  }
-  return best;
+  return {0, 0};
 }
 
 at::Tensor aten_mm(const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }
@@ -379,19 +380,28 @@ ForwardResult forward_internal_meta(const at::Tensor& z, const at::Tensor& W,
   SymDims dims = check_forward_args(z, W, V, B, A);
   check_plan_name(plan);
   const auto opts = z.options().dtype(compute_dtype(z.scalar_type()));
-  const c10::SymInt rows =
-      save_for_backward && keeps_saved(dims.d, dims.k) ? dims.N : c10::SymInt(0);
+  const bool saved = save_for_backward && keeps_saved(dims.d, dims.k);
+  const c10::SymInt rows = saved ? dims.N : c10::SymInt(0);
+  // The state's shape is the resolved plan: "auto" specialises the weights'
+  // sizes and guards on the range of N where the plan holds.
+  auto size = [](const c10::SymInt& s) { return s.guard_int(__FILE__, __LINE__); };
+  const auto forced = forced_plan(plan);
+  const Plan resolved =
+      forced ? *forced
+             : resolve_plan(dims.N, size(dims.d), size(dims.k), size(dims.m), size(dims.ell),
+                            plan, save_for_backward);
   return {at::empty_symint(dims.batch_shape, z.options()),
           at::empty_symint({rows, dims.k}, opts),
-          at::empty_symint({rows, dims.k}, opts)};
+          at::empty_symint({rows, dims.k}, opts),
+          make_state({resolved, saved}, z.options())};
 }
 
 BackwardResult backward_internal_meta(
     const at::Tensor& grad, const at::Tensor& z, const at::Tensor& W,
     const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
-    const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& q,
-    c10::string_view plan, std::array<bool, 5> output_mask) {
-  check_plan_name(plan);
+    const at::Tensor& r, const at::Tensor& q, const at::Tensor& state,
+    std::array<bool, 5> output_mask) {
+  read_state(state);
   return two_layer_square_backward_meta(grad, z, W, V, B, A, output_mask);
 }
 
@@ -399,7 +409,7 @@ BackwardResult backward_internal_meta(
 std::string plan_for_sizes(int64_t N, int64_t d, int64_t k, int64_t m,
                            int64_t ell, c10::string_view plan, bool training) {
   check_plan_name(plan);
-  return plan_name(resolve_plan(Dims{N, d, k, m, ell, {}}, plan, training));
+  return plan_name(resolve_plan(N, d, k, m, ell, plan, training));
 }
 
 }  // namespace
@@ -413,17 +423,17 @@ TORCH_LIBRARY(torchext, m) {
       "Tensor B, Tensor A, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
   // Internal: the forward that also returns what the backward needs (r and
-  // q, see Plan; (0, k) when keeps_saved says to recompute them), and the
-  // backward that consumes them (r, q None: recomputed chunk by chunk).
-  // `plan` is "auto" or a forced plan; the backward resolves it as the
-  // training forward did.
+  // q, see Plan; (0, k) when keeps_saved says to recompute them, or when not
+  // saving) and the state (see SavedState: the plan it ran), and the backward
+  // that consumes them. A training forward (save_for_backward) resolves
+  // "auto" by the training cost.
   m.def(
       "_two_layer_square_forward(Tensor z, Tensor W, Tensor V, Tensor B, "
       "Tensor A, str plan=\"auto\", bool save_for_backward=False) "
-      "-> (Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_two_layer_square_backward(Tensor grad, Tensor z, Tensor W, Tensor V, "
-      "Tensor B, Tensor A, Tensor? r, Tensor? q, str plan, bool[5] output_mask) "
+      "Tensor B, Tensor A, Tensor r, Tensor q, Tensor state, bool[5] output_mask) "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
   m.def(
       "_plan(int N, int d, int k, int m, int ell, str plan=\"auto\", "
@@ -434,10 +444,10 @@ TORCH_LIBRARY(torchext, m) {
   m.def(
       "_two_layer_square_forward_aten(Tensor z, Tensor W, Tensor V, Tensor B, "
       "Tensor A, str plan=\"auto\", bool save_for_backward=False) "
-      "-> (Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_two_layer_square_backward_aten(Tensor grad, Tensor z, Tensor W, "
-      "Tensor V, Tensor B, Tensor A, Tensor? r, Tensor? q, str plan, "
+      "Tensor V, Tensor B, Tensor A, Tensor r, Tensor q, Tensor state, "
       "bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
   // Test and benchmark only (CPU): the matrix product the CPU kernels run on
   // (the AVX-512 kernel where it runs, else BLAS), in the fixed row blocks of

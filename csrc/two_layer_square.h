@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -59,9 +60,6 @@ bool keeps_saved(const Int& d, const Int& k) {
   return d + k >= 64;
 }
 
-// The saved r and q of the internal backward: (N, k) each, compute dtype, z's device.
-void check_saved(const Dims& dims, const at::Tensor& z, const at::Tensor& r,
-                 const at::Tensor& q);
 
 // Dtype the kernels compute and accumulate in: float32 for the half types,
 // otherwise the input dtype.
@@ -146,11 +144,76 @@ inline bool direct_saves_y(const Dims& dims) { return dims.ell <= dims.k; }
 const char* plan_name(Plan plan);
 // Raises ValueError unless name is "auto", "direct", "folded" or "quadratic".
 void check_plan_name(c10::string_view name);
-// Multiply-adds of one call: the forward, plus (training) a backward with the
-// W and V gradients. Depends on the sizes only.
-double plan_cost(const Dims& dims, Plan plan, bool training);
-// "auto" takes the cheapest plan by plan_cost; any other name is forced.
-Plan resolve_plan(const Dims& dims, c10::string_view name, bool training);
+
+// Multiply-adds of one call as fixed + per_sample · N: the forward, plus
+// (training) a backward with the W and V gradients.
+struct PlanCost {
+  double fixed, per_sample;
+};
+PlanCost plan_cost(int64_t d, int64_t k, int64_t m, int64_t ell, Plan plan, bool training);
+
+// Whether cost a(N) < 0.98 · cost b(N), decided as a threshold on the integer
+// N: a symbolic N (torch.compile, dynamic shapes) gets the answer a concrete
+// one would, under a guard on N's range.
+template <typename Int>
+bool cheaper(const Int& N, const PlanCost& a, const PlanCost& b) {
+  const double c = a.per_sample - 0.98 * b.per_sample;
+  const double rhs = 0.98 * b.fixed - a.fixed;
+  if (c == 0) return rhs > 0;
+  const double x = rhs / c;  // c·N < rhs  <=>  N < x (c > 0) or N > x (c < 0)
+  constexpr double kHuge = 4e18;
+  if (c > 0) return x > kHuge || (x > 0 && N < static_cast<int64_t>(std::ceil(x)));
+  return x < 0 || (x <= kHuge && N > static_cast<int64_t>(std::floor(x)));
+}
+
+// The plan a name other than "auto" forces.
+inline std::optional<Plan> forced_plan(c10::string_view name) {
+  if (name == "direct") return Plan::kDirect;
+  if (name == "folded") return Plan::kFolded;
+  if (name == "quadratic") return Plan::kQuadratic;
+  return std::nullopt;
+}
+
+// "auto" takes the cheapest plan by plan_cost (ties to the more accurate
+// association: direct, then folded); any other name is forced.
+template <typename Int>
+Plan resolve_plan(const Int& N, int64_t d, int64_t k, int64_t m, int64_t ell,
+                  c10::string_view name, bool training) {
+  if (const auto forced = forced_plan(name)) return *forced;
+  Plan best = Plan::kDirect;
+  PlanCost best_cost = plan_cost(d, k, m, ell, best, training);
+  for (Plan p : {Plan::kFolded, Plan::kQuadratic}) {
+    const PlanCost c = plan_cost(d, k, m, ell, p, training);
+    if (cheaper(N, c, best_cost)) {
+      best = p;
+      best_cost = c;
+    }
+  }
+  return best;
+}
+inline Plan resolve_plan(const Dims& dims, c10::string_view name, bool training) {
+  return resolve_plan(dims.N, dims.d, dims.k, dims.m, dims.ell, name, training);
+}
+
+// What a forward kept for its backward. The plan is resolved once, in the
+// forward, and travels to every backward of it (per-member backwards under
+// vmap included, whose batch sizes would resolve "auto" differently): the
+// saved r and q are only valid for the plan that wrote them (the direct
+// plan's q slot holds y). It travels as the shape of a tensor with no
+// elements, `state` = (0, plan, saved), on z's device: a shape is known on
+// the host without a device sync, and torch.compile's shape inference sees
+// it (the Meta kernel resolves the plan too, guarding on N's range).
+struct SavedState {
+  Plan plan;
+  bool saved;  // r and q hold (N, k) values; else the backward recomputes them
+};
+at::Tensor make_state(const SavedState& state, const at::TensorOptions& z_options);
+// Raises ValueError on a tensor that make_state did not make.
+SavedState read_state(const at::Tensor& state);
+// The saved r and q match the state: (N, k) each when saved (N = the
+// backward's batch), compute dtype, z's device; ignored otherwise.
+void check_saved(const Dims& dims, const at::Tensor& z, const SavedState& state,
+                 const at::Tensor& r, const at::Tensor& q);
 
 // The per-call products of the folded and quadratic plans, in the compute
 // dtype on the inputs' device: M = B V (ell, k) and, for quadratic,
@@ -181,7 +244,8 @@ void add_grads_from_gram(const ComputeInputs& in, const at::Tensor& M,
 struct ForwardOutputs {
   at::Tensor f, r, q;
 };
-using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+// f, r, q and the state (see SavedState).
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // The device-generic implementation in ATen ops (two_layer_square_aten.cpp):
 // what the CUDA backend runs around its fused kernels, and what the
@@ -195,87 +259,106 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
                    const at::Tensor& q, Plan plan, const OutputMask& mask,
                    int64_t chunk_rows, GradBuffers& bufs);
 
-// The frames every backend shares; a backend writes only its kernels and gets
-// the op entry points from these templates.
+// The frames every backend shares; a backend writes only its two kernels and
+// register_kernels derives the four op entry points from them.
 //
 // Forward kernel: void(const Dims&, const ComputeInputs&, Plan, ForwardOutputs&).
-// The internal forward op checks, brings the inputs to the compute dtype,
-// resolves the plan, allocates the outputs, runs the kernel on a non-empty
-// batch and casts f back to the input dtype.
+// run_forward checks, brings the inputs to the compute dtype, resolves the
+// plan (once per call: the backward reads it from the state), allocates the
+// outputs, runs the kernel on a non-empty batch and casts f back to the
+// input dtype.
+template <auto Kernel>
+ForwardResult run_forward(const at::Tensor& z, const at::Tensor& W, const at::Tensor& V,
+                          const at::Tensor& B, const at::Tensor& A,
+                          c10::string_view plan_name, bool save, bool training) {
+  const Dims dims = concrete(check_forward_args(z, W, V, B, A));
+  check_plan_name(plan_name);
+  const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
+  const SavedState state{resolve_plan(dims, plan_name, training),
+                         save && keeps_saved(dims.d, dims.k)};
+  const int64_t saved_rows = state.saved ? dims.N : 0;
+  ForwardOutputs out{at::empty({dims.N}, in.z.options()),
+                     at::empty({saved_rows, dims.k}, in.z.options()),
+                     at::empty({saved_rows, dims.k}, in.z.options())};
+  if (dims.N > 0) Kernel(dims, in, state.plan, out);
+  return {finish_forward(dims, std::move(out.f), z), std::move(out.r),
+          std::move(out.q), make_state(state, z.options())};
+}
+
+// The internal forward op: a training forward (save) resolves "auto" by the
+// training cost, an inference one by the forward's.
 template <auto Kernel>
 ForwardResult internal_forward(const at::Tensor& z, const at::Tensor& W,
                                const at::Tensor& V, const at::Tensor& B,
                                const at::Tensor& A, c10::string_view plan_name,
                                bool save) {
-  const Dims dims = concrete(check_forward_args(z, W, V, B, A));
-  check_plan_name(plan_name);
-  const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
-  const Plan plan = resolve_plan(dims, plan_name, save);
-  const int64_t saved_rows = save && keeps_saved(dims.d, dims.k) ? dims.N : 0;
-  ForwardOutputs out{at::empty({dims.N}, in.z.options()),
-                     at::empty({saved_rows, dims.k}, in.z.options()),
-                     at::empty({saved_rows, dims.k}, in.z.options())};
-  if (dims.N > 0) Kernel(dims, in, plan, out);
-  return {finish_forward(dims, std::move(out.f), z), std::move(out.r),
-          std::move(out.q)};
+  return run_forward<Kernel>(z, W, V, B, A, plan_name, save, /*training=*/save);
+}
+
+// The public forward saves nothing, and its backward (the public backward op)
+// recomputes r and q: both resolve "auto" by the training cost, so that a
+// call's f and its gradients come from one plan.
+template <auto Kernel>
+at::Tensor public_forward(const at::Tensor& z, const at::Tensor& W,
+                          const at::Tensor& V, const at::Tensor& B,
+                          const at::Tensor& A) {
+  return std::get<0>(run_forward<Kernel>(z, W, V, B, A, "auto", false, /*training=*/true));
 }
 
 // Backward kernel: void(const Dims&, const ComputeInputs&, const at::Tensor& g,
 // const at::Tensor& r, const at::Tensor& q, Plan, const OutputMask&, GradBuffers&),
 // with g as grad_to_compute gives it (stride 1 or 0), r and q contiguous, or
 // undefined when they were not saved (the kernel recomputes them chunk by
-// chunk). The internal backward op runs it on a non-empty batch with some
-// gradient requested; it writes every requested gradient (the buffers come
+// chunk). run_backward runs it on a non-empty batch with some gradient
+// requested; it writes every requested gradient (the buffers come
 // uninitialised, see allocate_grad_buffers).
-using OptionalTensor = std::optional<at::Tensor>;
-
 template <auto Kernel>
-BackwardResult internal_backward(const at::Tensor& grad, const at::Tensor& z,
-                                 const at::Tensor& W, const at::Tensor& V,
-                                 const at::Tensor& B, const at::Tensor& A,
-                                 const OptionalTensor& r, const OptionalTensor& q,
-                                 c10::string_view plan_name, std::array<bool, 5> mask) {
-  const Dims dims = concrete(check_backward_args(grad, z, W, V, B, A));
-  const bool saved = r.has_value() && q.has_value();
-  if (saved) check_saved(dims, z, *r, *q);
-  check_plan_name(plan_name);
+BackwardResult run_backward(const Dims& dims, const at::Tensor& grad, const at::Tensor& z,
+                            const at::Tensor& W, const at::Tensor& V, const at::Tensor& B,
+                            const at::Tensor& A, const at::Tensor& r, const at::Tensor& q,
+                            Plan plan, const OutputMask& mask) {
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
-  const Plan plan = resolve_plan(dims, plan_name, /*training=*/true);
   GradBuffers bufs = allocate_grad_buffers(dims, in, mask);
   bool any = false;
   for (bool b : mask) any = any || b;
   if (dims.N > 0 && any) {
-    Kernel(dims, in, grad_to_compute(dims, grad), saved ? r->contiguous() : at::Tensor(),
-           saved ? q->contiguous() : at::Tensor(), plan, mask, bufs);
+    Kernel(dims, in, grad_to_compute(dims, grad), r.defined() ? r.contiguous() : r,
+           q.defined() ? q.contiguous() : q, plan, mask, bufs);
   }
   return to_tuple(finish_grads(dims, std::move(bufs), z, W, V, B, A));
 }
 
-// A backend registers its internal forward and backward entry points (from
-// the templates above, or stubs); the public ops are derived from them: the public forward is the internal one with plan "auto"
-// and nothing saved, the public backward is the internal one recomputing r and
-// q chunk by chunk.
-template <auto Forward>
-at::Tensor public_forward(const at::Tensor& z, const at::Tensor& W,
-                          const at::Tensor& V, const at::Tensor& B,
-                          const at::Tensor& A) {
-  return std::get<0>(Forward(z, W, V, B, A, "auto", false));
+// The internal backward op: the plan and the saved r and q its forward left.
+template <auto Kernel>
+BackwardResult internal_backward(const at::Tensor& grad, const at::Tensor& z,
+                                 const at::Tensor& W, const at::Tensor& V,
+                                 const at::Tensor& B, const at::Tensor& A,
+                                 const at::Tensor& r, const at::Tensor& q,
+                                 const at::Tensor& state, std::array<bool, 5> mask) {
+  const Dims dims = concrete(check_backward_args(grad, z, W, V, B, A));
+  const SavedState saved = read_state(state);
+  check_saved(dims, z, saved, r, q);
+  return run_backward<Kernel>(dims, grad, z, W, V, B, A, saved.saved ? r : at::Tensor(),
+                              saved.saved ? q : at::Tensor(), saved.plan, mask);
 }
 
-template <auto Backward>
+// The public backward op recomputes r and q, with the plan public_forward ran.
+template <auto Kernel>
 BackwardResult public_backward(const at::Tensor& grad, const at::Tensor& z,
                                const at::Tensor& W, const at::Tensor& V,
                                const at::Tensor& B, const at::Tensor& A,
                                std::array<bool, 5> mask) {
-  return Backward(grad, z, W, V, B, A, std::nullopt, std::nullopt, "auto", mask);
+  const Dims dims = concrete(check_backward_args(grad, z, W, V, B, A));
+  return run_backward<Kernel>(dims, grad, z, W, V, B, A, at::Tensor(), at::Tensor(),
+                              resolve_plan(dims, "auto", /*training=*/true), mask);
 }
 
-template <auto Forward, auto Backward>
+template <auto ForwardKernel, auto BackwardKernel>
 void register_kernels(torch::Library& m) {
-  m.impl("two_layer_square", &public_forward<Forward>);
-  m.impl("two_layer_square_backward", &public_backward<Backward>);
-  m.impl("_two_layer_square_forward", Forward);
-  m.impl("_two_layer_square_backward", Backward);
+  m.impl("two_layer_square", &public_forward<ForwardKernel>);
+  m.impl("two_layer_square_backward", &public_backward<BackwardKernel>);
+  m.impl("_two_layer_square_forward", &internal_forward<ForwardKernel>);
+  m.impl("_two_layer_square_backward", &internal_backward<BackwardKernel>);
 }
 
 }  // namespace torchext

@@ -45,8 +45,8 @@ const auto& backward_op() {
           .findSchemaOrThrow("torchext::_two_layer_square_backward", "")
           .typed<BackwardResult(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const OptionalTensor&, const OptionalTensor&,
-                                c10::string_view, std::array<bool, 5>)>();
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                std::array<bool, 5>)>();
   return op;
 }
 
@@ -73,11 +73,10 @@ struct FusedTwoLayerSquare : public torch::autograd::Function<FusedTwoLayerSquar
     // apply() has turned grad mode off; also skip the ops' own (Python)
     // autograd kernels, which would only find nothing to record.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [f, r, q] = forward_op().call(z, W, V, B, A, plan, /*save=*/true);
+    auto [f, r, q, state] = forward_op().call(z, W, V, B, A, plan, /*save=*/true);
     // r and q never receive gradients; no zero-filled grads for them either.
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({z, W, V, B, A, r, q});
-    ctx->saved_data["plan"] = std::string(plan);
+    ctx->save_for_backward({z, W, V, B, A, r, q, state});
     return f;
   }
 
@@ -90,15 +89,9 @@ struct FusedTwoLayerSquare : public torch::autograd::Function<FusedTwoLayerSquar
     if (!grads[0].defined() || !any) return out;
     std::array<at::Tensor, 6> args = {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]};
     to_common_dtype(args);
-    OptionalTensor r, q;
-    if (saved[5].size(0) == args[0].numel()) {  // else recomputed chunk by chunk
-      r = saved[5];
-      q = saved[6];
-    }
-    const std::string plan = ctx->saved_data["plan"].toStringRef();
     auto call = [&] {
-      return backward_op().call(args[0], args[1], args[2], args[3], args[4], args[5], r, q,
-                                plan, mask);
+      return backward_op().call(args[0], args[1], args[2], args[3], args[4], args[5],
+                                saved[5], saved[6], saved[7], mask);
     };
     // create_graph=True: through the ops' autograd, so that the result is
     // differentiable; otherwise straight to the kernels.
@@ -187,25 +180,20 @@ BackwardResult backward_per_member(
   return to_tuple(std::move(out));
 }
 
+// The state is the forward's, shared by every member (never batched).
 BackwardResult internal_backward_batched(const at::Tensor& grad, const at::Tensor& z,
                                          const at::Tensor& W, const at::Tensor& V,
                                          const at::Tensor& B, const at::Tensor& A,
-                                         const OptionalTensor& r, const OptionalTensor& q,
-                                         c10::string_view plan, std::array<bool, 5> mask) {
-  const bool saved = r.has_value() && q.has_value() && r->defined() && q->defined();
-  std::vector<at::Tensor> logical = {grad, z, W, V, B, A};
-  if (saved) {
-    logical.push_back(*r);
-    logical.push_back(*q);
-  }
-  const std::string plan_s(plan);
+                                         const at::Tensor& r, const at::Tensor& q,
+                                         const at::Tensor& state, std::array<bool, 5> mask) {
+  TORCH_CHECK_VALUE(!at::isBatchedTensor(state),
+                    "two_layer_square: the state of a forward cannot be batched");
   return backward_per_member(
       [&](const std::vector<at::Tensor>& a) {
-        return backward_op().call(a[0], a[1], a[2], a[3], a[4], a[5],
-                                  saved ? OptionalTensor(a[6]) : std::nullopt,
-                                  saved ? OptionalTensor(a[7]) : std::nullopt, plan_s, mask);
+        return backward_op().call(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], state,
+                                  mask);
       },
-      std::move(logical), mask);
+      {grad, z, W, V, B, A, r, q}, mask);
 }
 
 BackwardResult public_backward_batched(const at::Tensor& grad, const at::Tensor& z,

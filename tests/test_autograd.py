@@ -356,7 +356,7 @@ def test_plain_eager_node_under_anomaly_mode_and_hooks():
     with torch.autograd.detect_anomaly(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         f = torchext.two_layer_square(z, W, V, B, A)
         (gW,) = torch.autograd.grad(f.sum(), W)
-    assert len(packed) == 7  # z, W, V, B, A and the two N×k tensors (maybe empty)
+    assert len(packed) == 8  # z, W, V, B, A, the two N×k tensors (maybe empty) and the state
     W_ref = W.detach().requires_grad_()
     torchext.reference.two_layer_square(z, W_ref, V, B, A).sum().backward()
     assert_matches(gW, W_ref.grad, torch.float64)

@@ -150,8 +150,8 @@ def test_fused_quadratic_under_cuda_graph_capture():
     z, W, V, B, A = make_inputs(((3000,), 64, 64, 64, 64), torch.float32, "cuda", seed=8)
     ops = torch.ops.torchext
     eager = ops._two_layer_square_forward(z, W, V, B, A, "quadratic", True)
-    grads_eager = ops._two_layer_square_backward(torch.ones(3000, device="cuda"), z, W, V, B, A, eager[1], eager[2],
-                                                 "quadratic", [True] * 5)
+    grads_eager = ops._two_layer_square_backward(torch.ones(3000, device="cuda"), z, W, V, B, A, *eager[1:],
+                                                 [True] * 5)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up on a side stream, as capture wants
@@ -161,7 +161,7 @@ def test_fused_quadratic_under_cuda_graph_capture():
     g = torch.ones(3000, device="cuda")
     with torch.cuda.graph(graph):
         out = ops._two_layer_square_forward(z, W, V, B, A, "quadratic", True)
-        grads = ops._two_layer_square_backward(g, z, W, V, B, A, out[1], out[2], "quadratic", [True] * 5)
+        grads = ops._two_layer_square_backward(g, z, W, V, B, A, *out[1:], [True] * 5)
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(list(out) + list(grads), list(eager) + list(grads_eager)):

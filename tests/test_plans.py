@@ -177,15 +177,14 @@ def test_generic_aten_path_matches(plan):
     for shape in ["many-chunks", "many-chunks-kept", "ell<k", "ell>k", "vector"]:
         inputs = make_inputs(PLAN_SHAPES[shape], torch.float64, seed=7)
         f_ref, g, grads_ref = reference_outputs(inputs)
-        f, r, q = OPS._two_layer_square_forward_aten(*inputs, plan, True)
+        f, *saved = OPS._two_layer_square_forward_aten(*inputs, plan, True)
         assert_matches(f, f_ref, torch.float64, "f")
-        kept = r.shape[0] > 0
-        for saved in ([(r, q)] if kept else []) + [(None, None)]:  # from saved r, q / recomputed
-            grads = OPS._two_layer_square_backward_aten(g.reshape(f.shape), *inputs, *saved, plan, [True] * 5)
+        f_nosave, *recompute = OPS._two_layer_square_forward_aten(*inputs, plan, False)
+        assert recompute[0].shape[0] == 0 and torch.allclose(f_nosave, f)
+        for state in (saved, recompute):  # from saved r, q (where kept) / recomputed
+            grads = OPS._two_layer_square_backward_aten(g.reshape(f.shape), *inputs, *state, [True] * 5)
             for name, gr, ref in zip(NAMES, grads, grads_ref):
                 assert_matches(gr, ref, torch.float64, f"{shape} d{name}")
-        f_nosave, r0, _ = OPS._two_layer_square_forward_aten(*inputs, plan, False)
-        assert r0.shape[0] == 0 and torch.allclose(f_nosave, f)
 
 
 def test_module_plan_argument():
@@ -210,15 +209,14 @@ def test_gradient_buffers_never_show_stale_memory(shape, plan, dtype):
     k = W.shape[0]
     poison_shapes = [t.shape for t in inputs] + [(k, k), (A.numel(),)]
     for save in (True, False):
-        f, r, q = OPS._two_layer_square_forward(z, W, V, B, A, plan, save)
-        rq = (r, q) if r.shape[0] == f.numel() else (None, None)  # (narrow layers: recomputed)
+        f, *state = OPS._two_layer_square_forward(z, W, V, B, A, plan, save)
         for wants in itertools.product([False, True], repeat=5):
             if not any(wants[1:]):
                 continue
             f_ref, g, grads_ref = reference_outputs(inputs, wants=wants)
             for _ in range(3):
                 poison_allocator(poison_shapes, dtype)
-                grads = OPS._two_layer_square_backward(g.to(dtype), z, W, V, B, A, *rq, plan, list(wants))
+                grads = OPS._two_layer_square_backward(g.to(dtype), z, W, V, B, A, *state, list(wants))
                 for name, gr, ref in zip(NAMES, grads, grads_ref):
                     if ref is not None:
                         assert_matches(gr, ref, dtype, f"{plan} save={save} {wants} d{name}")
@@ -231,12 +229,11 @@ def test_broadcast_incoming_gradient_equals_materialised(shape, plan, device):
     # f.sum() and f.mean() hand the backward a stride-0 gradient, which the
     # kernels read in place: bitwise the result of the materialised one.
     z, W, V, B, A = make_inputs(PLAN_SHAPES[shape], torch.float32, device, seed=3)
-    f, r, q = OPS._two_layer_square_forward(z, W, V, B, A, plan, True)
-    rq = (r, q) if r.shape[0] == f.numel() else (None, None)
+    f, *state = OPS._two_layer_square_forward(z, W, V, B, A, plan, True)
     broadcast = torch.tensor(0.37, device=device).expand(f.shape)
     assert broadcast.numel() <= 1 or 0 in broadcast.stride()
     mask = [True] * 5
-    got = OPS._two_layer_square_backward(broadcast, z, W, V, B, A, *rq, plan, mask)
-    want = OPS._two_layer_square_backward(broadcast.contiguous(), z, W, V, B, A, *rq, plan, mask)
+    got = OPS._two_layer_square_backward(broadcast, z, W, V, B, A, *state, mask)
+    want = OPS._two_layer_square_backward(broadcast.contiguous(), z, W, V, B, A, *state, mask)
     for name, a, b in zip(NAMES, got, want):
         assert torch.equal(a, b), f"{plan} d{name}"

@@ -20,7 +20,7 @@ def plain_eager():
 
 
 def call_op(op, *args):
-    """Calls a compiled op; below the Autograd key when nothing is to be
+    """Calls a compiled op (or a function of one); below the Autograd key when nothing is to be
     recorded (grad mode off, plain eager) — inside a Function's forward, or in
     a first-order backward. Otherwise (create_graph=True, compile tracing,
     torch.func) through it, so the op's registered formula is recorded."""
@@ -54,7 +54,7 @@ def backward(ctx, grad):
     mask = [bool(b) for b in ctx.needs_input_grad[:5]]
     if not any(mask):
         return (None,) * 5
-    return tuple(_call_backward(grad, z, W, V, B, A, None, None, "auto", mask))
+    return tuple(_call_backward(grad, z, W, V, B, A, None, mask))
 
 
 def _setup_backward_context(ctx, inputs, output):
@@ -63,71 +63,92 @@ def _setup_backward_context(ctx, inputs, output):
 
 def _backward_of_backward(ctx, *cotangents):
     """Autograd of either backward op (their first six inputs are grad, z, W, V,
-    B, A; the rest — saved r, q, plan, mask — get no gradient)."""
+    B, A; the rest — saved r, q, state, mask — get no gradient)."""
     grad, z, W, V, B, A = ctx.saved_tensors[:6]
     grads = double_backward(grad, z, W, V, B, A, cotangents, ctx.needs_input_grad[:6])
     return (*grads, *[None] * (len(ctx.needs_input_grad) - 6))
 
 
-def unbatched_slices(info, in_dims, args):
-    """The per-member arguments of a vmap: one tuple per batch index."""
-    return [
-        tuple(t if dim is None else t.select(dim, i) for t, dim in zip(args, in_dims))
-        for i in range(info.batch_size)
-    ]
+def per_member(info, in_dims, args, fn, unbatched=()):
+    """The one per-member vmap rule: fn(*member_args) for each vmap member,
+    each result stacked along dim 0 (None stays None); results at the indices
+    in `unbatched` (a forward's state) are the same for every member and come
+    back unbatched. Weight gradients sum over the samples of one member only,
+    never across members, hence one call per member. An empty vmap runs fn
+    once on zero-filled member-shaped arguments, for the results' shapes."""
+    if info.batch_size == 0:
+        members = [tuple(t if dim is None else t.new_zeros(t.shape[:dim] + t.shape[dim + 1:])
+                         for t, dim in zip(args, in_dims))]
+    else:
+        members = [tuple(t if dim is None else t.select(dim, i) for t, dim in zip(args, in_dims))
+                   for i in range(info.batch_size)]
+    results = [fn(*member) for member in members]
+    single = isinstance(results[0], torch.Tensor)
+    if single:
+        results = [(res,) for res in results]
+    outs, dims = [], []
+    for i, first in enumerate(results[0]):
+        if first is None or i in unbatched:
+            outs.append(first)
+            dims.append(None)
+        elif info.batch_size == 0:
+            outs.append(first.new_empty((0, *first.shape)))
+            dims.append(0)
+        else:
+            outs.append(torch.stack([res[i] for res in results]))
+            dims.append(0)
+    return (outs[0], dims[0]) if single else (tuple(outs), tuple(dims))
 
 
-def stack_members(results):
-    """Stacks per-member backward results (None stays None) for a vmap rule."""
-    outs = tuple(
-        None if results[0][i] is None else torch.stack([res[i] for res in results])
-        for i in range(len(results[0]))
-    )
-    return outs, tuple(None if o is None else 0 for o in outs)
+def check_unbatched_state(in_dims, state_index):
+    if in_dims[state_index] is not None:
+        raise ValueError("two_layer_square: the state of a forward cannot be batched under vmap")
 
 
-def backward_per_member(op, info, in_dims, tensors, *rest):
-    """A vmap rule for a fused backward: weight gradients sum over the samples
-    of one vmap member, never across members, so each member gets its own call
-    op(*member_tensors, *rest)."""
-    members = unbatched_slices(info, in_dims[: len(tensors)], tensors)
-    return stack_members([op(*args, *rest) for args in members])
+def fused_backward(grad, z, W, V, B, A, r, q, state, mask):
+    """The internal backward op with a planned forward's r, q and state (the
+    state holds its plan; r and q are empty where the backward recomputes them
+    chunk by chunk), or, with all three None, the public backward op."""
+    if state is None:
+        return _ops.two_layer_square_backward(grad, z, W, V, B, A, mask)
+    return _ops._two_layer_square_backward(grad, z, W, V, B, A, r, q, state, mask)
 
 
 class TwoLayerSquareBackward(torch.autograd.Function):
-    """The fused backward ops as an autograd.Function, so that they are
+    """The internal fused backward op as an autograd.Function, so that it is
     differentiable under torch.func transforms too (jacrev(jacrev(...)),
-    vmap(grad(...))); plain autograd gets there through the ops' own
-    registrations below. Both use double_backward. r and q are the planned
-    forward's saved tensors, or None (recomputed chunk by chunk)."""
+    vmap(grad(...))); plain autograd gets there through the op's own
+    registration below. Both use double_backward. r, q and state are the
+    planned forward's (see fused_backward)."""
 
     @staticmethod
-    def forward(grad, z, W, V, B, A, r, q, plan, output_mask):
-        return _ops._two_layer_square_backward(grad, z, W, V, B, A, r, q, plan, output_mask)
+    def forward(grad, z, W, V, B, A, r, q, state, output_mask):
+        return fused_backward(grad, z, W, V, B, A, r, q, state, output_mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_backward_context(ctx, inputs, output)
-        ctx.save_for_forward(*inputs[:6])
-        ctx.plan, ctx.output_mask = inputs[8], list(inputs[9])
+        ctx.save_for_forward(*inputs[:9])
+        ctx.output_mask = list(inputs[9])
 
     backward = staticmethod(_backward_of_backward)
 
     @staticmethod
     def jvp(ctx, t_grad, tz, tW, tV, tB, tA, *_):
         # d(∇_θ Σ g f) = ∇_θ Σ ġ f (the backward op with ġ) + H θ̇ (double_backward).
-        grad, z, W, V, B, A = ctx.saved_tensors[:6]
+        grad, z, W, V, B, A, r, q, state = ctx.saved_tensors
         mask = ctx.output_mask
         out = double_backward(grad, z, W, V, B, A, (tz, tW, tV, tB, tA), [False, *mask])[1:]
         if t_grad is not None:
-            extra = _ops._two_layer_square_backward(t_grad, z, W, V, B, A, None, None, ctx.plan, mask)
+            extra = fused_backward(t_grad, z, W, V, B, A, r, q, state, mask)
             out = [o if e is None else o + e for o, e in zip(out, extra)]
         return tuple(o if m else None for o, m in zip(out, mask))
 
     @staticmethod
-    def vmap(info, in_dims, grad, z, W, V, B, A, r, q, plan, output_mask):
-        return backward_per_member(TwoLayerSquareBackward.apply, info, in_dims,
-                                   (grad, z, W, V, B, A, r, q), plan, output_mask)
+    def vmap(info, in_dims, grad, z, W, V, B, A, r, q, state, output_mask):
+        check_unbatched_state(in_dims, 8)
+        return per_member(info, in_dims[:8], (grad, z, W, V, B, A, r, q),
+                          lambda *args: TwoLayerSquareBackward.apply(*args, state, output_mask))
 
 
 def _common_dtype(grad, z, W, V, B, A):
@@ -143,52 +164,48 @@ def _common_dtype(grad, z, W, V, B, A):
     return tuple(t.to(dtype) for t in (grad, z, W, V, B, A))
 
 
-def _call_backward(grad, z, W, V, B, A, r, q, plan, mask):
+def _call_backward(grad, z, W, V, B, A, saved, mask):
     """One call of a fused backward op, by the cheapest route that keeps the
-    result differentiable when it has to be."""
+    result differentiable when it has to be. saved: the planned forward's
+    (r, q, state), or None for the public backward op (the raw op's face)."""
     grad, z, W, V, B, A = _common_dtype(grad, z, W, V, B, A)
+    r, q, state = (None, None, None) if saved is None else saved
     if torch._C._are_functorch_transforms_active():
-        return TwoLayerSquareBackward.apply(grad, z, W, V, B, A, r, q, plan, mask)
-    if r is None and plan == "auto":  # the raw op's face: its public backward op
-        return call_op(_ops.two_layer_square_backward, grad, z, W, V, B, A, mask)
-    return call_op(_ops._two_layer_square_backward, grad, z, W, V, B, A, r, q, plan, mask)
+        return TwoLayerSquareBackward.apply(grad, z, W, V, B, A, r, q, state, mask)
+    return call_op(fused_backward, grad, z, W, V, B, A, r, q, state, mask)
 
 
 def planned_forward(z, W, V, B, A, plan, save):
-    """The internal forward op (f, r, q), as called from inside an autograd.Function."""
+    """The internal forward op (f, r, q, state), as called from inside an autograd.Function."""
     return call_op(_ops._two_layer_square_forward, z, W, V, B, A, plan, save)
 
 
 def setup_planned_context(ctx, inputs, output):
     z, W, V, B, A, plan, save = inputs
-    _, r, q = output
-    ctx.mark_non_differentiable(r, q)
-    # r and q never receive gradients; without this autograd would hand the
-    # backward two zero-filled N×k tensors for them on every call.
+    _, r, q, state = output
+    ctx.mark_non_differentiable(r, q, state)
+    # r, q and state never receive gradients; without this autograd would hand
+    # the backward zero-filled tensors for them on every call.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(z, W, V, B, A, r, q)
+    ctx.save_for_backward(z, W, V, B, A, r, q, state)
     ctx.save_for_forward(z, W, V, B, A)
-    ctx.plan = plan
 
 
 def planned_jvp(ctx, *tangents):
     """Forward-mode AD of the planned forward (jvp, jacfwd, hessian): f's tangent;
-    r and q are not differentiable."""
+    r, q and state are not differentiable."""
     z, W, V, B, A = ctx.saved_tensors[:5]
-    return tangent_of_f(z, W, V, B, A, tangents[:5]), None, None
+    return tangent_of_f(z, W, V, B, A, tangents[:5]), None, None, None
 
 
-def planned_backward(ctx, grad, _grad_r=None, _grad_q=None):
-    """Backward of the planned forward: the internal fused backward op, from the
-    saved r and q, or recomputing them where the forward did not keep them."""
-    z, W, V, B, A, r, q = ctx.saved_tensors
+def planned_backward(ctx, grad, *_not_differentiable):
+    """Backward of the planned forward: the internal fused backward op, with the
+    plan and the saved r and q of the forward (its state says which)."""
+    z, W, V, B, A, r, q, state = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:5])
     if grad is None or not any(mask):  # (grads are not materialised: None means zero)
         return (None,) * 7
-    if r.shape[0] != grad.numel():
-        r = q = None
-    dz, dW, dV, dB, dA = _call_backward(grad, z, W, V, B, A, r, q, ctx.plan, mask)
-    return dz, dW, dV, dB, dA, None, None
+    return (*_call_backward(grad, z, W, V, B, A, (r, q, state), mask), None, None)
 
 
 def double_backward(g, z, W, V, B, A, cotangents, needs):

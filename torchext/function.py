@@ -43,17 +43,17 @@ class TwoLayerSquare(torch.autograd.Function):
             # Only z is batched: the vmapped dimension is just more samples.
             return TwoLayerSquare.apply(z.movedim(z_dim, 0), W, V, B, A), 0
         # Weights batched (an ensemble): one fused call per member.
-        members = _autograd.unbatched_slices(info, in_dims, (z, W, V, B, A))
-        return torch.stack([TwoLayerSquare.apply(*args) for args in members]), 0
+        return _autograd.per_member(info, in_dims, (z, W, V, B, A), TwoLayerSquare.apply)
 
 
 class PlannedTwoLayerSquare(torch.autograd.Function):
     """The face behind two_layer_square and TwoLayerSquareNet: forward returns
-    (f, r, q) from the internal fused forward op with the requested plan, and
-    saves r and q (two N×k tensors; for narrow layers, d + k < 64, they are
-    empty and the backward recomputes them chunk by chunk). Same backward
-    formula and torch.func support as TwoLayerSquare; this twin is the one
-    torch.compile traces."""
+    (f, r, q, state) from the internal fused forward op with the requested
+    plan, and saves them: r and q are two N×k tensors (for narrow layers,
+    d + k < 64, they are empty and the backward recomputes them chunk by
+    chunk), state is the plan the forward resolved, which every backward of
+    it runs. Same backward formula and torch.func support as TwoLayerSquare;
+    this twin is the one torch.compile traces."""
 
     # (*args): autograd.Function.apply binds the arguments to forward's signature
     # on every call, and that costs about twice as much for seven named parameters.
@@ -67,14 +67,17 @@ class PlannedTwoLayerSquare(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, z, W, V, B, A, plan, save):
         if all(dim is None for dim in in_dims[1:5]):
+            # Only z is batched: one forward over every member's samples. Its
+            # plan (resolved for all of them) travels in the state to each
+            # member's backward.
             zb = z.movedim(in_dims[0], 0)
-            f, r, q = TorchFuncTwoLayerSquare.apply(zb, W, V, B, A, plan, save)
-            rows = r.shape[0] // info.batch_size
+            f, r, q, state = TorchFuncTwoLayerSquare.apply(zb, W, V, B, A, plan, save)
+            rows = zb.shape[1:-1].numel() if state.shape[2] else 0  # state: (0, plan, saved)
             shape = (info.batch_size, rows, r.shape[-1])
-            return (f, r.reshape(shape), q.reshape(shape)), (0, 0, 0)
-        members = _autograd.unbatched_slices(info, in_dims[:5], (z, W, V, B, A))
-        outs = [TorchFuncTwoLayerSquare.apply(*args, plan, save) for args in members]
-        return tuple(torch.stack([o[i] for o in outs]) for i in range(3)), (0, 0, 0)
+            return (f, r.reshape(shape), q.reshape(shape), state), (0, 0, 0, None)
+        return _autograd.per_member(
+            info, in_dims[:5], (z, W, V, B, A),
+            lambda *args: TorchFuncTwoLayerSquare.apply(*args, plan, save), unbatched=(3,))
 
 
 class TorchFuncTwoLayerSquare(PlannedTwoLayerSquare):
@@ -139,19 +142,20 @@ def two_layer_square(z, W, V, B, A, *, plan="auto"):
 def _forward_vmap(info, in_dims, z, W, V, B, A):
     if all(dim is None for dim in in_dims[1:]):
         return _ops.two_layer_square(z.movedim(in_dims[0], 0), W, V, B, A), 0
-    members = _autograd.unbatched_slices(info, in_dims, (z, W, V, B, A))
-    return torch.stack([_ops.two_layer_square(*args) for args in members]), 0
+    return _autograd.per_member(info, in_dims, (z, W, V, B, A), _ops.two_layer_square)
 
 
 @torch.library.register_vmap("torchext::two_layer_square_backward")
 def _backward_vmap(info, in_dims, grad, z, W, V, B, A, output_mask):
-    return _autograd.backward_per_member(_ops.two_layer_square_backward, info, in_dims,
-                                         (grad, z, W, V, B, A), output_mask)
+    return _autograd.per_member(info, in_dims, (grad, z, W, V, B, A),
+                                lambda *args: _ops.two_layer_square_backward(*args, output_mask))
 
 
 # torch.func.vmap over the backward of a graph that the plain-eager C++ node
 # recorded (the legacy vmap of is_grads_batched has its own kernel in C++).
 @torch.library.register_vmap("torchext::_two_layer_square_backward")
-def _internal_backward_vmap(info, in_dims, grad, z, W, V, B, A, r, q, plan, output_mask):
-    return _autograd.backward_per_member(_ops._two_layer_square_backward, info, in_dims,
-                                         (grad, z, W, V, B, A, r, q), plan, output_mask)
+def _internal_backward_vmap(info, in_dims, grad, z, W, V, B, A, r, q, state, output_mask):
+    _autograd.check_unbatched_state(in_dims, 8)
+    return _autograd.per_member(
+        info, in_dims[:8], (grad, z, W, V, B, A, r, q),
+        lambda *args: _ops._two_layer_square_backward(*args, state, output_mask))

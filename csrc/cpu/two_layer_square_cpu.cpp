@@ -702,8 +702,7 @@ at::Tensor cpu_matmul_op(const at::Tensor& a, const at::Tensor& b) {
 }
 
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {
-  register_kernels<&internal_forward<&forward_kernel_cpu>,
-                   &internal_backward<&backward_kernel_cpu>>(m);
+  register_kernels<&forward_kernel_cpu, &backward_kernel_cpu>(m);
   m.impl("_cpu_matmul", &cpu_matmul_op);
 }
 

@@ -17,16 +17,12 @@ namespace {
               "(see `python -m torchext --build-info`).");
 }
 
-ForwardResult forward_unavailable(const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, c10::string_view, bool) {
-  fail();
-}
+// Kernels that fail: the arguments are checked first, as on every backend.
+void forward_unavailable(const Dims&, const ComputeInputs&, Plan, ForwardOutputs&) { fail(); }
 
-BackwardResult backward_unavailable(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-    const OptionalTensor&, c10::string_view, std::array<bool, 5>) {
+void backward_unavailable(const Dims&, const ComputeInputs&, const at::Tensor&,
+                          const at::Tensor&, const at::Tensor&, Plan, const OutputMask&,
+                          GradBuffers&) {
   fail();
 }
 

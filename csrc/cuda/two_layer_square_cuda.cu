@@ -385,8 +385,7 @@ void backward_kernel_cuda(const Dims& dims, const ComputeInputs& in, const at::T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchext, CUDA, m) {
-  register_kernels<&internal_forward<&forward_kernel_cuda>,
-                   &internal_backward<&backward_kernel_cuda>>(m);
+  register_kernels<&forward_kernel_cuda, &backward_kernel_cuda>(m);
 }
 
 }  // namespace torchext
