@@ -185,7 +185,7 @@ at::Tensor grad_to_compute(const Dims& dims, const at::Tensor& grad) {
 BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
                           int64_t min_rows, int64_t max_partitions) {
   // Partial weight gradients of all partitions together stay under this
-  // many elements, so wide layers get fewer partitions.
+  // many elements (beyond it, one), so wide layers get fewer partitions.
   constexpr int64_t kPartialBudget = int64_t{1} << 24;
   const int64_t per_row = 2 * (dims.k + dims.m + dims.ell) + dims.d + 1;
   int64_t rows = std::max<int64_t>(min_rows, scratch_elems / per_row);
@@ -195,8 +195,11 @@ BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
   BatchPlan plan;
   plan.chunk_rows = chunk_rows;
   plan.num_chunks = (dims.N + chunk_rows - 1) / chunk_rows;
+  // A partition holds dW and either the direct chain's dV, dB, dA or the
+  // folded and quadratic plans' k×k Gram.
   const int64_t weight_elems =
-      dims.k * dims.d + dims.m * dims.k + dims.ell * dims.m + dims.ell + 1;
+      dims.k * dims.d +
+      std::max(dims.m * dims.k + dims.ell * dims.m + dims.ell + 1, dims.k * dims.k);
   int64_t parts = std::min<int64_t>(plan.num_chunks, max_partitions);
   parts = std::min<int64_t>(parts, std::max<int64_t>(1, kPartialBudget / weight_elems));
   parts = std::max<int64_t>(parts, 1);

@@ -50,15 +50,17 @@ const auto& backward_op() {
   return op;
 }
 
-// Under autocast the forward ran on float32 casts of mixed-dtype inputs, but
-// the node saved the inputs themselves: the backward op needs one dtype, and
-// the engine casts each gradient back to its input's dtype.
+// Under autocast the forward ran on float32 casts of the inputs and returned
+// f in float32, but the node saved the inputs themselves: the incoming
+// gradient and the inputs go to one dtype, so that the backward op and its
+// derivative see one (the engine casts each gradient back to its input's
+// dtype). The same rule as _common_dtype in torchext/_autograd.py.
 void to_common_dtype(std::array<at::Tensor, 6>& ts) {
   bool mixed = false;
-  for (int i = 2; i < 6; ++i) mixed = mixed || ts[i].scalar_type() != ts[1].scalar_type();
+  for (int i = 1; i < 6; ++i) mixed = mixed || ts[i].scalar_type() != ts[0].scalar_type();
   if (!mixed) return;
   at::ScalarType dtype = at::kFloat;
-  for (int i = 1; i < 6; ++i) dtype = at::promote_types(dtype, ts[i].scalar_type());
+  for (const auto& t : ts) dtype = at::promote_types(dtype, t.scalar_type());
   for (auto& t : ts) t = t.to(dtype);
 }
 

@@ -237,3 +237,28 @@ def test_broadcast_incoming_gradient_equals_materialised(shape, plan, device):
     want = OPS._two_layer_square_backward(broadcast.contiguous(), z, W, V, B, A, *state, mask)
     for name, a, b in zip(NAMES, got, want):
         assert torch.equal(a, b), f"{plan} d{name}"
+
+
+def test_backward_partials_count_the_gram():
+    # Each partition of the quadratic backward holds a k×k Gram: at k = 4096
+    # (64 MiB in float32) the partial-buffer budget allows one partition, not
+    # eight. Measured as the peak resident memory the backward adds, in a
+    # fresh process.
+    import subprocess
+    import sys
+
+    code = """
+import resource, torch, torchext
+torch.manual_seed(0)
+N, d, k, m, ell = 2048, 2, 4096, 2, 2
+z = torch.randn(N, d)
+W, V, B, A = [torch.randn(*s).requires_grad_() for s in ((k, d), (m, k), (ell, m), (1, ell))]
+f = torchext.two_layer_square(z, W, V, B, A, plan="quadratic")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+f.sum().backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    added_mib = float(out.stdout.split()[-1])
+    gram_mib = 4096 * 4096 * 4 / 2**20
+    assert added_mib < 3 * gram_mib, f"the backward added {added_mib:.0f} MiB of resident memory"

@@ -139,3 +139,49 @@ def test_autocast_cpu_bfloat16(face):
     for got, want in zip((z.grad,) + tuple(w.grad for w in weights), leaves):
         tol = 1e-2 if got.dtype == torch.bfloat16 else 1e-5
         assert ((got.double() - want.grad).norm() / want.grad.norm()).item() < tol
+
+
+@pytest.mark.parametrize("face", ["functional", "Function", "raw-op"])
+def test_gradient_penalty_under_autocast_with_half_inputs(face):
+    # Every input bfloat16: f (and so the incoming gradient) comes back
+    # float32, and the double backward of a gradient penalty must bring both
+    # to one dtype, as the eager composition does.
+    fns = {"functional": torchext.two_layer_square, "Function": torchext.TwoLayerSquare.apply,
+           "raw-op": torch.ops.torchext.two_layer_square}
+    results = []
+    for fn in (fns[face], torchext.reference.two_layer_square):
+        inputs = [t.to(torch.bfloat16) for t in make_inputs(SHAPES["primes"], torch.float32, seed=13)]
+        z, W, V, B, A = [t.requires_grad_(i < 4) for i, t in enumerate(inputs)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f = fn(z, W, V, B, A)
+        (gz,) = torch.autograd.grad(f.sum(), z, create_graph=True)
+        gz.float().square().sum().backward()
+        results.append([t.grad for t in (z, W, V, B)])
+    for name, got, want in zip(NAMES, *results):
+        assert got.dtype == torch.bfloat16
+        assert ((got.double() - want.double()).norm() / want.double().norm()).item() < 3e-2, name
+
+
+@pytest.mark.parametrize("save", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("k", [5, 13])
+def test_infinite_z_with_k_not_a_multiple_of_8(k, save):
+    # The narrow float32 kernels pad k to a multiple of 8 with zero rows of W:
+    # a padded unit must stay 0 (not 0 · inf = NaN) when z holds ±inf, so a
+    # sample whose units are all inactive gives f = 0, as in eager.
+    z, W, V, B, A = make_inputs(((40,), 6, k, 4, 3), torch.float32, seed=14)
+    W = W.abs()
+    z[0, 0] = -float("inf")  # every unit of sample 0: x = -inf, r = 0
+    z[1, 2] = float("inf")
+    inputs = [t.requires_grad_(save) for t in (z, W, V, B, A)]
+    f = torchext.two_layer_square(*inputs, plan="quadratic")
+    f_ref = torchext.reference.two_layer_square(*[t.detach() for t in inputs])
+    assert f[0].item() == 0.0 and f_ref[0].item() == 0.0
+    same_nonfinite_pattern(f, f_ref, "f")
+    finite = torch.isfinite(f_ref)
+    assert_matches(f[finite], f_ref[finite], torch.float32, "f")
+    if save:
+        grads = torch.autograd.grad(f.sum(), inputs)
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        grads_ref = torch.autograd.grad(torchext.reference.two_layer_square(*leaves).sum(), leaves)
+        for name, g, gr in zip(NAMES, grads, grads_ref):
+            same_nonfinite_pattern(g, gr, f"d{name}")

@@ -152,10 +152,13 @@ class TwoLayerSquareBackward(torch.autograd.Function):
 
 
 def _common_dtype(grad, z, W, V, B, A):
-    """Under autocast the op ran on float32 casts of mixed-dtype inputs, but
-    autograd saved the inputs themselves: bring them to one dtype again (autograd
-    casts each gradient back to its input's dtype)."""
-    dtypes = {t.dtype for t in (z, W, V, B, A)}
+    """Under autocast the op ran on float32 casts of the inputs and returned f
+    in float32, but autograd saved the inputs themselves: bring the incoming
+    gradient and the inputs to one dtype again, so that the backward and its
+    own derivative (double_backward's torch ops) see one dtype (autograd casts
+    each gradient back to its input's dtype). The C++ node's to_common_dtype
+    applies the same rule."""
+    dtypes = {t.dtype for t in (grad, z, W, V, B, A)}
     if len(dtypes) == 1:
         return grad, z, W, V, B, A
     dtype = torch.float32

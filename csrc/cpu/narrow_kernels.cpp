@@ -148,9 +148,12 @@ enum class Epilogue {
 
 // The products of the per-sample chain over a block of nv vectors (pairs of
 // 16-sample vectors): i < rows (a multiple of 8), j < inner; A row-major with
-// leading dimension lda.
+// leading dimension lda. Rows from `live` on are padding: their results are
+// stored as zeros (kQuadForm skips them), never as A's zero row times the
+// input, which is NaN where an input is infinite (0 · inf) and would reach
+// every real result through the next product.
 template <Epilogue E>
-TX_AVX512 void product(const float* A, int64_t lda, int64_t rows, int64_t inner,
+TX_AVX512 void product(const float* A, int64_t lda, int64_t rows, int64_t live, int64_t inner,
                        const float* inT, int64_t nv, float* outT, const float* g = nullptr,
                        float* grT = nullptr) {
   const __m512 zero = _mm512_setzero_ps();
@@ -179,7 +182,16 @@ TX_AVX512 void product(const float* A, int64_t lda, int64_t rows, int64_t inner,
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) {
         const int64_t o = (i0 + t) * S + s;
-        if constexpr (E == Epilogue::kStore) {
+        if (i0 + t >= live) {
+          if constexpr (E != Epilogue::kQuadForm) {
+            _mm512_storeu_ps(outT + o, zero);
+            _mm512_storeu_ps(outT + o + kLanes, zero);
+          }
+          if constexpr (E == Epilogue::kReluGrad) {
+            _mm512_storeu_ps(grT + o, zero);
+            _mm512_storeu_ps(grT + o + kLanes, zero);
+          }
+        } else if constexpr (E == Epilogue::kStore) {
           _mm512_storeu_ps(outT + o, a0[t]);
           _mm512_storeu_ps(outT + o + kLanes, a1[t]);
         } else if constexpr (E == Epilogue::kRelu) {
@@ -265,14 +277,15 @@ void narrow_forward(const NarrowWeights& w, const float* z, int64_t n, float* f,
     const int64_t ns = std::min(S, n - b0);
     const int64_t nv = vectors_for(ns);
     load_transposed(z + b0 * w.d, w.d, w.d, ns, nv, ws.zT.data());
-    product<Epilogue::kRelu>(w.W.data(), w.d, w.Kp, w.d, ws.zT.data(), nv, ws.rT.data());
+    product<Epilogue::kRelu>(w.W.data(), w.d, w.Kp, w.k, w.d, ws.zT.data(), nv, ws.rT.data());
     if (q != nullptr) {  // q itself is kept for the backward
-      product<Epilogue::kStore>(w.Q.data(), w.Kp, w.Kp, w.Kp, ws.rT.data(), nv, ws.qT.data());
+      product<Epilogue::kStore>(w.Q.data(), w.Kp, w.Kp, w.k, w.Kp, ws.rT.data(), nv, ws.qT.data());
       row_dots(ws.rT.data(), ws.qT.data(), w.Kp, nv, ws.g.data());
       store_transposed(ws.rT.data(), w.k, ns, r + b0 * w.k, w.k);
       store_transposed(ws.qT.data(), w.k, ns, q + b0 * w.k, w.k);
     } else {  // f = rᵀ Q r from Q's upper triangle (symmetry: about half the work)
-      product<Epilogue::kQuadForm>(w.Qupper.data(), w.Kp, w.Kp, w.Kp, ws.rT.data(), nv, ws.g.data());
+      product<Epilogue::kQuadForm>(w.Qupper.data(), w.Kp, w.Kp, w.k, w.Kp, ws.rT.data(), nv,
+                                   ws.g.data());
     }
     std::copy(ws.g.data(), ws.g.data() + ns, f + b0);
   }
@@ -292,14 +305,14 @@ void narrow_backward(const NarrowWeights& w, const float* z, const float* g,
       load_transposed(q + b0 * w.k, w.k, w.k, ns, nv, ws.qT.data());
       relu_grad(ws.g.data(), ws.rT.data(), ws.qT.data(), w.Kp, nv, ws.pT.data(), ws.grT.data());
     } else {
-      product<Epilogue::kRelu>(w.W.data(), w.d, w.Kp, w.d, ws.zT.data(), nv, ws.rT.data());
-      product<Epilogue::kReluGrad>(w.Q.data(), w.Kp, w.Kp, w.Kp, ws.rT.data(), nv, ws.pT.data(),
+      product<Epilogue::kRelu>(w.W.data(), w.d, w.Kp, w.k, w.d, ws.zT.data(), nv, ws.rT.data());
+      product<Epilogue::kReluGrad>(w.Q.data(), w.Kp, w.Kp, w.k, w.Kp, ws.rT.data(), nv, ws.pT.data(),
                                    ws.g.data(), ws.grT.data());
     }
     if (want_dW) accumulate_outer(ws.pT.data(), w.Kp, ws.zT.data(), w.Dp, nv, false, ws.dW.data());
     if (want_gram) accumulate_outer(ws.grT.data(), w.Kp, ws.rT.data(), w.Kp, nv, true, ws.gram.data());
     if (dz != nullptr) {  // dzT = Wᵀ pT, written over zT (its padding rows come out zero)
-      product<Epilogue::kStore>(w.WT.data(), w.Kp, w.Dp, w.Kp, ws.pT.data(), nv, ws.zT.data());
+      product<Epilogue::kStore>(w.WT.data(), w.Kp, w.Dp, w.d, w.Kp, ws.pT.data(), nv, ws.zT.data());
       store_transposed(ws.zT.data(), w.d, ns, dz + b0 * w.d, w.d);
     }
   }
