@@ -73,8 +73,9 @@ def arch_list():
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST"
     if torch.cuda.is_available():
-        caps = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
-        return ";".join(caps), "visible GPUs"
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        # PTX of the newest, so that the library still runs when moved to a newer card.
+        return ";".join("%d.%d" % c for c in caps) + "+PTX", "visible GPUs, PTX for newer"
     return DEFAULT_ARCH_LIST, "default (no GPU visible)"
 
 
