@@ -262,3 +262,17 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
     added_mib = float(out.stdout.split()[-1])
     gram_mib = 4096 * 4096 * 4 / 2**20
     assert added_mib < 3 * gram_mib, f"the backward added {added_mib:.0f} MiB of resident memory"
+
+
+def test_public_forward_runs_the_plan_its_backward_runs():
+    # At these sizes "auto" picks quadratic for a forward alone and direct for
+    # training. The public forward (TwoLayerSquare, the raw op) has no state to
+    # pass on, and its backward resolves by the training cost, so the forward
+    # must too: f is then bitwise the direct plan's.
+    N, d, k, m, ell = 256, 8, 16, 32, 64
+    assert OPS._plan(N, d, k, m, ell, "auto", False) == "quadratic"
+    assert OPS._plan(N, d, k, m, ell, "auto", True) == "direct"
+    inputs = make_inputs(((N,), d, k, m, ell), torch.float32, seed=11)
+    direct = OPS._two_layer_square_forward(*inputs, "direct", False)[0]
+    assert torch.equal(OPS.two_layer_square(*inputs), direct)
+    assert torch.equal(torchext.TwoLayerSquare.apply(*inputs), direct)
