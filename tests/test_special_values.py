@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import torchext
+from cases import cases
 from conftest import DEVICES, SHAPES, assert_matches, make_inputs
 
 NAMES = ("z", "W", "V", "B", "A")
@@ -185,3 +186,34 @@ def test_infinite_z_with_k_not_a_multiple_of_8(k, save):
         grads_ref = torch.autograd.grad(torchext.reference.two_layer_square(*leaves).sum(), leaves)
         for name, g, gr in zip(NAMES, grads, grads_ref):
             same_nonfinite_pattern(g, gr, f"d{name}")
+
+
+@pytest.mark.parametrize("special", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("index", range(5), ids=NAMES)
+@pytest.mark.parametrize("case", cases(shapes=("primes", "narrow-odd-k", "saved"), dtypes=(torch.float32, torch.float64)))
+def test_special_value_in_each_input_on_every_plan(case, index, special):
+    # One element of one input set to NaN or ±inf: f and every gradient are
+    # non-finite exactly where eager's are, and equal elsewhere. The direct
+    # plan keeps eager's association, so its NaN and ±inf sit exactly where
+    # eager's do; the folded and quadratic plans add an infinite weight into
+    # M = B V or Q = Mᵀ diag(a) M first, where inf − inf can make NaN of what
+    # eager leaves ±inf.
+    inputs = case.inputs()
+    t = inputs[index].clone()
+    t.view(-1)[t.numel() // 2] = special
+    inputs[index] = t
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    f = torchext.two_layer_square(*leaves, plan=case.plan)
+    grads = torch.autograd.grad(f.sum(), leaves)
+    ref_leaves = [x.detach().double().requires_grad_() for x in inputs]
+    f_ref = torchext.reference.two_layer_square(*ref_leaves)
+    grads_ref = torch.autograd.grad(f_ref.sum(), ref_leaves)
+    for name, got, ref in zip(("f",) + NAMES, (f,) + grads, (f_ref,) + grads_ref):
+        got = got.detach().double()
+        finite = torch.isfinite(ref)
+        assert torch.equal(torch.isfinite(got), finite), f"{name}: non-finite pattern differs"
+        if case.plan == "direct" or special != special:
+            assert torch.equal(torch.isnan(got), torch.isnan(ref)), f"{name}: NaN pattern differs"
+            assert torch.equal(torch.isposinf(got), torch.isposinf(ref)), f"{name}: +inf pattern differs"
+        if finite.any():
+            assert_matches(got[finite], ref[finite], case.dtype if case.dtype == torch.float64 else torch.float32, name)
