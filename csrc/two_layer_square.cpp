@@ -260,14 +260,14 @@ at::Tensor make_state(const SavedState& state, const at::TensorOptions& z_option
 
 SavedState read_state(const at::Tensor& state) {
   const auto s = state.sym_sizes();
-  auto is = [&](size_t i, int64_t lo, int64_t hi) {
-    const auto v = s[i].maybe_as_int();
-    return v && *v >= lo && *v <= hi;
-  };
+  // A state's sizes are categories, not lengths: a symbolic one (the state
+  // as a graph input under dynamic shapes) is specialised.
+  auto size = [&](size_t i) { return s[i].guard_int(__FILE__, __LINE__); };
+  auto is = [&](size_t i, int64_t lo, int64_t hi) { return size(i) >= lo && size(i) <= hi; };
   TORCH_CHECK_VALUE(s.size() == 3 && is(0, 0, 0) && is(1, 0, 2) && is(2, 0, 1), kOp,
                     ": state must be the fourth output of the forward that saved r and q "
                     "(a tensor of shape (0, plan, saved)); got shape ", shape_str(s));
-  return {static_cast<Plan>(*s[1].maybe_as_int()), *s[2].maybe_as_int() == 1};
+  return {static_cast<Plan>(size(1)), size(2) == 1};
 }
 
 void check_saved(const Dims& dims, const at::Tensor& z, const SavedState& state,

@@ -1,9 +1,12 @@
 """gradcheck / gradgradcheck / opcheck / torch.compile / torch.func on the two faces."""
+import functools
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchext
+from cases import PLANS
 from conftest import DEVICES, SHAPES, assert_matches, make_inputs
 
 OPS = torch.ops.torchext
@@ -24,14 +27,17 @@ FACES = {
     "raw-op": OPS.two_layer_square,
     # plain eager: the C++ autograd node (create_graph goes through the ops' autograd)
     "functional": torchext.two_layer_square,
+    **{f"functional-{plan}": functools.partial(torchext.two_layer_square, plan=plan) for plan in PLANS[1:]},
 }
+# d + k >= 64: the planned forward saves r and q, which its backward reads.
+SAVED_SMALL = ((3,), 50, 14, 3, 2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("face", list(FACES))
-@pytest.mark.parametrize("shape", ["small", "vector", "two-leading"])
+@pytest.mark.parametrize("shape", ["small", "vector", "two-leading", "saved"])
 def test_gradcheck_and_gradgradcheck(face, shape, device):
-    inputs = away_from_kink(SHAPES[shape], device)
+    inputs = away_from_kink(SAVED_SMALL if shape == "saved" else SHAPES[shape], device)
     fn = FACES[face]
     assert gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
     assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
@@ -102,6 +108,26 @@ def test_opcheck_backward(device):
         g = torch.randn(args[0].shape[:-1], dtype=args[0].dtype, device=device, requires_grad=args[0].requires_grad)
         for mask in ([True] * 5, [False, True, True, False, False]):
             torch.library.opcheck(OPS.two_layer_square_backward.default, [g, *args, mask])
+
+
+def _internal_opcheck_cases(device):
+    """The internal ops' samples: every plan and "auto", saved (d + k >= 64)
+    and recomputed state, an empty batch, and a broadcast incoming gradient."""
+    for shape in (SHAPES["primes"], SAVED_SMALL, SHAPES["empty-batch"]):
+        for plan in PLANS:
+            z, W, V, B, A = make_inputs(shape, torch.float64, device, seed=9)
+            for save in (False, True):
+                yield (z, W, V, B, A), plan, save
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_internal_ops(device):
+    for inputs, plan, save in _internal_opcheck_cases(device):
+        torch.library.opcheck(OPS._two_layer_square_forward.default, [*inputs, plan, save])
+        f, *state = OPS._two_layer_square_forward(*inputs, plan, save)
+        for g in (torch.randn(f.shape, dtype=f.dtype, device=device), torch.ones((), dtype=f.dtype, device=device).expand(f.shape)):
+            for mask in ([True] * 5, [False, True, True, False, True]):
+                torch.library.opcheck(OPS._two_layer_square_backward.default, [g, *inputs, *state, mask])
 
 
 def test_compile_fullgraph_module_forward_backward():
