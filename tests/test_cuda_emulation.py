@@ -1,9 +1,13 @@
-"""The fused CUDA kernels (quadratic plan, SIMT and tensor-core tiles; the
-direct plan's small-batch backward), run without a GPU: compiled as plain C++
-with each block's threads as host threads and __syncthreads as a barrier
-(tests/cuda_emulation/emulate_kernels.cpp), against float64 loops.
-Checks indexing, bounds and barriers on every machine; the GPU itself is
-checked by test_cuda.py and scripts/gpu_check.sh."""
+"""The fused CUDA kernels and their launch decisions, checked without a GPU.
+
+emulate_kernels.cpp: the kernels (quadratic plan, SIMT and tensor-core tiles;
+the direct plan's warp forward and small-batch backward) compiled as plain
+C++, each block's threads as host threads, __syncthreads and __syncwarp as
+barriers (cuda_dialect.h), against float64 loops and, bitwise, against the
+kernels before the bank-conflict fixes (cuda_emulation/previous/).
+launch_plan_test.cpp: csrc/cuda/launch_plan.h's decisions against the limits
+of common cards. The GPU itself is checked by test_cuda.py and
+scripts/gpu_check.sh."""
 import os
 import shutil
 import subprocess
@@ -11,15 +15,29 @@ import subprocess
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "cuda_emulation", "emulate_kernels.cpp")
+CXX = os.environ.get("CXX", "g++")
+# -fno-strict-aliasing: the kernels read and write 16-byte vectors through
+# casts, as CUDA code does.
+FLAGS = ["-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror", "-fno-strict-aliasing"]
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="needs a C++20 compiler")
-def test_fused_cuda_kernels_under_emulation(tmp_path):
-    exe = tmp_path / "emulate_kernels"
-    cxx = os.environ.get("CXX", "g++")
-    build = subprocess.run([cxx, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-Werror",
-                            "-o", str(exe), SOURCE], capture_output=True, text=True, timeout=300)
+def build_and_run(source, tmp_path):
+    exe = tmp_path / os.path.splitext(source)[0]
+    build = subprocess.run([CXX, *FLAGS, "-o", str(exe), os.path.join(HERE, "cuda_emulation", source)],
+                           capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-4000:] + run.stderr[-2000:]
+
+
+needs_compiler = pytest.mark.skipif(shutil.which(CXX) is None, reason="needs a C++20 compiler")
+
+
+@needs_compiler
+def test_fused_cuda_kernels_under_emulation(tmp_path):
+    build_and_run("emulate_kernels.cpp", tmp_path)
+
+
+@needs_compiler
+def test_cuda_launch_decisions_on_common_cards(tmp_path):
+    build_and_run("launch_plan_test.cpp", tmp_path)

@@ -1,4 +1,10 @@
-// The direct plan's backward for small batches (the seed's case, z a single
+// The direct plan's fused kernels.
+//
+// The inference forward: a warp per sample, x = W z, r = relu(x) and u = V r
+// in the warp's share of shared memory (of global scratch where that is too
+// small), then y = B u and f = Σ a ⊙ y² summed over the lanes in a fixed tree.
+//
+// The backward for small batches (the seed's case, z a single
 // vector, and a few samples more) as one kernel: at these sizes the cost of a
 // call is the number of launches, and the device-generic chain launches about
 // fifteen. One block walks the samples in order and runs the chain of each in
@@ -18,7 +24,66 @@
 namespace torchext {
 namespace direct {
 
-constexpr int kThreads = 256;
+// sum_j row[j] * v[j]  (row of a row-major matrix times a vector)
+template <typename T>
+__device__ __forceinline__ T dot_row(const T* __restrict__ row, const T* __restrict__ v,
+                                     int64_t n) {
+  T acc = T(0);
+  for (int64_t j = 0; j < n; ++j) acc += row[j] * v[j];
+  return acc;
+}
+
+constexpr int kWarp = 32;
+constexpr int kForwardWarps = launch::kDirectForwardWarps;
+constexpr int kForwardThreads = kWarp * kForwardWarps;
+
+// Sum over the warp's lanes in a fixed tree; the result is in lane 0.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// f[n] = sum_q a[q] * (B V relu(W z_n))_q^2. Each warp needs k + m elements:
+// the block's from dynamic shared memory, or (global_scratch not null) from
+// the block's share of global_scratch, kForwardWarps · (k + m) per block.
+template <typename T>
+__global__ void __launch_bounds__(kForwardThreads)
+    warp_forward_kernel(const T* __restrict__ z, const T* __restrict__ W,
+                        const T* __restrict__ V, const T* __restrict__ B,
+                        const T* __restrict__ a, T* __restrict__ f,
+                        T* __restrict__ global_scratch, int64_t N, int64_t d, int64_t k,
+                        int64_t m, int64_t ell) {
+  TORCHEXT_DYNAMIC_SHARED(shared_raw);
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int64_t per_warp = k + m;
+  T* block_buf = global_scratch != nullptr
+                     ? global_scratch + int64_t(blockIdx.x) * kForwardWarps * per_warp
+                     : reinterpret_cast<T*>(shared_raw);
+  T* r = block_buf + warp * per_warp;  // k entries
+  T* u = r + k;                        // m entries
+  const int64_t stride = int64_t(gridDim.x) * kForwardWarps;
+  for (int64_t n = int64_t(blockIdx.x) * kForwardWarps + warp; n < N; n += stride) {
+    const T* zn = z + n * d;
+    for (int64_t j = lane; j < k; j += kWarp) r[j] = relu(dot_row(W + j * d, zn, d));
+    __syncwarp();
+    for (int64_t i = lane; i < m; i += kWarp) u[i] = dot_row(V + i * k, r, k);
+    __syncwarp();
+    T part = T(0);
+    for (int64_t q = lane; q < ell; q += kWarp) {
+      const T y = dot_row(B + q * m, u, m);
+      part += a[q] * (y * y);
+    }
+    part = warp_sum(part);
+    if (lane == 0) f[n] = part;
+    __syncwarp();  // r and u are overwritten by the warp's next sample
+  }
+}
+
+constexpr int kThreads = 256;  // the small-batch backward's block
 
 // The gradients to write (null where not requested, and then not computed
 // where nothing else needs them); the first sample writes them, later ones add.
@@ -29,11 +94,6 @@ struct SmallBackwardArgs {
   T *dz, *dW, *dV, *dB, *dA;
   int64_t N, d, k, m, ell;
 };
-
-// Shared memory the kernel needs, in elements of T.
-inline int64_t small_backward_shared_elems(int64_t k, int64_t m, int64_t ell) {
-  return 2 * k + 2 * m + ell;  // r, p | u, gu | y (then e)
-}
 
 // out[i] = Σ_j M[i * row_stride + j * col_stride] v[j] for i < rows, threads
 // striding over i: M v for a row-major M (row_stride = ld, col_stride = 1),
@@ -58,6 +118,7 @@ __device__ __forceinline__ void add_outer(T* __restrict__ G, int64_t rows, int64
     G[e] = (first ? T(0) : G[e]) + x[e / cols] * y[e % cols];
 }
 
+// Shared memory: launch::small_backward_dynamic_smem.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) small_backward_kernel(const SmallBackwardArgs<T> a) {
   TORCHEXT_DYNAMIC_SHARED(shared_raw);

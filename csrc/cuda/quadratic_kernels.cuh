@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "launch_plan.h"
 #include "tile_mma.cuh"
 
 // The kernel's dynamically sized shared memory (the launch's third argument).
@@ -37,6 +38,7 @@ using tiles::kStep;
 using tiles::kTile;
 
 __host__ __device__ inline int64_t tiles_of(int64_t n, int64_t tile = kTile) { return ceil_div(n, tile); }
+static_assert(kTile == launch::kForwardTileRows, "the host sizes the forward's r by its tile");
 
 // The tile product a kernel runs on: SIMT fused multiply-adds in the compute
 // type T, or (kTensorCores; T = float, for bfloat16/float16 inputs) tensor
@@ -92,16 +94,54 @@ __device__ __forceinline__ T relu_grad(T g, T q, T r) {
   return r <= T(0) ? T(0) : (T(2) * g) * q;
 }
 
-// fn(i, j, row, col) for each element (i, j) of the thread's patch, at tile
-// row `row` and column `col` = n0 + its tile column, where col < cols.
+// Four consecutive elements as 16-byte accesses (p 16-byte aligned): a
+// warp's quarter then covers 128 contiguous bytes, where 4-byte accesses at a
+// 16-byte stride would meet in the same banks.
+__device__ __forceinline__ void load4(const float* p, float* v) {
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+}
+__device__ __forceinline__ void load4(const double* p, double* v) {
+  const double2 lo = reinterpret_cast<const double2*>(p)[0];
+  const double2 hi = reinterpret_cast<const double2*>(p)[1];
+  v[0] = lo.x, v[1] = lo.y, v[2] = hi.x, v[3] = hi.y;
+}
+__device__ __forceinline__ void store4(float* p, const float* v) {
+  *reinterpret_cast<float4*>(p) = float4{v[0], v[1], v[2], v[3]};
+}
+__device__ __forceinline__ void store4(double* p, const double* v) {
+  reinterpret_cast<double2*>(p)[0] = double2{v[0], v[1]};
+  reinterpret_cast<double2*>(p)[1] = double2{v[2], v[3]};
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// p[0, n) = v[0, n), n <= 4; whole when `vector` (p then 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store_upto4(T* p, const T* v, int64_t n, bool vector) {
+  if (vector && n >= 4) {
+    store4(p, v);
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (j < n) p[j] = v[j];
+}
+
+// fn(i, j0, row, col) for each 4-column group of the thread's patch, patch
+// row i and columns j0 .. j0 + 3, at tile row `row` and columns col .. col + 3
+// (col = n0 + its tile column), where col < cols (the group may run past).
 template <class G, typename Fn>
-__device__ __forceinline__ void for_patch(int64_t n0, int64_t cols, const Fn& fn) {
+__device__ __forceinline__ void for_patch_groups(int64_t n0, int64_t cols, const Fn& fn) {
+  static_assert(tiles::kGroup == 4, "groups move as load4/store4");
 #pragma unroll
   for (int i = 0; i < G::kPatch; ++i) {
 #pragma unroll
-    for (int j = 0; j < G::kPatch; ++j) {
-      const int64_t col = n0 + G::col(j);
-      if (col < cols) fn(i, j, int64_t(G::row(i)), col);
+    for (int j0 = 0; j0 < G::kPatch; j0 += tiles::kGroup) {
+      const int64_t col = n0 + G::col(j0);
+      if (col < cols) fn(i, j0, int64_t(G::row(i)), col);
     }
   }
 }
@@ -113,9 +153,13 @@ __global__ void __launch_bounds__(tiles::kThreads)
                              T* __restrict__ q_out, int64_t N, int64_t d, int64_t k) {
   using Engine = TileEngine<T, kTensorCores>;
   __shared__ typename Engine::Staging st;
-  __shared__ T f_parts[kTile][tiles::kLanes];
+  __shared__ T f_parts[kTile][tiles::kLanes + 1];  // + 1: a row's reads hit distinct banks
   TORCHEXT_DYNAMIC_SHARED(shared_raw);
-  T* r_s = reinterpret_cast<T*>(shared_raw);  // the tile's r: kTile × k
+  T* r_s = reinterpret_cast<T*>(shared_raw);  // the tile's r: kTile × ld
+  const int64_t ld = launch::forward_r_stride(k);
+  // Rows of the saved r and q start 16-byte aligned only when k is a
+  // multiple of 4 and the outputs are; else they move element by element.
+  const bool vector_rows = k % 4 == 0 && aligned16(r_out) && aligned16(q_out);
   using G = tiles::Tile64;
   T acc[kPatch][kPatch];
   for (int64_t tile = blockIdx.x; tile < tiles_of(N); tile += gridDim.x) {
@@ -126,10 +170,13 @@ __global__ void __launch_bounds__(tiles::kThreads)
           acc, st, 0, d,
           [&](int w, int64_t p) { return row0 + w < N ? z[(row0 + w) * d + p] : T(0); },
           [&](int w, int64_t p) { return n0 + w < k ? W[(n0 + w) * d + p] : T(0); });
-      for_patch<G>(n0, k, [&](int i, int j, int64_t row, int64_t col) {
-        const T v = relu(acc[i][j]);
-        r_s[row * k + col] = v;
-        if (r_out != nullptr && row0 + row < N) r_out[(row0 + row) * k + col] = v;
+      for_patch_groups<G>(n0, k, [&](int i, int j0, int64_t row, int64_t col) {
+        T v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = relu(acc[i][j0 + j]);
+        store4(r_s + row * ld + col, v);  // past k: the row's padding, never read
+        if (r_out != nullptr && row0 + row < N)
+          store_upto4(r_out + (row0 + row) * k + col, v, k - col, vector_rows);
       });
     }
     __syncthreads();  // r_s complete
@@ -137,11 +184,16 @@ __global__ void __launch_bounds__(tiles::kThreads)
     T f_part[kPatch] = {};
     for (int64_t n0 = 0; n0 < k; n0 += kTile) {
       Engine::template product<Along::kDeep, Along::kDeep>(
-          acc, st, 0, k, [&](int w, int64_t p) { return r_s[w * k + p]; },
+          acc, st, 0, k, [&](int w, int64_t p) { return r_s[w * ld + p]; },
           [&](int w, int64_t p) { return n0 + w < k ? Q[(n0 + w) * k + p] : T(0); });
-      for_patch<G>(n0, k, [&](int i, int j, int64_t row, int64_t col) {
-        f_part[i] += r_s[row * k + col] * acc[i][j];
-        if (q_out != nullptr && row0 + row < N) q_out[(row0 + row) * k + col] = acc[i][j];
+      for_patch_groups<G>(n0, k, [&](int i, int j0, int64_t row, int64_t col) {
+        T r4[4];
+        load4(r_s + row * ld + col, r4);
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (col + j < k) f_part[i] += r4[j] * acc[i][j0 + j];
+        if (q_out != nullptr && row0 + row < N)
+          store_upto4(q_out + (row0 + row) * k + col, &acc[i][j0], k - col, vector_rows);
       });
     }
 #pragma unroll

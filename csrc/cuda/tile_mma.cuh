@@ -152,9 +152,11 @@ __device__ void tile_product(T (&acc)[G::kPatch][G::kPatch], T (*As)[G::kLd], T 
 // products accumulate in float32 (wmma 16 × 16 × 16 fragments; each of the 8
 // warps owns two of the tile's sixteen), and the result is handed back as the
 // same per-thread 4 × 4 patch in float32, so the kernels' epilogues are the
-// SIMT ones. Needs sm_80 or newer (the host picks it only there; older
-// architectures compile a trap).
+// SIMT ones. Needs sm_80 or newer: older architectures compile a trap, and
+// the host picks these tiles only where the device and the code the build
+// has for it are sm_80 or newer (launch::use_tensor_core_tiles).
 #if defined(TORCHEXT_TENSOR_CORE_TILES)
+#include <type_traits>
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
 #include <mma.h>
@@ -164,24 +166,38 @@ namespace cuda_tiles {
 namespace tc {
 
 using Half = __nv_bfloat16;
-constexpr int kLdA = kStep + 8;  // 16-bit elements: wmma wants multiples of 8
-constexpr int kLdB = kTile + 8;
+// Row lengths in 16-bit elements (wmma wants multiples of 8; the 8 more keep
+// a fragment load's rows in distinct banks).
+constexpr int kLdDeep = kStep + 8;
+constexpr int kLdWide = kTile + 8;
 constexpr int kLdC = kTile + 4;  // float
+constexpr int kStagedHalves = kTile * kLdDeep > kStep * kLdWide ? kTile * kLdDeep : kStep * kLdWide;
 
-struct __align__(32) Staging {
-  Half A[kTile][kLdA];  // A(i, p0 + s) at A[i][s]
-  Half B[kStep][kLdB];  // B(p0 + s, j) at B[s][j]
-  float C[kTile][kLdC];  // the finished tile
+// Where an operand's staged value (w, s) sits: its layout follows the way the
+// threads' loads run (Along), so that a warp's stores are consecutive and
+// distinct banks: kDeep at [w][s], kWide at [s][w]. The wmma layouts follow:
+// A(i, p) is row_major at [w][s], col_major at [s][w]; B(p, j) the other way.
+template <Along kAlong>
+struct Staged {
+  static constexpr int kLd = kAlong == Along::kDeep ? kLdDeep : kLdWide;
+  __device__ static __forceinline__ int at(int w, int s) {
+    return kAlong == Along::kDeep ? w * kLd + s : s * kLd + w;
+  }
 };
 
-// A[w][s] (kTransposed: B[s][w]) = reg[it], as bfloat16.
-template <bool kTransposed, Along kAlong>
-__device__ __forceinline__ void put_half(Half* dst, int ld, const float (&reg)[kPerThread]) {
+struct __align__(32) Staging {
+  Half A[kStagedHalves];  // A(i, p0 + s) at Staged<kAlongA>::at(i, s)
+  Half B[kStagedHalves];  // B(p0 + s, j) at Staged<kAlongB>::at(j, s)
+  float C[kTile][kLdC];   // the finished tile
+};
+
+template <Along kAlong>
+__device__ __forceinline__ void put_half(Half* dst, const float (&reg)[kPerThread]) {
 #pragma unroll
   for (int it = 0; it < kPerThread; ++it) {
     int w, s;
     staged_at<Tile64, kAlong>(it, w, s);
-    dst[kTransposed ? s * ld + w : w * ld + s] = __float2bfloat16(reg[it]);
+    dst[Staged<kAlong>::at(w, s)] = __float2bfloat16(reg[it]);
   }
 }
 
@@ -191,6 +207,8 @@ __device__ void tile_product(float (&acc)[kPatch][kPatch], Staging& st, int64_t 
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(TORCHEXT_EMULATED_WMMA)
   namespace wmma = nvcuda::wmma;
   static_assert(kThreads == 256 && kTile == 64, "8 warps, two 16 x 16 fragments each");
+  using LayoutA = std::conditional_t<kAlongA == Along::kDeep, wmma::row_major, wmma::col_major>;
+  using LayoutB = std::conditional_t<kAlongB == Along::kDeep, wmma::col_major, wmma::row_major>;
   const int warp = threadIdx.x / 32;
   const int fr = (warp / 2) * 16, fc = (warp % 2) * 32;  // the warp's 16 x 32 of the tile
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2];
@@ -202,19 +220,19 @@ __device__ void tile_product(float (&acc)[kPatch][kPatch], Staging& st, int64_t 
     fetch<Tile64, kAlongB>(rb, loadB, p_begin, p_end);
   }
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kStep) {
-    put_half<false, kAlongA>(&st.A[0][0], kLdA, ra);
-    put_half<true, kAlongB>(&st.B[0][0], kLdB, rb);
+    put_half<kAlongA>(st.A, ra);
+    put_half<kAlongB>(st.B, rb);
     __syncthreads();
     if (p0 + kStep < p_end) {
       fetch<Tile64, kAlongA>(ra, loadA, p0 + kStep, p_end);
       fetch<Tile64, kAlongB>(rb, loadB, p0 + kStep, p_end);
     }
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, Half, wmma::row_major> a;
-    wmma::load_matrix_sync(a, &st.A[fr][0], kLdA);
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, Half, LayoutA> a;
+    wmma::load_matrix_sync(a, &st.A[Staged<kAlongA>::at(fr, 0)], Staged<kAlongA>::kLd);
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, Half, wmma::row_major> b;
-      wmma::load_matrix_sync(b, &st.B[0][fc + 16 * t], kLdB);
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, Half, LayoutB> b;
+      wmma::load_matrix_sync(b, &st.B[Staged<kAlongB>::at(fc + 16 * t, 0)], Staged<kAlongB>::kLd);
       wmma::mma_sync(c[t], a, b, c[t]);
     }
     __syncthreads();  // the next stage overwrites A and B
