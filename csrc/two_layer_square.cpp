@@ -182,7 +182,7 @@ at::Tensor grad_to_compute(const Dims& dims, const at::Tensor& grad) {
   return g.stride(0) == 0 || g.is_contiguous() ? g : g.contiguous();
 }
 
-BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
+BatchPlan make_batch_plan(const Dims& dims, Plan plan_kind, int64_t scratch_elems,
                           int64_t min_rows, int64_t max_partitions) {
   // Partial weight gradients of all partitions together stay under this
   // many elements (beyond it, one), so wide layers get fewer partitions.
@@ -198,8 +198,9 @@ BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
   // A partition holds dW and either the direct chain's dV, dB, dA or the
   // folded and quadratic plans' k×k Gram.
   const int64_t weight_elems =
-      dims.k * dims.d +
-      std::max(dims.m * dims.k + dims.ell * dims.m + dims.ell + 1, dims.k * dims.k);
+      1 + dims.k * dims.d + (plan_kind == Plan::kDirect
+                                 ? dims.m * dims.k + dims.ell * dims.m + dims.ell
+                                 : dims.k * dims.k);
   int64_t parts = std::min<int64_t>(plan.num_chunks, max_partitions);
   parts = std::min<int64_t>(parts, std::max<int64_t>(1, kPartialBudget / weight_elems));
   parts = std::max<int64_t>(parts, 1);
@@ -254,8 +255,7 @@ BackwardResult to_tuple(std::array<std::optional<at::Tensor>, kNumInputs>&& g) {
 }
 
 at::Tensor make_state(const SavedState& state, const at::TensorOptions& z_options) {
-  return at::empty({0, static_cast<int64_t>(state.plan), state.saved ? 1 : 0},
-                   z_options.dtype(at::kByte));
+  return at::empty({0, state.plan, state.saved ? 1 : 0}, z_options.dtype(at::kByte));
 }
 
 SavedState read_state(const at::Tensor& state) {
@@ -264,10 +264,11 @@ SavedState read_state(const at::Tensor& state) {
   // as a graph input under dynamic shapes) is specialised.
   auto size = [&](size_t i) { return s[i].guard_int(__FILE__, __LINE__); };
   auto is = [&](size_t i, int64_t lo, int64_t hi) { return size(i) >= lo && size(i) <= hi; };
-  TORCH_CHECK_VALUE(s.size() == 3 && is(0, 0, 0) && is(1, 0, 2) && is(2, 0, 1), kOp,
+  TORCH_CHECK_VALUE(s.size() == 3 && is(0, 0, 0) && is(1, 0, SavedState::kAuto) && is(2, 0, 1),
+                    kOp,
                     ": state must be the fourth output of the forward that saved r and q "
                     "(a tensor of shape (0, plan, saved)); got shape ", shape_str(s));
-  return {static_cast<Plan>(size(1)), size(2) == 1};
+  return {size(1), size(2) == 1};
 }
 
 void check_saved(const Dims& dims, const at::Tensor& z, const SavedState& state,
@@ -385,18 +386,22 @@ ForwardResult forward_internal_meta(const at::Tensor& z, const at::Tensor& W,
   const auto opts = z.options().dtype(compute_dtype(z.scalar_type()));
   const bool saved = save_for_backward && keeps_saved(dims.d, dims.k);
   const c10::SymInt rows = saved ? dims.N : c10::SymInt(0);
-  // The state's shape is the resolved plan: "auto" specialises the weights'
-  // sizes and guards on the range of N where the plan holds.
+  // A training forward's state holds the resolved plan: "auto" specialises
+  // the weights' sizes and guards on the range of N where the plan holds.
   auto size = [](const c10::SymInt& s) { return s.guard_int(__FILE__, __LINE__); };
-  const auto forced = forced_plan(plan);
-  const Plan resolved =
-      forced ? *forced
-             : resolve_plan(dims.N, size(dims.d), size(dims.k), size(dims.m), size(dims.ell),
-                            plan, save_for_backward);
+  const bool resolve = save_for_backward && !forced_plan(plan);
+  TORCH_CHECK(!resolve || dims.N.has_hint(), kOp,
+              ": a batch size that depends on data (torch.compile with dynamic output "
+              "shapes) needs a forced plan when gradients are wanted: pass plan=\"direct\", "
+              "\"folded\" or \"quadratic\"");
+  const SavedState state =
+      resolve ? forward_state(dims.N, size(dims.d), size(dims.k), size(dims.m), size(dims.ell),
+                              plan, save_for_backward, saved)
+              : forward_state(int64_t{0}, 0, 0, 0, 0, plan, save_for_backward, saved);
   return {at::empty_symint(dims.batch_shape, z.options()),
           at::empty_symint({rows, dims.k}, opts),
           at::empty_symint({rows, dims.k}, opts),
-          make_state({resolved, saved}, z.options())};
+          make_state(state, z.options())};
 }
 
 BackwardResult backward_internal_meta(

@@ -82,6 +82,8 @@ at::Tensor grad_to_compute(const Dims& dims, const at::Tensor& grad);
 // 1, or 0 for a broadcast gradient (and for N <= 1, where it does not matter).
 inline int64_t grad_stride(const at::Tensor& g) { return g.size(0) > 1 ? g.stride(0) : 0; }
 
+enum class Plan;  // see below
+
 // How a call splits the batch. Depends on the sizes only, never on the thread
 // count or timing, so every reduction over samples has a fixed order:
 // rows [0, N) are cut into chunks of `chunk_rows`; consecutive chunks are
@@ -97,8 +99,8 @@ struct BatchPlan {
 // Chunks hold about `scratch_elems` elements of working set, but at least
 // `min_rows` rows (the weight-gradient products over a chunk need enough rows
 // to amortise reading and writing the gradient); `max_partitions` bounds the
-// number of partial gradient buffers.
-BatchPlan make_batch_plan(const Dims& dims, int64_t scratch_elems,
+// number of partial gradient buffers, whose size depends on the plan.
+BatchPlan make_batch_plan(const Dims& dims, Plan plan, int64_t scratch_elems,
                           int64_t min_rows, int64_t max_partitions);
 
 // Allocates the requested gradients in the compute dtype, uninitialised: a
@@ -195,18 +197,34 @@ inline Plan resolve_plan(const Dims& dims, c10::string_view name, bool training)
   return resolve_plan(dims.N, dims.d, dims.k, dims.m, dims.ell, name, training);
 }
 
-// What a forward kept for its backward. The plan is resolved once, in the
-// forward, and travels to every backward of it (per-member backwards under
-// vmap included, whose batch sizes would resolve "auto" differently): the
-// saved r and q are only valid for the plan that wrote them (the direct
-// plan's q slot holds y). It travels as the shape of a tensor with no
-// elements, `state` = (0, plan, saved), on z's device: a shape is known on
-// the host without a device sync, and torch.compile's shape inference sees
-// it (the Meta kernel resolves the plan too, guarding on N's range).
+// What a forward kept for its backward. A training forward (save) resolves
+// the plan once, and it travels to every backward of that forward
+// (per-member backwards under vmap included, whose batch sizes would resolve
+// "auto" differently): the saved r and q are only valid for the plan that
+// wrote them (the direct plan's q slot holds y). It travels as the shape of a
+// tensor with no elements, `state` = (0, plan, saved), on z's device: a shape
+// is known on the host without a device sync, and torch.compile's shape
+// inference sees it (the Meta kernel resolves the plan too, guarding on the
+// range of N where it holds). An inference forward (no save) carries a
+// forced plan, or "auto" unresolved, which a backward resolves as the
+// public backward does: so its shape inference needs no guard, and
+// torch.export keeps a dynamic batch.
 struct SavedState {
-  Plan plan;
+  static constexpr int64_t kAuto = 3;  // the plan slot of an unresolved "auto"
+  int64_t plan;                        // a Plan, or kAuto
   bool saved;  // r and q hold (N, k) values; else the backward recomputes them
+  Plan resolved(const Dims& dims) const {
+    return plan == kAuto ? resolve_plan(dims, "auto", /*training=*/true) : static_cast<Plan>(plan);
+  }
 };
+// The state of a forward with these sizes; N may be symbolic (Meta).
+template <typename Int>
+SavedState forward_state(const Int& N, int64_t d, int64_t k, int64_t m, int64_t ell,
+                         c10::string_view plan_name, bool save, bool saved) {
+  if (const auto forced = forced_plan(plan_name)) return {static_cast<int64_t>(*forced), saved};
+  if (!save) return {SavedState::kAuto, saved};
+  return {static_cast<int64_t>(resolve_plan(N, d, k, m, ell, plan_name, /*training=*/true)), saved};
+}
 at::Tensor make_state(const SavedState& state, const at::TensorOptions& z_options);
 // Raises ValueError on a tensor that make_state did not make.
 SavedState read_state(const at::Tensor& state);
@@ -274,13 +292,14 @@ ForwardResult run_forward(const at::Tensor& z, const at::Tensor& W, const at::Te
   const Dims dims = concrete(check_forward_args(z, W, V, B, A));
   check_plan_name(plan_name);
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
-  const SavedState state{resolve_plan(dims, plan_name, training),
-                         save && keeps_saved(dims.d, dims.k)};
+  const SavedState state = forward_state(dims.N, dims.d, dims.k, dims.m, dims.ell, plan_name,
+                                         save, save && keeps_saved(dims.d, dims.k));
+  const Plan plan = save ? state.resolved(dims) : resolve_plan(dims, plan_name, training);
   const int64_t saved_rows = state.saved ? dims.N : 0;
   ForwardOutputs out{at::empty({dims.N}, in.z.options()),
                      at::empty({saved_rows, dims.k}, in.z.options()),
                      at::empty({saved_rows, dims.k}, in.z.options())};
-  if (dims.N > 0) Kernel(dims, in, state.plan, out);
+  if (dims.N > 0) Kernel(dims, in, plan, out);
   return {finish_forward(dims, std::move(out.f), z), std::move(out.r),
           std::move(out.q), make_state(state, z.options())};
 }
@@ -339,7 +358,7 @@ BackwardResult internal_backward(const at::Tensor& grad, const at::Tensor& z,
   const SavedState saved = read_state(state);
   check_saved(dims, z, saved, r, q);
   return run_backward<Kernel>(dims, grad, z, W, V, B, A, saved.saved ? r : at::Tensor(),
-                              saved.saved ? q : at::Tensor(), saved.plan, mask);
+                              saved.saved ? q : at::Tensor(), saved.resolved(dims), mask);
 }
 
 // The public backward op recomputes r and q, with the plan public_forward ran.

@@ -109,8 +109,11 @@ def test_half_precision_inputs(case, device):
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_accumulates_in_float32(dtype, plan):
-    # y = 300 overflows float16 when squared (90000 > 65504), f = 0.01 · y² = 900
-    # does not: f is finite only if y² is formed and scaled in float32.
+    # float16: y = 300 overflows when squared (90000 > 65504), f = 0.01 · y² = 900
+    # does not, so f is finite only if y² is formed and scaled in float32.
+    # bfloat16 has float32's exponent range: there the exact results check that
+    # y² is not rounded to bfloat16 before it is scaled (90112 · a would round
+    # to another bfloat16).
     one = torch.ones(1, 1, dtype=dtype)
     z, W, B = torch.ones(2, 1, dtype=dtype), one, one
     V = torch.full((1, 1), 300.0, dtype=dtype)

@@ -140,10 +140,69 @@ def test_fused_quadratic_is_bitwise_reproducible_and_agrees_with_aten_path(monke
     first, second = run(), run()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    # The switch is read once; the test hook reads it again.
     monkeypatch.setenv("TORCHEXT_CUDA_KERNELS", "aten")
-    aten = run()
+    torch.ops.torchext._cuda_reread_switches()
+    try:
+        aten = run()
+    finally:
+        monkeypatch.delenv("TORCHEXT_CUDA_KERNELS")
+        torch.ops.torchext._cuda_reread_switches()
     for a, b in zip(first, aten):
         assert_matches(a, b.double(), torch.float32)
+
+
+def _quadratic_forward_matches_float64(shape, dtype, seed):
+    inputs = make_inputs(shape, dtype, "cuda", seed=seed)
+    with torch.no_grad():
+        f = torchext.two_layer_square(*inputs, plan="quadratic")
+    torch.cuda.synchronize()
+    ref = torchext.reference.two_layer_square(*[t.double().cpu() for t in inputs])
+    assert_matches(f.cpu(), ref, dtype, f"{shape}")
+
+
+def test_quadratic_forward_widths_down_then_up_keep_launching():
+    # A width past 48 KiB of shared memory raised the kernel's limit, a
+    # narrower one lowered it, and the wider one then failed to launch.
+    for k in (512, 256, 512, 768, 256):
+        _quadratic_forward_matches_float64(((256,), 64, k, 16, 8), torch.float32, seed=k)
+
+
+@pytest.mark.parametrize("dtype,k", [(torch.float32, 160), (torch.float64, 64), (torch.bfloat16, 128)])
+def test_quadratic_forward_where_static_plus_dynamic_shared_memory_passes_48k(dtype, k):
+    # The dynamic part alone is under 48 KiB here, static plus dynamic is not.
+    _quadratic_forward_matches_float64(((300,), 32, k, 16, 8), dtype, seed=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
+                    reason="tensor cores for bfloat16/float16 need sm_80 or newer")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_forward_runs_the_tensor_core_kernel(dtype):
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs = make_inputs(((512,), 64, 128, 32, 16), dtype, "cuda", seed=2)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.no_grad():
+            torchext.two_layer_square(*inputs, plan="quadratic")
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert any("quadratic_forward_kernel" in n and ("true" in n or "Lb1E" in n) for n in names), names
+
+
+def test_direct_inference_forward_scratch_is_one_wave():
+    # Wide layers (k + m past shared memory) take global scratch: sized for
+    # the resident warps, not for every sample.
+    inputs = make_inputs(((65536,), 16, 4000, 8, 4), torch.float32, "cuda", seed=3)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        f = torchext.two_layer_square(*inputs, plan="direct")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base < 200 * 2**20
+    head = [inputs[0][:64]] + list(inputs[1:])
+    ref = torchext.reference.two_layer_square(*[t.double().cpu() for t in head])
+    assert_matches(f[:64].cpu(), ref, torch.float32)
 
 
 def test_fused_quadratic_under_cuda_graph_capture():

@@ -172,6 +172,8 @@ def test_backward_runs_the_plan_its_forward_ran():
     for plan in ("direct", "folded", "quadratic"):
         f, r, q, state = OPS._two_layer_square_forward(z, W, V, B, A, plan, True)
         assert state.numel() == 0 and state.shape == (0, ("direct", "folded", "quadratic").index(plan), 1)
+        _, _, _, auto_state = OPS._two_layer_square_forward(z, W, V, B, A, "auto", True)
+        assert auto_state.shape == (0, ("direct", "folded", "quadratic").index(OPS._plan(40, 3, 61, 64, 3)), 1)
         with pytest.raises(ValueError, match="saved r must have shape"):
             OPS._two_layer_square_backward(g[:20], z[:20], W, V, B, A, r, q, state, [True] * 5)
         with pytest.raises(ValueError, match="state must be"):

@@ -132,7 +132,9 @@ def two_layer_square(z, W, V, B, A, *, plan="auto"):
         return _ops._two_layer_square_autograd(z, W, V, B, A, plan)
     else:
         face = _PlannedEagerTwoLayerSquare
-    save = torch.is_grad_enabled() and (
+    # torch.export records an inference graph: nothing saved, so the plan is
+    # resolved when the exported program runs, and a dynamic batch stays dynamic.
+    save = torch.is_grad_enabled() and not torch.compiler.is_exporting() and (
         z.requires_grad or W.requires_grad or V.requires_grad or B.requires_grad or A.requires_grad
     )
     return face.apply(z, W, V, B, A, plan, save)[0]

@@ -492,7 +492,8 @@ class ChunkGrad {
 template <typename T>
 void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
                   ForwardOutputs& out) {
-  const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
+  const BatchPlan bp =
+      make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
   const Head head = fold_head(in, plan, &cpu_mm);
   const bool direct = plan == Plan::kDirect;
   const Operands<T> op = operands<T>(in, head, plan, {true, direct, direct});
@@ -534,7 +535,8 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
                    const at::Tensor& grad, const at::Tensor& r_saved,
                    const at::Tensor& q_saved, Plan plan, const OutputMask& mask,
                    GradBuffers& bufs) {
-  const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
+  const BatchPlan bp =
+      make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
   const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
   // Without saved r and q (see keeps_saved), each chunk recomputes them.
   const bool recompute = !r_saved.defined();

@@ -281,7 +281,7 @@ void forward_kernel_cuda(const Dims& dims, const ComputeInputs& in, Plan plan,
     }
     if (done) return;
   }
-  const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
+  const BatchPlan bp = make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, 1);
   forward_aten(dims, in, plan, bp.chunk_rows, out);
 }
 
@@ -333,7 +333,7 @@ void backward_kernel_cuda(const Dims& dims, const ComputeInputs& in, const at::T
     }
     return;
   }
-  const BatchPlan bp = make_batch_plan(dims, kChunkScratchElems, kChunkMinRows, 1);
+  const BatchPlan bp = make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, 1);
   backward_aten(dims, in, g, r, q, plan, mask, bp.chunk_rows, bufs);
 }
 
