@@ -47,11 +47,18 @@ def test_nan_where_relu_is_inactive(device):
     # A NaN upstream of an inactive unit must not leak through ReLU's derivative:
     # torch uses a select there, not a multiplication by 0.
     z, W, V, B, A = make_inputs(SHAPES["small"], torch.float64, device, seed=1)
+    W = W.clone()
+    W[0] = -W[0].abs()
+    z = z.abs()  # unit 0 inactive in every sample (x < 0), by construction
+    assert ((z @ W.T)[:, 0] < 0).all()
     V = V.clone()
-    V[0, 0] = float("nan")
+    V[0, 0] = float("nan")  # reaches unit 0 only through the backward's Vᵀ(...)
     (f, grads), (f_ref, grads_ref) = both([z, W, V, B, A])
     for name, g, r in zip(NAMES, grads, grads_ref):
         same_nonfinite_pattern(g, r, "d" + name)
+        finite = torch.isfinite(r)
+        assert_matches(g[finite], r[finite], torch.float64, "d" + name)
+    assert torch.isfinite(grads[1][0]).all()  # dW's row of the inactive unit: 0, not NaN
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -62,9 +69,11 @@ def test_infinity_gives_nonfinite_where_eager_does(index, device):
     t.view(-1)[0] = float("inf")
     inputs[index] = t
     (f, grads), (f_ref, grads_ref) = both(inputs)
-    assert torch.equal(torch.isfinite(f), torch.isfinite(f_ref))
-    for name, g, r in zip(NAMES, grads, grads_ref):
-        assert torch.equal(torch.isfinite(g), torch.isfinite(r)), "d" + name
+    assert not torch.isfinite(f_ref).all()  # the case is what it says, whatever the seed
+    for name, got, ref in zip(("f",) + NAMES, (f,) + grads, (f_ref,) + grads_ref):
+        same_nonfinite_pattern(got, ref, name)
+        finite = torch.isfinite(ref)
+        assert_matches(got[finite], ref[finite], torch.float64, name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -94,9 +103,15 @@ def test_zero_widths_give_exact_zeros(widths, device):
 
 
 def test_vector_z_gives_0_dim_f():
-    z, W, V, B, A = make_inputs(SHAPES["vector"], torch.float32)
-    f = torchext.two_layer_square(z, W, V, B, A)
+    inputs = [t.requires_grad_() for t in make_inputs(SHAPES["vector"], torch.float64)]
+    f = torchext.two_layer_square(*inputs)
     assert f.dim() == 0
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    f_ref = torchext.reference.two_layer_square(*leaves)
+    assert_matches(f, f_ref, torch.float64, "f")
+    for name, g, r in zip(NAMES, torch.autograd.grad(f, inputs), torch.autograd.grad(f_ref, leaves)):
+        assert g.shape == r.shape
+        assert_matches(g, r, torch.float64, "d" + name)
 
 
 def test_inference_mode_and_no_grad():
