@@ -150,19 +150,18 @@ def test_compile_fullgraph_functional_forward_backward(case):
     torch._dynamo.reset()
     inputs = case.inputs(requires_grad=True)
     compiled = torch.compile(functools.partial(torchext.two_layer_square, plan=case.plan), fullgraph=True)
-    f = compiled(*inputs)
-    grads = torch.autograd.grad(f.sum(), inputs)
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    f_ref = torchext.reference.two_layer_square(*leaves)
-    assert_matches(f, f_ref, torch.float64, "f")
-    for name, g, r in zip("zWVBA", grads, torch.autograd.grad(f_ref.sum(), leaves)):
-        assert_matches(g, r, torch.float64, f"d{name}")
+    check_with_gradients(compiled, inputs)
 
 
 def test_compile_fullgraph_function_forward_backward():
     torch._dynamo.reset()
-    inputs = Case("saved").inputs(requires_grad=True)
-    f = torch.compile(torchext.TwoLayerSquare.apply, fullgraph=True)(*inputs)
+    compiled = torch.compile(torchext.TwoLayerSquare.apply, fullgraph=True)
+    check_with_gradients(compiled, Case("saved").inputs(requires_grad=True))
+
+
+def check_with_gradients(fn, inputs):
+    """fn's f and the gradients of f.sum() against the float64 reference."""
+    f = fn(*inputs)
     grads = torch.autograd.grad(f.sum(), inputs)
     leaves = [t.detach().requires_grad_() for t in inputs]
     f_ref = torchext.reference.two_layer_square(*leaves)
