@@ -267,3 +267,20 @@ def test_small_batch_direct_backward_kernel(shape, dtype):
         for name, got, ref, w in zip(("z", "W", "V", "B", "A"), leaves, ref_leaves, wants):
             if w:
                 assert_matches(got.grad, ref.grad, dtype, f"{wants} d{name}")
+
+
+def test_kernel_switch_is_read_once(monkeypatch):
+    # TORCHEXT_CUDA_KERNELS is read once (no getenv per call, no race with a
+    # setenv): setting it later changes nothing until the switches are re-read.
+    inputs = make_inputs(((3000,), 48, 80, 30, 20), torch.float32, "cuda", seed=12)
+    fused = torchext.two_layer_square(*inputs, plan="quadratic")
+    monkeypatch.setenv("TORCHEXT_CUDA_KERNELS", "aten")
+    assert torch.equal(torchext.two_layer_square(*inputs, plan="quadratic"), fused)
+    torch.ops.torchext._cuda_reread_switches()
+    try:
+        aten = torchext.two_layer_square(*inputs, plan="quadratic")
+    finally:
+        monkeypatch.delenv("TORCHEXT_CUDA_KERNELS")
+        torch.ops.torchext._cuda_reread_switches()
+    assert not torch.equal(aten, fused)  # another association: not bitwise the fused kernel's
+    assert_matches(aten, fused.double(), torch.float32)
