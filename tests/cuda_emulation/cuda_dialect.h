@@ -93,8 +93,10 @@ void launch(int64_t grid, int threads, Kernel kernel, Args... args) {
 // bfloat16 as the hardware converts to it (cvt.rn.bf16.f32): to nearest
 // even, overflowing to inf, and a NaN, whatever its payload, to the canonical
 // NaN (a NaN with its payload in the low 16 bits must not become inf).
+// Two bytes, as on the device, so that the kernels' shared-memory sizes
+// (sizeof their staging arrays) are the device's.
 struct __nv_bfloat16 {
-  float value;  // rounded to bfloat16's precision
+  uint16_t bits;  // the top half of a float32
 };
 inline __nv_bfloat16 __float2bfloat16(float f) {
   uint32_t u;
@@ -104,11 +106,14 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
   } else {
     u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
   }
+  return {uint16_t(u >> 16)};
+}
+inline float to_float(__nv_bfloat16 h) {
+  const uint32_t u = uint32_t(h.bits) << 16;
   float r;
   std::memcpy(&r, &u, 4);
-  return {r};
+  return r;
 }
-inline float to_float(__nv_bfloat16 h) { return h.value; }
 inline float to_float(float f) { return f; }
 
 // The warp-level matrix operations of the tensor-core tiles: every thread of

@@ -318,7 +318,7 @@ void check_bfloat16_rounding() {
   for (const auto& c : cases) {
     float f;
     std::memcpy(&f, &c.in, 4);
-    const float r = __float2bfloat16(f).value;
+    const float r = to_float(__float2bfloat16(f));
     uint32_t got;
     std::memcpy(&got, &r, 4);
     if (got != c.out) {
