@@ -1,0 +1,116 @@
+"""Mutation check: does the test suite catch the bugs it is meant to?
+
+Each mutation below is a small, plausible bug written into a copy of the
+source tree; the copy is built (CPU kernels) and the tests that should catch it
+are run. A mutation that no test fails is reported as SURVIVED.
+
+    python scripts/mutation_check.py [--out FILE] [--only NAME ...]
+
+Run from the repository root with the project's venv active (torch installed,
+the build's requirements present). Takes a build per mutation (minutes each).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (file, old text, new text, tests to run)
+CORE_TESTS = ["tests/test_correctness.py", "tests/test_plans.py", "tests/test_special_values.py"]
+MUTATIONS = {
+    # ReLU's derivative dropped from each plan's backward.
+    "relu-mask-direct": ("csrc/cpu/two_layer_square_cpu.cpp",
+                         "  for (int64_t i = 0; i < n; ++i) p[i] = r[i] <= T(0) ? T(0) : p[i];",
+                         "  for (int64_t i = 0; i < n; ++i) p[i] = p[i];", CORE_TESTS),
+    "relu-mask-folded-quadratic": ("csrc/cpu/two_layer_square_cpu.cpp",
+                                   "      p[i * k + j] = r[i * k + j] <= T(0) ? T(0) : v;",
+                                   "      p[i * k + j] = v;", CORE_TESTS),
+    "relu-mask-narrow-kernels": ("csrc/cpu/narrow_kernels.cpp",
+                                 "_mm512_storeu_ps(p, _mm512_maskz_mul_ps(active, _mm512_add_ps(g, g), q));",
+                                 "_mm512_storeu_ps(p, _mm512_maskz_mul_ps(active | ~active, _mm512_add_ps(g, g), q));",
+                                 CORE_TESTS + ["tests/test_avx512_kernels.py"]),
+    # Half inputs computed in their own dtype.
+    "half-accumulation": ("csrc/two_layer_square.cpp",
+                          "  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;",
+                          "  return t;", ["tests/test_correctness.py"]),
+    # The last row of every chunk's tail left out (forward and backward).
+    "dropped-tail-row": ("csrc/cpu/two_layer_square_cpu.cpp",
+                         "      const int64_t n = std::min(bp.chunk_rows, dims.N - r0);",
+                         "      const int64_t n = std::min(bp.chunk_rows, dims.N - r0 - (r0 + bp.chunk_rows >= dims.N && dims.N - r0 > 1 ? 1 : 0));",
+                         CORE_TESTS),
+    # A view's strides ignored: non-contiguous inputs read as if contiguous.
+    "swapped-stride": ("csrc/two_layer_square.cpp",
+                       "    return t.scalar_type() == cdt && t.is_contiguous() ? t : t.to(cdt).contiguous();",
+                       "    return t.scalar_type() == cdt ? t : t.to(cdt).contiguous();",
+                       ["tests/test_correctness.py"]),
+    # ∂A with the wrong sign (the Gram route and the direct chain).
+    "wrong-sign-dA-gram": ("csrc/two_layer_square.cpp",
+                           "  if (mask[kA]) bufs.acc[kA] = (MG * M).sum(1);",
+                           "  if (mask[kA]) bufs.acc[kA] = -(MG * M).sum(1);", CORE_TESTS),
+    "wrong-sign-dA-direct": ("csrc/cpu/two_layer_square_cpu.cpp",
+                             "                gA[j] += gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
+                             "                gA[j] -= gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
+                             CORE_TESTS),
+}
+
+
+def copy_tree(dst):
+    ignore = shutil.ignore_patterns(".venv", ".ci-venvs", "build", "*.so", ".git", "__pycache__")
+    shutil.copytree(ROOT, dst, ignore=ignore)
+
+
+def run(name, file, old, new, tests):
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as tmp:
+        tree = os.path.join(tmp, "src")
+        copy_tree(tree)
+        path = os.path.join(tree, file)
+        with open(path) as fh:
+            text = fh.read()
+        if text.count(old) < 1:
+            return {"mutation": name, "result": "NOT APPLIED (source changed: update the script)"}
+        with open(path, "w") as fh:
+            fh.write(text.replace(old, new))
+        env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+        env.pop("FORCE_CUDA", None)
+        start = time.time()
+        build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+                               capture_output=True, text=True)
+        if build.returncode != 0:
+            return {"mutation": name, "result": "NOT BUILT (the mutation does not compile: fix the script)",
+                    "detail": build.stderr[-500:]}
+        env["PYTHONPATH"] = tree
+        test = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                              cwd=tree, env=env, capture_output=True, text=True)
+        failed = [line.split()[1] for line in test.stdout.splitlines() if line.startswith("FAILED")]
+        return {"mutation": name,
+                "result": "CAUGHT" if test.returncode != 0 else "SURVIVED",
+                "first_failure": failed[0] if failed else None,
+                "summary": test.stdout.strip().splitlines()[-1] if test.stdout.strip() else "",
+                "seconds": round(time.time() - start)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--only", nargs="*", choices=list(MUTATIONS), help="run only these")
+    args = parser.parse_args()
+    results = []
+    for name in args.only or MUTATIONS:
+        res = run(name, *MUTATIONS[name])
+        print(json.dumps(res), flush=True)
+        results.append(res)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+    survived = [r["mutation"] for r in results if r["result"] != "CAUGHT"]
+    print("survived or not applied:", survived or "none")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
