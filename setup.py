@@ -14,14 +14,30 @@ isolated build environment.
 """
 import glob
 import os
+import shutil
 import site
+import subprocess
 import sys
 import sysconfig
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
+NO_TORCH_HELP = (
+    "torchext is a C++ extension of torch and must be compiled against the torch that\n"
+    "will import it, so it cannot be built in pip's isolated build environment (which\n"
+    "has no torch, and a torch downloaded there could differ from yours).\n"
+    "Install torch first, then build with build isolation off:\n\n"
+    "    pip install torch\n"
+    "    pip install --no-build-isolation .            (from a source tree)\n"
+    "    pip install --no-build-isolation torchext-<version>.tar.gz   (from an sdist)\n"
+)
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as exc:
+    # pip runs this file inside its isolated environment first; stop there, before
+    # anything is compiled or downloaded, with the command that works.
+    raise SystemExit(f"torchext build: cannot import torch ({exc}).\n\n{NO_TORCH_HELP}") from None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PY_LIMITED_API = "0x030A0000"  # CPython 3.10, spelled as torch.utils.cpp_extension spells it
@@ -79,6 +95,20 @@ def arch_list():
     return DEFAULT_ARCH_LIST, "default (no GPU visible)"
 
 
+def compiler_version(cmd):
+    """First line of `cmd --version` (the compiler the build runs), or why there is none."""
+    path = shutil.which(cmd)
+    if path is None:
+        return f"{cmd} (not found)"
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{cmd} ({exc})"
+    lines = [ln.strip() for ln in out.splitlines() if ln.strip()]
+    # nvcc's version is on its last line; a C++ compiler's on its first.
+    return f"{cmd}: {(lines[-1] if 'nvcc' in os.path.basename(path) else lines[0]) if lines else '?'}"
+
+
 def write_build_info(build_cuda, archs):
     path = os.path.join(ROOT, "torchext", "_build_info.py")
     with open(path, "w") as fh:
@@ -88,6 +118,10 @@ def write_build_info(build_cuda, archs):
         fh.write(f"CUDA_VERSION = {(torch.version.cuda if build_cuda else None)!r}\n")
         fh.write(f"CUDA_ARCHS = {archs!r}\n")
         fh.write(f"DEBUG = {env_flag('DEBUG')!r}\n")
+        cxx = "cl" if sys.platform == "win32" else os.environ.get("CXX", "c++")
+        fh.write(f"CXX_COMPILER = {compiler_version(cxx)!r}\n")
+        nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+        fh.write(f"CUDA_COMPILER = {(compiler_version(nvcc) if build_cuda else None)!r}\n")
 
 
 def make_extension():
@@ -110,6 +144,9 @@ def make_extension():
     # -fno-trapping-math: lets gcc vectorise the NaN-exact select loops (we never
     # rely on floating-point exceptions); results are unchanged.
     cxx = opt + [f"-DPy_LIMITED_API={PY_LIMITED_API}", "-fno-trapping-math", "-fdiagnostics-color=always"]
+    if sys.platform == "win32":
+        # MSVC spells the same choices its own way (untested: CI builds on Linux only).
+        cxx = (["/Od", "/Zi"] if debug else ["/O2"]) + [f"/DPy_LIMITED_API={PY_LIMITED_API}"]
     nvcc = opt + ["--expt-relaxed-constexpr"] + (["-G", "-lineinfo"] if debug else ["-lineinfo"])
     include_dirs = []
     archs = None

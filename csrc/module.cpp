@@ -8,7 +8,7 @@
 
 extern "C" {
 
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",  // name
@@ -21,9 +21,9 @@ PyObject* PyInit__C(void) {
 
 // Read through ctypes by torchext.build_info(): the library itself says
 // whether its CUDA kernels were compiled in, whatever the Python files claim.
-int torchext_cuda_kernels_compiled(void) { return TORCHEXT_WITH_CUDA_FLAG; }
+TORCHEXT_EXPORT int torchext_cuda_kernels_compiled(void) { return TORCHEXT_WITH_CUDA_FLAG; }
 
 // Whether the AVX-512 CPU kernels (products and narrow-layer kernels) run on
 // this machine (CPU support, and TORCHEXT_CPU_KERNELS not set to "generic").
-int torchext_cpu_avx512_kernels(void) { return torchext::cpu::avx512_kernels_supported() ? 1 : 0; }
+TORCHEXT_EXPORT int torchext_cpu_avx512_kernels(void) { return torchext::cpu::avx512_kernels_supported() ? 1 : 0; }
 }

@@ -1,6 +1,8 @@
 """python -m torchext: how torchext was built, a gradient check of the fused
 operator against the eager reference, and a short teacher-student training run."""
 import argparse
+import os
+import platform
 import statistics
 import sys
 import time
@@ -11,7 +13,7 @@ import torchext
 from torchext import reference
 
 
-def report_build():
+def report_build(full=False):
     info = torchext.build_info()
     cpu = "CPU (AVX-512 kernels)" if info["cpu_avx512_kernels"] else "CPU"
     kernels = cpu + (f" + CUDA {info['cuda_version']} (archs {info['cuda_archs']})" if info["cuda_kernels"] else "")
@@ -20,6 +22,44 @@ def report_build():
     print(f"  library: {info['library']}")
     if torch.cuda.is_available():
         print(f"  GPU: {torch.cuda.get_device_name(0)}")
+    if full:
+        report_details(info)
+
+
+def report_details(info):
+    """What a bug report needs beyond the summary: versions, compilers and which
+    kernel set each device runs, and why."""
+    cpu_env = os.environ.get("TORCHEXT_CPU_KERNELS")
+    if info["cpu_avx512_kernels"]:
+        cpu_set = "avx512 (register-blocked products, narrow-layer kernels)"
+    elif cpu_env == "generic":
+        cpu_set = "generic (BLAS; TORCHEXT_CPU_KERNELS=generic)"
+    else:
+        cpu_set = "generic (BLAS; this CPU or this build has no AVX-512 kernels)"
+    if info["cuda_kernels"]:
+        cuda_set = ("aten (cuBLAS; TORCHEXT_CUDA_KERNELS=aten)" if os.environ.get("TORCHEXT_CUDA_KERNELS") == "aten"
+                    else "fused (quadratic and direct-plan kernels; ATen/cuBLAS for the rest)")
+    else:
+        cuda_set = "not built"
+    rows = [
+        ("python", f"{platform.python_version()} ({platform.python_implementation()})"),
+        ("platform", f"{platform.system()} {platform.release()} {platform.machine()}"),
+        ("torch (built against)", info["torch_version"]),
+        ("torch (running)", f"{torch.__version__}, CUDA {torch.version.cuda or 'none (CPU-only build)'}"),
+        ("torch CXX11 ABI", str(torch.compiled_with_cxx11_abi())),
+        ("C++ compiler", info["cxx_compiler"] or "not recorded"),
+        ("CUDA kernels", f"CUDA {info['cuda_version']}, archs {info['cuda_archs']}" if info["cuda_kernels"] else "no"),
+        ("CUDA compiler", info["cuda_compiler"] or ("not recorded" if info["cuda_kernels"] else "-")),
+        ("CPU kernel set", cpu_set),
+        ("CUDA kernel set", cuda_set),
+        ("GPUs visible", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"),
+        ("threads", str(torch.get_num_threads())),
+        ("debug build", str(info["debug"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
 
 
 def gradient_check(device, seed):
@@ -131,7 +171,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--build-info", action="store_true", help="only report how torchext was built")
     args = parser.parse_args(argv)
-    report_build()
+    report_build(full=args.build_info)
     if args.build_info:
         return 0
     if args.device == "cuda" and not (torch.cuda.is_available() and torchext.build_info()["cuda_kernels"]):

@@ -1,6 +1,7 @@
 """Loads the compiled operator library and checks that it matches this torch."""
 import ctypes
 import importlib
+from typing import Any, Dict
 
 import torch
 
@@ -37,10 +38,11 @@ def _load():
 _info, _C = _load()
 
 
-def build_info():
+def build_info() -> Dict[str, Any]:
     """How the loaded library was built: a dict of torch version, CUDA kernels, archs,
     and whether the AVX-512 CPU kernels (products and narrow-layer kernels) run here
-    (`cpu_avx512_kernels`; TORCHEXT_CPU_KERNELS=generic turns them off, for comparison)."""
+    (`cpu_avx512_kernels`; TORCHEXT_CPU_KERNELS=generic turns them off, for comparison),
+    and the compilers that built it (None where the build predates that record)."""
     lib = ctypes.CDLL(_C.__file__)
     return {
         "torch_version": _info.TORCH_VERSION,
@@ -49,5 +51,7 @@ def build_info():
         "cuda_version": _info.CUDA_VERSION,
         "cuda_archs": _info.CUDA_ARCHS,
         "debug": _info.DEBUG,
+        "cxx_compiler": getattr(_info, "CXX_COMPILER", None),
+        "cuda_compiler": getattr(_info, "CUDA_COMPILER", None),
         "library": _C.__file__,
     }

@@ -1,5 +1,8 @@
 """`TwoLayerSquareNet`: the drop-in nn.Module around the fused operator."""
+from __future__ import annotations
+
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -24,7 +27,25 @@ class TwoLayerSquareNet(nn.Module):
     ``plan`` is passed to :func:`torchext.two_layer_square` ("auto" by default).
     """
 
-    def __init__(self, d, k, m, ell, *, A=None, B=None, trainable_AB=False, plan="auto", device=None, dtype=None):
+    W: nn.Parameter
+    V: nn.Parameter
+    A: torch.Tensor
+    B: torch.Tensor
+
+    def __init__(
+        self,
+        d: int,
+        k: int,
+        m: int,
+        ell: int,
+        *,
+        A: Optional[torch.Tensor] = None,
+        B: Optional[torch.Tensor] = None,
+        trainable_AB: bool = False,
+        plan: str = "auto",
+        device: Optional[torch.types.Device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
         super().__init__()
         for name, value in (("d", d), ("k", k), ("m", m), ("ell", ell)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -60,7 +81,7 @@ class TwoLayerSquareNet(nn.Module):
         return value.detach().to(device=factory["device"] or value.device, dtype=dtype).clone()
 
     @torch.no_grad()
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         nn.init.normal_(self.W, 0.0, math.sqrt(2.0 / max(self.d, 1)))
         nn.init.normal_(self.V, 0.0, math.sqrt(1.0 / max(self.k, 1)))
         if not self._user_B:
@@ -68,8 +89,8 @@ class TwoLayerSquareNet(nn.Module):
         if not self._user_A:
             nn.init.uniform_(self.A, 0.0, 2.0 / max(self.ell, 1))
 
-    def forward(self, z):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         return two_layer_square(z, self.W, self.V, self.B, self.A, plan=self.plan)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"d={self.d}, k={self.k}, m={self.m}, ell={self.ell}, trainable_AB={self.trainable_AB}, plan={self.plan!r}"

@@ -8,7 +8,7 @@ reference gradients.
 import torch
 
 
-def two_layer_square(z, W, V, B, A):
+def two_layer_square(z: torch.Tensor, W: torch.Tensor, V: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     r = torch.relu(z @ W.T)
     y = (r @ V.T) @ B.T
     return (y * y) @ A.reshape(-1)

@@ -24,8 +24,9 @@ constexpr int64_t S = NarrowWorkspace::kBlock;
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
-// Vectors (of 16 samples) a block of ns samples spans, rounded up to pairs.
-int64_t vectors_for(int64_t ns) { return round_up(ns, 2 * kLanes) / kLanes; }
+// Vectors (of 16 samples) a block of ns samples spans, rounded up to pairs
+// (only the AVX-512 kernels ask).
+[[maybe_unused]] int64_t vectors_for(int64_t ns) { return round_up(ns, 2 * kLanes) / kLanes; }
 
 }  // namespace
 

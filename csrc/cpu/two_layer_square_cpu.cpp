@@ -7,6 +7,7 @@
 #include "avx512.h"
 #include "avx512_gemm.h"
 #include "narrow_kernels.h"
+#include "portability.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -27,17 +28,24 @@
 
 // Fortran BLAS of the BLAS library that torch links (MKL on x86 wheels,
 // OpenBLAS elsewhere). Weak, so a torch without these symbols still loads us
-// and gets the portable loops below instead.
+// and gets the portable loops below instead (portability.h: where weak
+// symbols do not exist, those loops always run).
+#if TORCHEXT_WEAK_BLAS
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*,
             const float*, const float*, const int*, const float*, const int*,
-            const float*, float*, const int*) __attribute__((weak));
+            const float*, float*, const int*) TORCHEXT_WEAK;
 void dgemm_(const char*, const char*, const int*, const int*, const int*,
             const double*, const double*, const int*, const double*,
-            const int*, const double*, double*, const int*) __attribute__((weak));
+            const int*, const double*, double*, const int*) TORCHEXT_WEAK;
 // MKL's per-thread thread count (absent with other BLAS libraries).
-int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // C interface (by value)
+int MKL_Set_Num_Threads_Local(int) TORCHEXT_WEAK;  // C interface (by value)
 }
+#else
+#define sgemm_ nullptr
+#define dgemm_ nullptr
+#define MKL_Set_Num_Threads_Local static_cast<int (*)(int)>(nullptr)
+#endif
 
 namespace torchext {
 namespace {
