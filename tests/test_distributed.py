@@ -8,31 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import torchext
-
-STEPS, N, D, K, M, ELL = 3, 64, 6, 5, 4, 3
-
-
-def make_model_and_data():
-    torch.manual_seed(0)
-    net = torchext.TwoLayerSquareNet(D, K, M, ELL, dtype=torch.float64)
-    z = torch.randn(STEPS, N, D, dtype=torch.float64)
-    target = torch.randn(STEPS, N, dtype=torch.float64)
-    return net, z, target
-
-
-def train(net, z, target, rank=0, world=1):
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    grads = []
-    share = N // world
-    for step in range(STEPS):
-        rows = slice(rank * share, (rank + 1) * share)
-        loss = torch.mean((net(z[step, rows]) - target[step, rows]) ** 2)
-        opt.zero_grad()
-        loss.backward()
-        grads.append([p.grad.detach().clone() for p in net.parameters()])
-        opt.step()
-    return grads, [p.detach().clone() for p in net.parameters()]
+from distributed_common import make_model_and_data, train
 
 
 def worker(rank, world, port, out_path):
