@@ -2,25 +2,19 @@
 loopback: the Module's parameters sharded across ranks, the fused op run on
 the gathered ones, and the reduce-scattered gradients and trained weights
 equal a single-process run on the whole batch."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from distributed_common import make_model_and_data, train
+from distributed_common import join_gloo, make_model_and_data, run_two_workers, train
 
 
 def worker(rank, world, port, out_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    # Loopback only, one thread per worker: as in test_distributed.py.
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    join_gloo(rank, world, port)
     try:
         mesh = init_device_mesh("cpu", (world,))
         results = {}
@@ -38,12 +32,6 @@ def worker(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def has_fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
@@ -56,17 +44,7 @@ def has_fully_shard():
 @pytest.mark.skipif(not has_fully_shard(), reason="needs torch.distributed.fsdp.fully_shard (FSDP2)")
 def test_fsdp2_two_processes_match_single_process(tmp_path):
     out = str(tmp_path / "fsdp.pt")
-    attempts = 3
-    for attempt in range(attempts):
-        try:
-            mp.start_processes(worker, args=(2, free_port(), out), nprocs=2, join=True,
-                               start_method="spawn")
-            break
-        except mp.ProcessExitedException as exc:
-            # A worker killed by a signal inside gloo's runtime is infrastructure
-            # (see test_distributed.py), not a wrong result: retried.
-            if attempt == attempts - 1 or getattr(exc, "signal_name", None) is None:
-                raise
+    run_two_workers(worker, out)
     results = torch.load(out)
     for trainable_AB, (fsdp_grads, fsdp_params) in results.items():
         net, z, target = make_model_and_data(trainable_AB)
