@@ -147,6 +147,10 @@ def make_extension():
     if sys.platform == "win32":
         # MSVC spells the same choices its own way (untested: CI builds on Linux only).
         cxx = (["/Od", "/Zi"] if debug else ["/O2"]) + [f"/DPy_LIMITED_API={PY_LIMITED_API}"]
+    if env_flag("TORCHEXT_NO_AVX512"):
+        # As on CPUs of other architectures: CI builds and tests this on x86 too.
+        cxx.append("-DTORCHEXT_NO_AVX512")
+        say("AVX-512 kernels: left out (TORCHEXT_NO_AVX512=1)")
     nvcc = opt + ["--expt-relaxed-constexpr"] + (["-G", "-lineinfo"] if debug else ["-lineinfo"])
     include_dirs = []
     archs = None

@@ -26,4 +26,8 @@ TORCHEXT_EXPORT int torchext_cuda_kernels_compiled(void) { return TORCHEXT_WITH_
 // Whether the AVX-512 CPU kernels (products and narrow-layer kernels) run on
 // this machine (CPU support, and TORCHEXT_CPU_KERNELS not set to "generic").
 TORCHEXT_EXPORT int torchext_cpu_avx512_kernels(void) { return torchext::cpu::avx512_kernels_supported() ? 1 : 0; }
+
+// Whether they were compiled in at all (not on other architectures, nor with
+// TORCHEXT_NO_AVX512=1).
+TORCHEXT_EXPORT int torchext_cpu_avx512_compiled(void) { return TORCHEXT_AVX512; }
 }

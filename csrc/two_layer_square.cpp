@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -213,14 +215,37 @@ BatchPlan make_batch_plan(const Dims& dims, Plan plan_kind, int64_t scratch_elem
   return plan;
 }
 
+namespace {
+std::atomic<bool> poison_uninitialized{false};
+
+}  // namespace
+
+bool poisoning_uninitialized() { return poison_uninitialized.load(std::memory_order_relaxed); }
+
+at::Tensor uninitialized(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(shape, options);
+  if (poisoning_uninitialized() && at::isFloatingType(t.scalar_type())) {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return t;
+}
+
+namespace {
+// The sample lets a test see that the switch took effect.
+at::Tensor set_poison_uninitialized(bool enabled) {
+  poison_uninitialized.store(enabled);
+  return uninitialized({16}, at::TensorOptions().dtype(at::kFloat));
+}
+}  // namespace
+
 GradBuffers allocate_grad_buffers(const Dims& dims, const ComputeInputs& in,
                                   const OutputMask& mask) {
   auto opts = in.z.options();
   auto make = [&](at::IntArrayRef shape) {
-    return dims.N == 0 ? at::zeros(shape, opts) : at::empty(shape, opts);
+    return dims.N == 0 ? at::zeros(shape, opts) : uninitialized(shape, opts);
   };
   GradBuffers g;
-  if (mask[kZ]) g.acc[kZ] = at::empty({dims.N, dims.d}, opts);
+  if (mask[kZ]) g.acc[kZ] = uninitialized({dims.N, dims.d}, opts);
   if (mask[kW]) g.acc[kW] = make({dims.k, dims.d});
   if (mask[kV]) g.acc[kV] = make({dims.m, dims.k});
   if (mask[kB]) g.acc[kB] = make({dims.ell, dims.m});
@@ -461,6 +486,9 @@ TORCH_LIBRARY(torchext, m) {
   // (the AVX-512 kernel where it runs, else BLAS), in the fixed row blocks of
   // the head's products.
   m.def("_cpu_matmul(Tensor a, Tensor b) -> Tensor");
+  // Test only: NaN-fill every buffer from `uninitialized` from now on (or
+  // stop); returns a buffer from `uninitialized` made after the switch.
+  m.def("_poison_uninitialized(bool enabled) -> Tensor", &set_poison_uninitialized);
 }
 
 TORCH_LIBRARY_IMPL(torchext, Meta, m) {

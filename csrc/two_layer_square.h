@@ -103,6 +103,15 @@ struct BatchPlan {
 BatchPlan make_batch_plan(const Dims& dims, Plan plan, int64_t scratch_elems,
                           int64_t min_rows, int64_t max_partitions);
 
+// Every buffer a kernel writes in full before reading it (outputs, gradient
+// buffers, partials, Grams, scratch) comes from here: uninitialised, for speed,
+// or NaN-filled while tests ask for it (the test-only op
+// _poison_uninitialized), so that an element no kernel wrote shows as NaN
+// whatever the allocator hands out.
+at::Tensor uninitialized(at::IntArrayRef shape, const at::TensorOptions& options);
+// Whether tests poison now (for buffers that do not come from `uninitialized`).
+bool poisoning_uninitialized();
+
 // Allocates the requested gradients in the compute dtype, uninitialised: a
 // backward kernel writes every gradient it is asked for (one that accumulates
 // writes or zeroes it first). An empty batch runs no kernel and gets zeros.
@@ -296,9 +305,9 @@ ForwardResult run_forward(const at::Tensor& z, const at::Tensor& W, const at::Te
                                          save, save && keeps_saved(dims.d, dims.k));
   const Plan plan = save ? state.resolved(dims) : resolve_plan(dims, plan_name, training);
   const int64_t saved_rows = state.saved ? dims.N : 0;
-  ForwardOutputs out{at::empty({dims.N}, in.z.options()),
-                     at::empty({saved_rows, dims.k}, in.z.options()),
-                     at::empty({saved_rows, dims.k}, in.z.options())};
+  ForwardOutputs out{uninitialized({dims.N}, in.z.options()),
+                     uninitialized({saved_rows, dims.k}, in.z.options()),
+                     uninitialized({saved_rows, dims.k}, in.z.options())};
   if (dims.N > 0) Kernel(dims, in, plan, out);
   return {finish_forward(dims, std::move(out.f), z), std::move(out.r),
           std::move(out.q), make_state(state, z.options())};

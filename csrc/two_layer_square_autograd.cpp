@@ -1,9 +1,9 @@
 // The plain-eager fast path of torchext.two_layer_square: the planned forward
 // and its fused backward as one C++ autograd node.
 //
-// Why C++: a Python autograd.Function costs about 80 µs per forward+backward
-// on a 2-core CPU — more than eager PyTorch's whole chain at the seed sizes
-// (z a vector of 16). Here the forward is one dispatcher call and the
+// Why C++: a Python autograd.Function's own overhead per forward+backward is
+// more than eager PyTorch's whole chain at the seed sizes (z a vector of 16;
+// see the seed-vector case of benchmarks/bench.py). Here the forward is one dispatcher call and the
 // backward node never enters Python. Autograd stays registered from Python
 // for every op (torch.library.register_autograd); this op is only called by
 // torchext.two_layer_square outside torch.compile tracing, torch.func

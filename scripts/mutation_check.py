@@ -56,6 +56,14 @@ MUTATIONS = {
                              "                gA[j] += gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
                              "                gA[j] -= gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
                              CORE_TESTS),
+    # A partition's first chunk adding to its uninitialised gradient buffers
+    # rather than writing them (caught only where the buffers are poisoned).
+    "first-chunk-adds": ("csrc/cpu/two_layer_square_cpu.cpp",
+                         "        const T beta = c == c_begin ? T(0) : T(1);",
+                         "        const T beta = T(1);", ["tests/test_plans.py"]),
+    "direct-dA-not-zeroed": ("csrc/cpu/two_layer_square_cpu.cpp",
+                             "            if (c == c_begin) std::fill(gA, gA + ell, T(0));",
+                             "", ["tests/test_plans.py"]),
 }
 
 

@@ -28,15 +28,20 @@ SHAPES = {
     "narrow-odd-k": ((45,), 6, 13, 7, 5),
     "odd-widths": ((37,), 17, 33, 19, 9),
     "saved": ((70,), 40, 30, 10, 6),
+    "saved-small": ((3,), 60, 4, 3, 2),
     "chunk-and-tail": ((1100,), 8, 12, 10, 6),
     "partitions": ((9223,), 8, 12, 10, 6),
     "partitions-saved": ((4611,), 40, 30, 10, 6),
     "empty-batch": ((0,), 5, 4, 3, 2),
     "zero-k": ((6,), 4, 0, 3, 2),
     "zero-m-ell": ((6,), 4, 3, 0, 0),
+    # "auto" resolves to direct up to 223 samples and folded above when
+    # training (up to 68 for inference), r and q saved: slices of this batch
+    # cross both boundaries.
+    "auto-boundary": ((1000,), 3, 61, 64, 3),
 }
 # Shapes small enough for gradcheck, the torch.func transforms, compile and export.
-SMALL = ("ones", "vector", "primes", "two-leading", "ell>k", "narrow-odd-k", "empty-batch")
+SMALL = ("ones", "vector", "primes", "two-leading", "ell>k", "narrow-odd-k", "saved-small", "empty-batch")
 
 LAYOUTS = ("contiguous", "transposed", "strided", "expanded", "offset")
 VALUES = ("random", "kinks", "dead-units")

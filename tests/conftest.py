@@ -1,3 +1,4 @@
+import contextlib
 import zlib
 
 import pytest
@@ -48,12 +49,17 @@ def make_inputs(shape, dtype=torch.float64, device="cpu", seed=0, a_vector=False
     return z, W, V, B, A
 
 
-def poison_allocator(shapes, dtype, device="cpu"):
-    """Frees NaN-filled blocks of these shapes into the allocator (malloc on the
-    CPU, the caching allocator on a GPU), so that the next outputs of those
-    sizes start as NaN: an element a kernel never wrote shows."""
-    junk = [torch.full(s, float("nan"), dtype=dtype, device=device) for s in shapes for _ in range(4)]
-    del junk
+@contextlib.contextmanager
+def poisoned_buffers():
+    """Inside, every buffer the kernels must write before reading it (outputs,
+    gradient buffers, partials, Grams, per-thread scratch) starts as NaN, so an
+    element a kernel never wrote shows, whatever memory the allocator reuses."""
+    sample = torch.ops.torchext._poison_uninitialized(True)
+    try:
+        assert sample.isnan().all(), "the kernels' buffers are not poisoned"
+        yield
+    finally:
+        torch.ops.torchext._poison_uninitialized(False)
 
 
 def rel_err(actual, expected):
@@ -92,7 +98,8 @@ def reference_outputs(inputs, grad_seed=1, wants=(True,) * 5):
 
 def fused_outputs(inputs, g, wants=(True,) * 5, plan="auto"):
     """f and the requested gradients (of Σ g·f) from torchext.two_layer_square."""
-    leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
+    # detach(), not clone(): a clone would make every view contiguous again.
+    leaves = [t.detach().requires_grad_(w) for t, w in zip(inputs, wants)]
     f = torchext.two_layer_square(*leaves, plan=plan)
     req = [t for t in leaves if t.requires_grad]
     grads = iter(torch.autograd.grad(f, req, g.to(f.dtype).to(f.device)) if req else ())

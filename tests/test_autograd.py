@@ -1,4 +1,7 @@
-"""gradcheck / gradgradcheck / opcheck / torch.compile / torch.func on the two faces."""
+"""gradcheck / gradgradcheck / opcheck / torch.compile / torch.export /
+torch.func on the public faces. Inputs come from the shared cases (each plan
+forced, and "auto"); values are checked against gradcheck or the float64
+eager reference taken through the same transform, forward and backward."""
 import functools
 
 import pytest
@@ -6,94 +9,179 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchext
-from cases import PLANS, Case, cases
-from conftest import DEVICES, SHAPES, assert_matches, make_inputs
+from cases import PLANS, SHAPES, Case, cases
+from conftest import DEVICES, assert_matches, reference_outputs
 
 OPS = torch.ops.torchext
+REF = torchext.reference.two_layer_square
+NAMES = ("z", "W", "V", "B", "A")
+ALL = (0, 1, 2, 3, 4)  # argnums: every input
+OVER_Z = (0, None, None, None, None)  # in_dims: z's leading dimension only
+CPP_NODE = "torch::autograd::CppNode<torchext::FusedTwoLayerSquare>"
 
 
-def away_from_kink(shape, device="cpu", seed=0, margin=1e-2):
-    """float64 inputs whose pre-activations W z all stay |x| > margin, so finite
-    differences never straddle the ReLU kink."""
-    for s in range(seed, seed + 1000):
-        z, W, V, B, A = make_inputs(shape, torch.float64, device, seed=s)
-        if (z @ W.T).abs().min() > margin:
-            return [t.requires_grad_() for t in (z, W, V, B, A)]
-    raise AssertionError("no kink-free inputs found")
+# ---- inputs and faces -------------------------------------------------------
+
+def away_from_kink(case, device="cpu", margin=1e-4):
+    """The case's inputs (requiring grad), checked to keep every pre-activation
+    W z at |x| > margin: gradcheck's steps (eps 1e-6) move x by a few 1e-6, so
+    its finite differences never straddle the ReLU kink."""
+    inputs = case.inputs(device, requires_grad=True)
+    x = inputs[0].detach() @ inputs[1].detach().T
+    assert x.numel() == 0 or x.abs().min() > margin, f"{case.id}: a pre-activation within {margin} of the kink"
+    return inputs
 
 
-FACES = {
-    "Function": lambda *a: torchext.TwoLayerSquare.apply(*a),
-    "raw-op": OPS.two_layer_square,
-    # plain eager: the C++ autograd node (create_graph goes through the ops' autograd)
-    "functional": torchext.two_layer_square,
-    **{f"functional-{plan}": functools.partial(torchext.two_layer_square, plan=plan) for plan in PLANS[1:]},
-}
-# d + k >= 64: the planned forward saves r and q, which its backward reads.
-SAVED_SMALL = ((3,), 50, 14, 3, 2)
+def draws(case, like, salt=1):
+    """Random tensors shaped like `like` (tangents, cotangents, incoming
+    gradients), fixed by the case's seed."""
+    g = torch.Generator().manual_seed(case.seed + salt)
+    return [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in like]
 
+
+def net_of(case, inputs):
+    """A TwoLayerSquareNet under the case's plan holding the case's W, V, B and
+    A, all four trainable (so every gradient is checked)."""
+    z, W, V, B, A = (t.detach() for t in inputs)
+    net = torchext.TwoLayerSquareNet(W.shape[1], W.shape[0], V.shape[0], B.shape[0], A=A, B=B,
+                                     trainable_AB=True, plan=case.plan, dtype=W.dtype, device=W.device)
+    with torch.no_grad():
+        net.W.copy_(W)
+        net.V.copy_(V)
+    return net
+
+
+def module_leaves(case):
+    """A net_of the case and its five leaves: z (requiring grad) and the net's W, V, B, A."""
+    inputs = case.inputs()
+    net = net_of(case, inputs)
+    return net, [inputs[0].requires_grad_(), net.W, net.V, net.B, net.A]
+
+
+def face_fn(face, case, inputs):
+    """A public face as fn(z, W, V, B, A), under the case's plan where it takes
+    one; the Module through torch.func.functional_call (built here, outside
+    any transform)."""
+    if face == "functional":
+        return functools.partial(torchext.two_layer_square, plan=case.plan)
+    if face == "Function":
+        return torchext.TwoLayerSquare.apply
+    if face == "raw-op":
+        return OPS.two_layer_square
+    net = net_of(case, inputs)
+    return lambda z, W, V, B, A: torch.func.functional_call(net, {"W": W, "V": V, "B": B, "A": A}, (z,))
+
+
+def face_cases(faces, shapes, values=("random",)):
+    """pytest parameters (face, case): the functional form and the Module under
+    each plan and "auto"; the Function and the raw op, which take no plan,
+    under "auto"."""
+    out = []
+    for face in faces:
+        plans = PLANS if face in ("functional", "Module") else ("auto",)
+        for param in cases(shapes=shapes, plans=plans, values=values):
+            out.append(pytest.param(face, param.values[0], id=f"{face}-{param.id}"))
+    return out
+
+
+FUNC_FACES = ("functional", "Function", "Module")
+
+
+def summed(fn):
+    return lambda *args: fn(*args).sum()
+
+
+def nested_vmap(fn, dims):
+    for in_dims in dims:
+        fn = torch.func.vmap(fn, in_dims=in_dims)
+    return fn
+
+
+# ---- checks against the float64 reference ---------------------------------
+
+def assert_all_match(got, want, what):
+    """Tensors, or tuples of them nested like torch.func's Jacobians and Hessians."""
+    if isinstance(want, torch.Tensor):
+        assert_matches(got, want, torch.float64, what)
+        return
+    assert len(got) == len(want), what
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_all_match(g, w, f"{what}[{NAMES[i] if len(want) == 5 else i}]")
+
+
+def check_with_gradients(fn, inputs, case):
+    """fn's f and its gradients (of Σ g·f, g fixed by the case) against the
+    float64 reference; inputs are fn's five leaves."""
+    f_ref, g, grads_ref = reference_outputs(inputs, grad_seed=case.seed)
+    f = fn(*inputs)
+    grads = torch.autograd.grad(f, inputs, g.to(f.dtype).to(f.device))
+    assert_matches(f, f_ref, torch.float64, "f")
+    assert_all_match(grads, grads_ref, "d")
+
+
+def assert_vjp_matches(fn, ref, args, case, what):
+    """fn's output and its vector-Jacobian product (a cotangent fixed by the
+    case) against ref's, ref being the reference through the same transform."""
+    out, vjp = torch.func.vjp(fn, *args)
+    out_ref, vjp_ref = torch.func.vjp(ref, *args)
+    assert_matches(out, out_ref, torch.float64, what)
+    (cotangent,) = draws(case, [out_ref])
+    assert_all_match(vjp(cotangent), vjp_ref(cotangent), f"{what}: d")
+
+
+# ---- gradcheck --------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("face", list(FACES))
-@pytest.mark.parametrize("shape", ["small", "vector", "two-leading", "saved"])
-def test_gradcheck_and_gradgradcheck(face, shape, device):
-    inputs = away_from_kink(SAVED_SMALL if shape == "saved" else SHAPES[shape], device)
-    fn = FACES[face]
+@pytest.mark.parametrize("face,case", face_cases(("functional", "Function", "raw-op"),
+                                                 ("primes", "vector", "two-leading", "saved-small")))
+def test_gradcheck_and_gradgradcheck(face, case, device):
+    inputs = away_from_kink(case, device)
+    fn = face_fn(face, case, inputs)
     assert gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
     assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_with_vector_A(device):
-    z, W, V, B, A = away_from_kink(SHAPES["primes"], device, seed=40)
+@pytest.mark.parametrize("case", cases(shapes=("primes",)))
+def test_gradcheck_with_vector_A(case, device):
+    z, W, V, B, A = away_from_kink(case, device)
     A = A.detach().reshape(-1).requires_grad_()
-    assert gradcheck(torchext.two_layer_square, (z, W, V, B, A))
-    assert gradgradcheck(torchext.two_layer_square, (z, W, V, B, A))
+    fn = functools.partial(torchext.two_layer_square, plan=case.plan)
+    assert gradcheck(fn, (z, W, V, B, A))
+    assert gradgradcheck(fn, (z, W, V, B, A))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_op_gradcheck(device):
     # The backward op on its own, including the incoming gradient.
-    z, W, V, B, A = away_from_kink(SHAPES["small"], device, seed=60)
-    g = torch.randn(5, dtype=torch.float64, device=device, requires_grad=True)
+    case = Case("primes")
+    z, W, V, B, A = away_from_kink(case, device)
+    (g,) = draws(case, [z[..., 0]])
     mask = [True, True, False, True, True]
 
     def bwd(g, z, W, V, B, A):
         return tuple(o for o in OPS.two_layer_square_backward(g, z, W, V, B, A, mask) if o is not None)
 
-    assert gradcheck(bwd, (g, z, W, V, B, A))
+    assert gradcheck(bwd, (g.requires_grad_(), z, W, V, B, A))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_exact_kink_matches_eager(device):
+@pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small"), values=("kinks",)))
+def test_exact_kink_matches_eager(case, device):
     # Pre-activations exactly 0: ReLU's derivative there is 0, as in torch.relu.
-    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, device, seed=3)
-    W[2].zero_()
-    W[4, :] = 0
-    z[:, 0] = 0
-    W[5, 1:] = 0  # x_5 = W[5,0] z_0 = 0 exactly
-    inputs = [t.requires_grad_() for t in (z, W, V, B, A)]
-    f = torchext.two_layer_square(*inputs)
-    grads = torch.autograd.grad(f.sum(), inputs)
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    f_ref = torchext.reference.two_layer_square(*leaves)
-    grads_ref = torch.autograd.grad(f_ref.sum(), leaves)
-    assert ((z @ W.T) == 0).any()
-    assert_matches(f, f_ref, torch.float64)
-    for g, r in zip(grads, grads_ref):
-        assert_matches(g, r, torch.float64)
+    inputs = case.inputs(device, requires_grad=True)
+    assert ((inputs[0] @ inputs[1].T) == 0).any()
+    check_with_gradients(functools.partial(torchext.two_layer_square, plan=case.plan), inputs, case)
 
+
+# ---- opcheck ----------------------------------------------------------------
 
 def _opcheck_cases(device):
     for dtype in (torch.float32, torch.float64):
         for requires_grad in (False, True):
-            for transposed in (False, True):
-                z, W, V, B, A = make_inputs(SHAPES["primes"], dtype, device, seed=8)
-                if transposed:
-                    z = z.T.contiguous().T
-                    W = W.T.contiguous().T
-                    B = B.T.contiguous().T
-                yield [t.requires_grad_(requires_grad) for t in (z, W, V, B, A)]
+            for layout in ("contiguous", "transposed"):
+                inputs = Case("primes", dtype=dtype, layout=layout).inputs(device)
+                yield [t.requires_grad_(requires_grad) for t in inputs]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -105,7 +193,8 @@ def test_opcheck_forward(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_backward(device):
     for args in _opcheck_cases(device):
-        g = torch.randn(args[0].shape[:-1], dtype=args[0].dtype, device=device, requires_grad=args[0].requires_grad)
+        (g,) = draws(Case("primes", dtype=args[0].dtype), [args[0][..., 0]])
+        g.requires_grad_(args[0].requires_grad)
         for mask in ([True] * 5, [False, True, True, False, False]):
             torch.library.opcheck(OPS.two_layer_square_backward.default, [g, *args, mask])
 
@@ -113,271 +202,299 @@ def test_opcheck_backward(device):
 def _internal_opcheck_cases(device):
     """The internal ops' samples: every plan and "auto", saved (d + k >= 64)
     and recomputed state, an empty batch, and a broadcast incoming gradient."""
-    for shape in (SHAPES["primes"], SAVED_SMALL, SHAPES["empty-batch"]):
-        for plan in PLANS:
-            z, W, V, B, A = make_inputs(shape, torch.float64, device, seed=9)
-            for save in (False, True):
-                yield (z, W, V, B, A), plan, save
+    for case in (Case(shape, plan) for shape in ("primes", "saved-small", "empty-batch") for plan in PLANS):
+        inputs = case.inputs(device)
+        for save in (False, True):
+            yield case, inputs, save
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_internal_ops(device):
-    for inputs, plan, save in _internal_opcheck_cases(device):
-        torch.library.opcheck(OPS._two_layer_square_forward.default, [*inputs, plan, save])
-        f, *state = OPS._two_layer_square_forward(*inputs, plan, save)
-        for g in (torch.randn(f.shape, dtype=f.dtype, device=device), torch.ones((), dtype=f.dtype, device=device).expand(f.shape)):
+    for case, inputs, save in _internal_opcheck_cases(device):
+        torch.library.opcheck(OPS._two_layer_square_forward.default, [*inputs, case.plan, save])
+        f, *state = OPS._two_layer_square_forward(*inputs, case.plan, save)
+        for g in (draws(case, [f])[0], torch.ones((), dtype=f.dtype, device=device).expand(f.shape)):
             for mask in ([True] * 5, [False, True, True, False, True]):
                 torch.library.opcheck(OPS._two_layer_square_backward.default, [g, *inputs, *state, mask])
 
 
-def test_compile_fullgraph_module_forward_backward():
+# ---- torch.compile ----------------------------------------------------------
+
+def check_module_at_batches(compiled, net, z, sizes, case):
+    """The compiled module's f and all five gradients on the first n samples of z, for each n."""
+    for n in sizes:
+        leaves = [z[:n].detach().requires_grad_(), net.W, net.V, net.B, net.A]
+        check_with_gradients(lambda z, *_: compiled(z), leaves, case)
+
+
+@pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small")))
+def test_compile_fullgraph_module_forward_backward(case):
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
-    z = torch.randn(33, 8, dtype=torch.float64)
+    net, leaves = module_leaves(case)
     compiled = torch.compile(net, fullgraph=True)
-    f = compiled(z)
-    grads = torch.autograd.grad(f.sum(), [net.W, net.V])
-    f_ref = torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A)
-    grads_ref = torch.autograd.grad(f_ref.sum(), [net.W, net.V])
-    assert_matches(f, f_ref, torch.float64)
-    for g, r in zip(grads, grads_ref):
-        assert_matches(g, r, torch.float64)
+    check_with_gradients(lambda z, *_: compiled(z), leaves, case)
 
 
-@pytest.mark.parametrize("case", cases(shapes=("primes", "narrow-odd-k", "two-leading"), plans=PLANS))
+@pytest.mark.parametrize("case", cases(shapes=("primes", "narrow-odd-k", "two-leading", "saved-small")))
 def test_compile_fullgraph_functional_forward_backward(case):
     torch._dynamo.reset()
-    inputs = case.inputs(requires_grad=True)
     compiled = torch.compile(functools.partial(torchext.two_layer_square, plan=case.plan), fullgraph=True)
-    check_with_gradients(compiled, inputs)
+    check_with_gradients(compiled, case.inputs(requires_grad=True), case)
 
 
 def test_compile_fullgraph_function_forward_backward():
     torch._dynamo.reset()
+    case = Case("saved")
     compiled = torch.compile(torchext.TwoLayerSquare.apply, fullgraph=True)
-    check_with_gradients(compiled, Case("saved").inputs(requires_grad=True))
+    check_with_gradients(compiled, case.inputs(requires_grad=True), case)
 
 
-def check_with_gradients(fn, inputs):
-    """fn's f and the gradients of f.sum() against the float64 reference."""
-    f = fn(*inputs)
-    grads = torch.autograd.grad(f.sum(), inputs)
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    f_ref = torchext.reference.two_layer_square(*leaves)
-    assert_matches(f, f_ref, torch.float64, "f")
-    for name, g, r in zip("zWVBA", grads, torch.autograd.grad(f_ref.sum(), leaves)):
-        assert_matches(g, r, torch.float64, f"d{name}")
-
-
-@pytest.mark.parametrize("plan", PLANS)
-def test_export_of_module(plan):
-    net = torchext.TwoLayerSquareNet(8, 6, 5, 4, plan=plan, dtype=torch.float64)
-    z = Case("primes", plan).inputs()[0][:, :1].expand(13, 8).contiguous() + torch.arange(8.0, dtype=torch.float64)
-    ep = torch.export.export(net, (z,))
-    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
-    fused = [t for t in targets if t.startswith("torchext.")]
-    assert fused == ["torchext.two_layer_square.default"] or fused == ["torchext._two_layer_square_forward.default"], targets
-    assert not any("mm" in t or "relu" in t for t in targets), targets  # not decomposed
-    for x in (z, torch.randn(13, 8, dtype=torch.float64)):
-        assert_matches(ep.module()(x), torchext.reference.two_layer_square(x, net.W, net.V, net.B, net.A), torch.float64)
-
-
-def make_face(face, W, V, B, A):
-    """A public face as a function of (z, W, V, B, A); the Module through
-    torch.func.functional_call (built here, outside any transform)."""
-    if face == "functional":
-        return torchext.two_layer_square
-    if face == "Function":
-        return lambda *a: torchext.TwoLayerSquare.apply(*a)
-    net = torchext.TwoLayerSquareNet(W.shape[1], W.shape[0], V.shape[0], B.shape[0], A=A, B=B, dtype=W.dtype)
-    return lambda z, W, V, B, A: torch.func.functional_call(net, {"W": W, "V": V}, (z,))
-
-
-FUNC_FACES = ["functional", "Function", "Module"]
-
-
-@pytest.mark.parametrize("face", FUNC_FACES)
-def test_torch_func_grad_and_hessian(face):
-    z, W, V, B, A = [t.detach() for t in away_from_kink(SHAPES["small"], seed=70)]
-    fn = make_face(face, W, V, B, A)
-
-    def loss(W, V):
-        return fn(z, W, V, B, A).sum()
-
-    def loss_ref(W, V):
-        return torchext.reference.two_layer_square(z, W, V, B, A).sum()
-
-    for got, want in zip(torch.func.grad(loss, argnums=(0, 1))(W, V), torch.func.grad(loss_ref, argnums=(0, 1))(W, V)):
-        assert_matches(got, want, torch.float64)
-    H = torch.func.jacrev(torch.func.jacrev(loss, argnums=(0, 1)), argnums=(0, 1))(W, V)
-    H_ref = torch.func.jacrev(torch.func.jacrev(loss_ref, argnums=(0, 1)), argnums=(0, 1))(W, V)
-    for i in range(2):
-        for j in range(2):
-            assert_matches(H[i][j], H_ref[i][j], torch.float64, f"H[{i}][{j}]")
-
-
-@pytest.mark.parametrize("face", FUNC_FACES)
-def test_vmap_over_batch_and_weights(face):
-    ref_fn = torchext.reference.two_layer_square
-    z, W, V, B, A = make_inputs(((4, 5), 6, 3, 4, 2), torch.float64, seed=9)
-    fn = make_face(face, W, V, B, A)
-    out = torch.func.vmap(fn, in_dims=(0, None, None, None, None))(z, W, V, B, A)  # over z's batch
-    assert_matches(out, ref_fn(z, W, V, B, A), torch.float64)
-    out = torch.func.vmap(torch.func.vmap(fn, in_dims=(0, None, None, None, None)), in_dims=(0, None, None, None, None))(z, W, V, B, A)
-    assert_matches(out, ref_fn(z, W, V, B, A), torch.float64)  # over an extra leading dim
-    Ws = torch.stack([W, 2 * W, -W])
-    out = torch.func.vmap(fn, in_dims=(None, 0, None, None, None))(z, Ws, V, B, A)  # ensemble over W
-    assert_matches(out, torch.stack([ref_fn(z, w, V, B, A) for w in Ws]), torch.float64)
-    Vs = torch.stack([V, 0.5 * V])
-    out = torch.func.vmap(fn, in_dims=(None, None, 0, None, None))(z, W, Vs, B, A)  # ensemble over V
-    assert_matches(out, torch.stack([ref_fn(z, W, v, B, A) for v in Vs]), torch.float64)
-
-
-@pytest.mark.parametrize("face", FUNC_FACES)
-def test_per_sample_gradients_are_not_summed(face):
-    z, W, V, B, A = make_inputs(((5,), 6, 3, 4, 2), torch.float64, seed=10)
-    fn = make_face(face, W, V, B, A)
-
-    def f1(W, V, zi):
-        return fn(zi, W, V, B, A)
-
-    per = torch.func.vmap(torch.func.grad(f1, argnums=(0, 1)), in_dims=(None, None, 0))(W, V, z)
-    for n in range(5):
-        leaves = [W.clone().requires_grad_(), V.clone().requires_grad_()]
-        ref = torch.autograd.grad(torchext.reference.two_layer_square(z[n], leaves[0], leaves[1], B, A), leaves)
-        assert_matches(per[0][n], ref[0], torch.float64)
-        assert_matches(per[1][n], ref[1], torch.float64)
-
-
-def assert_compiled_module_matches(compiled, net, n):
-    """f and dW of a compiled TwoLayerSquareNet(8, ...) equal eager's at batch n."""
-    z = torch.randn(n, 8, dtype=torch.float64)
-    f = compiled(z)
-    (gW,) = torch.autograd.grad(f.sum(), [net.W])
-    f_ref = torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A)
-    (gW_ref,) = torch.autograd.grad(f_ref.sum(), [net.W])
-    assert_matches(f, f_ref, torch.float64)
-    assert_matches(gW, gW_ref, torch.float64)
-
-
-def test_compile_dynamic_batch_uses_symbolic_meta_kernels():
+@pytest.mark.parametrize("case", cases(shapes=("narrow-odd-k",)))
+def test_compile_dynamic_batch_uses_symbolic_meta_kernels(case):
     torch._dynamo.reset()
-    net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
+    net, (z, *_) = module_leaves(case)
     compiled = torch.compile(net, fullgraph=True, dynamic=True)
-    for n in (5, 17, 33):
-        assert_compiled_module_matches(compiled, net, n)
+    check_module_at_batches(compiled, net, z, (5, 17, 33), case)
+
+
+@pytest.mark.parametrize("case", cases(shapes=("primes",)))
+def test_compile_max_autotune_no_cudagraphs(case):
+    torch._dynamo.reset()
+    net, leaves = module_leaves(case)
+    compiled = torch.compile(net, mode="max-autotune-no-cudagraphs", fullgraph=True)
+    check_with_gradients(lambda z, *_: compiled(z), leaves, case)
+
+
+@pytest.mark.parametrize("case", cases(shapes=("chunk-and-tail",)))
+def test_mark_dynamic_batch_compiles_once(case):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    net, (z, *_) = module_leaves(case)
+    compiled = torch.compile(net, backend=counter, fullgraph=True)
+
+    def marked(z):
+        torch._dynamo.mark_dynamic(z, 0)
+        return compiled(z)
+
+    check_module_at_batches(marked, net, z, (2, 3, 17, 64, 1000), case)
+    assert counter.frame_count == 1
+
+
+# ---- torch.export -----------------------------------------------------------
+
+def bound_arguments(node):
+    """A graph node's arguments by name, defaults filled in from the op's schema."""
+    schema = node.target._schema
+    args = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    args.update(zip((a.name for a in schema.arguments), node.args))
+    args.update(node.kwargs)
+    return args
+
+
+def assert_exports_the_planned_forward(ep, plan):
+    """One call of the internal forward op with the plan asked for and nothing
+    saved (export records inference; the backward recomputes), undecomposed."""
+    calls = [n for n in ep.graph.nodes if n.op == "call_function"]
+    targets = [str(n.target) for n in calls]
+    fused = [n for n in calls if str(n.target).startswith("torchext.")]
+    assert [str(n.target) for n in fused] == ["torchext._two_layer_square_forward.default"], targets
+    args = bound_arguments(fused[0])
+    assert args["plan"] == plan and args["save_for_backward"] is False, args
+    assert not any("mm" in t or "relu" in t for t in targets), targets
+
+
+def exported_leaves(ep, z):
+    """The exported module's five leaves: z (requiring grad) and its W, V, B, A."""
+    module = ep.module()
+    params = dict(module.named_parameters())
+    return module, [z.detach().requires_grad_(), *(params[name] for name in "WVBA")]
+
+
+@pytest.mark.parametrize("case", cases(shapes=("vector", "primes", "two-leading", "saved-small", "empty-batch")))
+def test_export_of_module(case):
+    net, (z, *_) = module_leaves(case)
+    ep = torch.export.export(net, (z.detach(),))
+    assert_exports_the_planned_forward(ep, case.plan)
+    # Other values of the same shape (exact kinks among them): nothing is baked in.
+    other = Case(case.shape, case.plan, values="kinks").inputs()[0]
+    for x in (z, other):
+        module, leaves = exported_leaves(ep, x)
+        check_with_gradients(lambda z, *_: module(z), leaves, case)
+
+
+@pytest.mark.parametrize("case", cases(shapes=("auto-boundary",)))
+def test_export_with_a_dynamic_batch(case):
+    # An exported program runs at every batch size, across the plan
+    # boundaries of "auto" (the training and the inference cost's).
+    dims, sizes = SHAPES[case.shape][1:], (5, 223, 224, 1000)
+    for training in (True, False):
+        assert len({OPS._plan(n, *dims, "auto", training) for n in sizes}) > 1
+    net, (z, *_) = module_leaves(case)
+    ep = torch.export.export(net, (z[:300].detach(),), dynamic_shapes={"z": {0: torch.export.Dim("N")}})
+    assert_exports_the_planned_forward(ep, case.plan)
+    for n in sizes:
+        module, leaves = exported_leaves(ep, z[:n])
+        check_with_gradients(lambda z, *_: module(z), leaves, case)
+
+
+# ---- torch.func -------------------------------------------------------------
+
+@pytest.mark.parametrize("face,case", face_cases(FUNC_FACES, ("primes", "vector", "saved-small"))
+                         + face_cases(FUNC_FACES, ("primes",), values=("kinks",)))
+def test_torch_func_grad_and_hessian(face, case):
+    inputs = case.inputs()
+    loss, loss_ref = summed(face_fn(face, case, inputs)), summed(REF)
+    assert_all_match(torch.func.grad(loss, ALL)(*inputs), torch.func.grad(loss_ref, ALL)(*inputs), "d")
+    hessian = torch.func.jacrev(torch.func.jacrev(loss, ALL), ALL)
+    hessian_ref = torch.func.jacrev(torch.func.jacrev(loss_ref, ALL), ALL)
+    assert_all_match(hessian(*inputs), hessian_ref(*inputs), "H")
+
+
+@pytest.mark.parametrize("face,case", face_cases(FUNC_FACES, ("two-leading", "saved-small")))
+def test_vmap_over_batch_and_weights(face, case):
+    z, W, V, B, A = inputs = case.inputs()
+    fn = face_fn(face, case, inputs)
+    ensembles = (torch.stack([W, 2 * W, -W]), torch.stack([V, 0.5 * V]), torch.stack([B, -B]),
+                 torch.stack([A, 3 * A, -A, A]))
+    transforms = [("over z's batch", [OVER_Z], inputs)]
+    if z.dim() > 2:
+        transforms.append(("over z's two leading dims", [OVER_Z, OVER_Z], inputs))
+    for i, members in enumerate(ensembles, start=1):
+        dims = tuple(0 if j == i else None for j in range(5))
+        args = [members if j == i else t for j, t in enumerate(inputs)]
+        transforms.append((f"an ensemble over {NAMES[i]}", [dims], args))
+    for what, dims, args in transforms:
+        assert_vjp_matches(nested_vmap(fn, dims), nested_vmap(REF, dims), args, case, what)
+
+
+@pytest.mark.parametrize("face,case", face_cases(FUNC_FACES, ("primes", "saved-small")))
+def test_per_sample_gradients_are_not_summed(face, case):
+    inputs = case.inputs()
+
+    def per_sample(fn):
+        return torch.func.vmap(torch.func.grad(fn, argnums=ALL), in_dims=OVER_Z)
+
+    got = per_sample(face_fn(face, case, inputs))(*inputs)
+    assert got[1].shape == (inputs[0].shape[0], *inputs[1].shape)  # one dW per sample
+    assert_all_match(got, per_sample(REF)(*inputs), "per-sample d")
 
 
 def test_forward_mode_on_the_function_raises_clearly():
     # TwoLayerSquare has no jvp (Dynamo could not trace it if it had): forward
     # mode through it is refused by PyTorch with a clear error, never wrong.
-    z, W, V, B, A = make_inputs(SHAPES["small"], torch.float64)
+    z, W, V, B, A = Case("primes").inputs()
     with pytest.raises(NotImplementedError, match="jvp"):
         torch.func.jvp(lambda W: torchext.TwoLayerSquare.apply(z, W, V, B, A), (W,), (torch.ones_like(W),))
 
 
-@pytest.mark.parametrize("plan", ["auto", "direct", "quadratic"])
-def test_forward_mode_jvp_jacfwd_hessian(plan):
-    def fn(*args):
-        return torchext.two_layer_square(*args, plan=plan)
-
-    z, W, V, B, A = [t.detach() for t in away_from_kink(SHAPES["small"], seed=80)]
-    tangents = [torch.randn_like(t) for t in (z, W, V, B, A)]
-    _, got = torch.func.jvp(fn, (z, W, V, B, A), tuple(tangents))
-    _, want = torch.func.jvp(torchext.reference.two_layer_square, (z, W, V, B, A), tuple(tangents))
-    assert_matches(got, want, torch.float64, "jvp")
-
-    def loss(W, V):
-        return fn(z, W, V, B, A).sum()
-
-    def loss_ref(W, V):
-        return torchext.reference.two_layer_square(z, W, V, B, A).sum()
-
-    J = torch.func.jacfwd(lambda W: fn(z, W, V, B, A))(W)
-    assert_matches(J, torch.func.jacfwd(lambda W: torchext.reference.two_layer_square(z, W, V, B, A))(W), torch.float64)
-    H = torch.func.hessian(loss, argnums=(0, 1))(W, V)
-    H_ref = torch.func.hessian(loss_ref, argnums=(0, 1))(W, V)
-    for i in range(2):
-        for j in range(2):
-            assert_matches(H[i][j], H_ref[i][j], torch.float64, f"hessian[{i}][{j}]")
+@pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small")) + cases(shapes=("primes",), values=("kinks",)))
+def test_forward_mode_jvp_jacfwd_hessian(case):
+    inputs = tuple(case.inputs())
+    fn = functools.partial(torchext.two_layer_square, plan=case.plan)
+    tangents = tuple(draws(case, inputs))
+    assert_all_match(torch.func.jvp(fn, inputs, tangents), torch.func.jvp(REF, inputs, tangents), "(f, jvp)")
+    assert_all_match(torch.func.jacfwd(fn, ALL)(*inputs), torch.func.jacfwd(REF, ALL)(*inputs), "J")
+    # forward over reverse: the backward's own forward-mode derivative
+    assert_all_match(torch.func.hessian(summed(fn), ALL)(*inputs),
+                     torch.func.hessian(summed(REF), ALL)(*inputs), "H")
 
 
-def test_forward_ad_dual_tensors_in_eager():
+@pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small")))
+def test_forward_ad_dual_tensors_in_eager(case):
     import torch.autograd.forward_ad as fwAD
 
-    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, seed=4)
-    tW = torch.randn_like(W)
+    inputs = case.inputs(requires_grad=True)
+    tangents = draws(case, inputs)
     with fwAD.dual_level():
-        f = torchext.two_layer_square(z, fwAD.make_dual(W, tW), V, B, A)
-        got = fwAD.unpack_dual(f).tangent
-    _, want = torch.func.jvp(lambda W: torchext.reference.two_layer_square(z, W, V, B, A), (W,), (tW,))
-    assert_matches(got, want, torch.float64)
+        f, tangent = fwAD.unpack_dual(torchext.two_layer_square(
+            *[fwAD.make_dual(t, dt) for t, dt in zip(inputs, tangents)], plan=case.plan))
+    f_ref, want = torch.func.jvp(REF, tuple(t.detach() for t in inputs), tuple(tangents))
+    assert_matches(f, f_ref, torch.float64, "f")
+    assert_matches(tangent, want, torch.float64, "jvp")
+    # the backward of the graph recorded through the dual tensors
+    _, g, grads_ref = reference_outputs(inputs, grad_seed=case.seed)
+    assert_all_match(torch.autograd.grad(f, inputs, g), grads_ref, "d")
 
 
-def test_compile_max_autotune_no_cudagraphs():
-    torch._dynamo.reset()
-    net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
-    compiled = torch.compile(net, mode="max-autotune-no-cudagraphs", fullgraph=True)
-    assert_compiled_module_matches(compiled, net, 21)
+@pytest.mark.parametrize("face,case", face_cases(FUNC_FACES, ("primes", "saved-small")))
+def test_is_grads_batched_gives_one_jacobian_row_per_sample(face, case):
+    inputs = case.inputs()
+    if face == "Module":
+        net = net_of(case, inputs)
+        leaves = [inputs[0].requires_grad_(), net.W, net.V, net.B, net.A]
+        f = net(leaves[0])
+    else:
+        leaves = [t.requires_grad_() for t in inputs]
+        f = face_fn(face, case, inputs)(*leaves)
+    detached = tuple(t.detach() for t in leaves)
+    assert_matches(f, REF(*detached), torch.float64, "f")
+    rows = torch.eye(f.numel(), dtype=f.dtype).reshape(f.numel(), *f.shape)
+    jacobian = torch.autograd.grad(f, leaves, rows, is_grads_batched=True)
+    assert_all_match(jacobian, torch.autograd.functional.jacobian(REF, detached), "J")
 
 
-def test_mark_dynamic_batch_compiles_once():
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    net = torchext.TwoLayerSquareNet(8, 6, 5, 4, dtype=torch.float64)
-    compiled = torch.compile(net, backend=counter, fullgraph=True)
-    for n in (2, 3, 17, 64, 1000):
-        z = torch.randn(n, 8, dtype=torch.float64)
-        torch._dynamo.mark_dynamic(z, 0)
-        f = compiled(z)
-        f.sum().backward()
-        assert_matches(f, torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A), torch.float64)
-    assert counter.frame_count == 1
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small")))
+def test_autograd_functional_jacobian_and_hessian(case, vectorize):
+    # vectorize=True runs the backward under the legacy vmap (is_grads_batched).
+    inputs = tuple(case.inputs())
+    fn = functools.partial(torchext.two_layer_square, plan=case.plan)
+    assert_matches(fn(*inputs), REF(*inputs), torch.float64, "f")
+    J = torch.autograd.functional.jacobian(fn, inputs, vectorize=vectorize)
+    assert_all_match(J, torch.autograd.functional.jacobian(REF, inputs, vectorize=True), "J")
+    H = torch.autograd.functional.hessian(summed(fn), inputs, vectorize=vectorize)
+    assert_all_match(H, torch.autograd.functional.hessian(summed(REF), inputs, vectorize=True), "H")
 
 
-CPP_NODE = "torch::autograd::CppNode<torchext::FusedTwoLayerSquare>"
+@pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small")))
+def test_functorch_vmap_over_grad_of_a_plain_eager_graph(case):
+    # The graph is recorded outside any transform (the C++ node, with the
+    # forward's saved r and q where d + k >= 64); vmap batches only its
+    # backward, through the internal backward op's vmap rule.
+    leaves = case.inputs(requires_grad=True)
+    f = torchext.two_layer_square(*leaves, plan=case.plan)
+    assert f.grad_fn.name() == CPP_NODE
+    detached = tuple(t.detach() for t in leaves)
+    assert_matches(f, REF(*detached), torch.float64, "f")
+    rows = torch.eye(f.numel(), dtype=f.dtype).reshape(f.numel(), *f.shape)
+    jacobian = torch.func.vmap(lambda g: torch.autograd.grad(f, leaves, g, retain_graph=True))(rows)
+    assert_all_match(jacobian, torch.autograd.functional.jacobian(REF, detached), "J")
 
+
+# ---- the plain-eager C++ node -----------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("plan", ["auto", "direct", "folded", "quadratic"])
-@pytest.mark.parametrize("shape", ["vector", "primes", "wide"])
-def test_plain_eager_is_one_cpp_node_matching_the_python_face(shape, plan, device):
+@pytest.mark.parametrize("case", cases(shapes=("vector", "primes", "saved"), dtypes=(torch.float32,)))
+def test_plain_eager_is_one_cpp_node_matching_the_python_face(case, device):
     # The functional form records one C++ node in plain eager; it runs the same
     # ops as the Python face that torch.compile and torch.func use, so the
     # numbers agree bitwise, and both match the float64 reference.
-    z, W, V, B, A = make_inputs(SHAPES[shape], torch.float32, device, seed=71)
-    leaves = [t.clone().requires_grad_() for t in (z, W, V, B, A)]
-    f = torchext.two_layer_square(*leaves, plan=plan)
+    inputs = case.inputs(device)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    f = torchext.two_layer_square(*leaves, plan=case.plan)
     assert f.grad_fn.name() == CPP_NODE
     assert len(f.grad_fn.next_functions) == 5  # z, W, V, B, A
-    f.backward(torch.randn_like(f), retain_graph=True)
-    fast = [t.grad.clone() for t in leaves]
+    f_ref, g, grads_ref = reference_outputs(inputs, grad_seed=case.seed)
+    g = g.to(f.dtype).to(device)
+    first = torch.autograd.grad(f, leaves, g, retain_graph=True)
+    f.backward(g)  # the retained graph, again
 
-    twins = [t.clone().requires_grad_() for t in (z, W, V, B, A)]
-    f_py = torchext.function.PlannedTwoLayerSquare.apply(*twins, plan, True)[0]
+    twins = [t.clone().requires_grad_() for t in inputs]
+    f_py = torchext.function.PlannedTwoLayerSquare.apply(*twins, case.plan, True)[0]
     assert f_py.grad_fn.name() != CPP_NODE
-    torch.manual_seed(0)
-    g = torch.randn_like(f)
-    for t in leaves:
-        t.grad = None
-    f.backward(g)
     f_py.backward(g)
     assert torch.equal(f.detach(), f_py.detach())
-    for name, a, b in zip("zWVBA", leaves, twins):
-        assert torch.equal(a.grad, b.grad), name
-    ref = [t.detach().double().requires_grad_() for t in (z, W, V, B, A)]
-    torchext.reference.two_layer_square(*ref).backward(g.double())
-    assert_matches(f, torchext.reference.two_layer_square(*[t.detach() for t in ref]), torch.float32)
-    for name, a, b in zip("zWVBA", leaves, ref):
-        assert_matches(a.grad, b.grad, torch.float32, name)
-    assert all(a.shape == b.shape for a, b in zip(fast, leaves))
+    for name, a, b, once in zip(NAMES, leaves, twins, first):
+        assert torch.equal(a.grad, b.grad) and torch.equal(a.grad, once), name
+    assert_matches(f, f_ref, torch.float32, "f")
+    for name, a, want in zip(NAMES, leaves, grads_ref):
+        assert_matches(a.grad, want, torch.float32, f"d{name}")
 
 
 def test_plain_eager_without_grad_records_nothing():
-    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float32, seed=72)
+    z, W, V, B, A = Case("primes", dtype=torch.float32).inputs()
     with_grad = [t.requires_grad_() for t in (W, V)]
     with torch.no_grad():
         f = torchext.two_layer_square(z, *with_grad, B, A)
@@ -387,7 +504,7 @@ def test_plain_eager_without_grad_records_nothing():
 
 
 def test_plain_eager_node_guards_its_saved_inputs():
-    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float32, seed=73)
+    z, W, V, B, A = Case("primes", dtype=torch.float32).inputs()
     W.requires_grad_()
     Vc = V.clone()
     f = torchext.two_layer_square(z, W, Vc, B, A)
@@ -401,8 +518,9 @@ def test_plain_eager_node_guards_its_saved_inputs():
 
 
 def test_plain_eager_node_under_anomaly_mode_and_hooks():
-    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, seed=74)
-    W.requires_grad_()
+    case = Case("primes")
+    inputs = case.inputs(requires_grad=True)
+    f_ref, g, grads_ref = reference_outputs(inputs, grad_seed=case.seed)
     packed = []
 
     def pack(t):
@@ -410,78 +528,8 @@ def test_plain_eager_node_under_anomaly_mode_and_hooks():
         return t
 
     with torch.autograd.detect_anomaly(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        f = torchext.two_layer_square(z, W, V, B, A)
-        (gW,) = torch.autograd.grad(f.sum(), W)
+        f = torchext.two_layer_square(*inputs)
+        grads = torch.autograd.grad(f, inputs, g)
     assert len(packed) == 8  # z, W, V, B, A, the two N×k tensors (maybe empty) and the state
-    W_ref = W.detach().requires_grad_()
-    torchext.reference.two_layer_square(z, W_ref, V, B, A).sum().backward()
-    assert_matches(gW, W_ref.grad, torch.float64)
-
-
-@pytest.mark.parametrize("face", ["functional", "Function", "Module"])
-def test_is_grads_batched_gives_one_jacobian_row_per_sample(face):
-    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, seed=75)
-    W.requires_grad_()
-    V.requires_grad_()
-    if face == "Module":
-        net = torchext.TwoLayerSquareNet(11, 7, 5, 3, A=A, B=B, dtype=torch.float64)
-        with torch.no_grad():
-            net.W.copy_(W)
-            net.V.copy_(V)
-        W, V = net.W, net.V
-        f = net(z)
-    elif face == "Function":
-        f = torchext.TwoLayerSquare.apply(z, W, V, B, A)
-    else:
-        f = torchext.two_layer_square(z, W, V, B, A)
-    eye = torch.eye(f.numel(), dtype=f.dtype)
-    jW, jV = torch.autograd.grad(f, (W, V), eye, is_grads_batched=True)
-    Wr, Vr = (t.detach().requires_grad_() for t in (W, V))
-    want = torch.autograd.functional.jacobian(
-        lambda W_, V_: torchext.reference.two_layer_square(z, W_, V_, B, A), (Wr, Vr)
-    )
-    assert_matches(jW, want[0], torch.float64, "dW")
-    assert_matches(jV, want[1], torch.float64, "dV")
-
-
-@pytest.mark.parametrize("vectorize", [True, False])
-def test_autograd_functional_jacobian_and_hessian(vectorize):
-    # vectorize=True runs the backward under the legacy vmap (is_grads_batched).
-    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, seed=76)
-    ref = torchext.reference.two_layer_square
-    J = torch.autograd.functional.jacobian(
-        lambda W_, V_: torchext.two_layer_square(z, W_, V_, B, A), (W, V), vectorize=vectorize)
-    J_ref = torch.autograd.functional.jacobian(lambda W_, V_: ref(z, W_, V_, B, A), (W, V))
-    for got, want, name in zip(J, J_ref, ("dW", "dV")):
-        assert_matches(got, want, torch.float64, name)
-    H = torch.autograd.functional.hessian(
-        lambda W_: torchext.two_layer_square(z, W_, V, B, A).sum(), W, vectorize=vectorize)
-    H_ref = torch.autograd.functional.hessian(lambda W_: ref(z, W_, V, B, A).sum(), W)
-    assert_matches(H, H_ref, torch.float64, "hessian")
-
-
-def test_functorch_vmap_over_grad_of_a_plain_eager_graph():
-    # The graph is recorded outside any transform (the C++ node); vmap batches
-    # only its backward, through the internal backward op's vmap rule.
-    z, W, V, B, A = make_inputs(SHAPES["primes"], torch.float64, seed=77)
-    W.requires_grad_()
-    f = torchext.two_layer_square(z, W, V, B, A)
-    assert f.grad_fn.name() == CPP_NODE
-    eye = torch.eye(f.numel(), dtype=f.dtype)
-    J = torch.func.vmap(lambda g: torch.autograd.grad(f, W, g, retain_graph=True)[0])(eye)
-    J_ref = torch.autograd.functional.jacobian(
-        lambda W_: torchext.reference.two_layer_square(z, W_, V, B, A), W.detach())
-    assert_matches(J, J_ref, torch.float64)
-
-
-@pytest.mark.parametrize("plan", PLANS)
-def test_export_with_a_dynamic_batch(plan):
-    # An exported program runs at every batch size, across the plan boundaries
-    # of "auto" (here direct below 224 samples, folded above).
-    net = torchext.TwoLayerSquareNet(3, 61, 64, 3, plan=plan, dtype=torch.float64)
-    z = torch.randn(300, 3, dtype=torch.float64)
-    ep = torch.export.export(net, (z,), dynamic_shapes={"z": {0: torch.export.Dim("N")}})
-    for n in (5, 223, 224, 1000):
-        x = torch.randn(n, 3, dtype=torch.float64)
-        assert_matches(ep.module()(x), torchext.reference.two_layer_square(x, net.W, net.V, net.B, net.A),
-                       torch.float64, f"N={n}")
+    assert_matches(f, f_ref, torch.float64, "f")
+    assert_all_match(grads, grads_ref, "d")

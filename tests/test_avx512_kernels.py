@@ -28,6 +28,8 @@ def cpu_has_avx512f():
 def test_narrow_kernels_run_where_the_cpu_has_avx512():
     if os.environ.get("TORCHEXT_CPU_KERNELS") == "generic":
         pytest.skip("narrow kernels turned off by TORCHEXT_CPU_KERNELS=generic")
+    if not torchext.build_info()["cpu_avx512_compiled"]:
+        pytest.skip("built without the AVX-512 kernels (TORCHEXT_NO_AVX512=1 or not x86-64)")
     if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
         pytest.skip("reads /proc/cpuinfo's x86 flags")
     if not cpu_has_avx512f():

@@ -3,21 +3,44 @@ import pytest
 import torch
 
 import torchext
-from conftest import SHAPES, assert_matches, make_inputs, poison_allocator, requires_cuda
+from cases import cases
+from conftest import SHAPES, assert_matches, make_inputs, poisoned_buffers, reference_outputs, requires_cuda
+from test_correctness import check_against_reference
 
 pytestmark = requires_cuda
+NAMES = ("z", "W", "V", "B", "A")
 
 
-def test_compile_reduce_overhead_matches_eager():
+def module_leaves(case, device):
+    """A TwoLayerSquareNet under the case's plan holding the case's W, V, B
+    and A (all four trainable), and its five leaves: z (requiring grad) and
+    the net's W, V, B, A."""
+    z, W, V, B, A = case.inputs(device)
+    net = torchext.TwoLayerSquareNet(W.shape[1], W.shape[0], V.shape[0], B.shape[0], A=A, B=B, trainable_AB=True,
+                                     plan=case.plan, device=device, dtype=case.dtype)
+    with torch.no_grad():
+        net.W.copy_(W)
+        net.V.copy_(V)
+    return net, [z.requires_grad_(), net.W, net.V, net.B, net.A]
+
+
+@pytest.mark.parametrize("case", cases(shapes=("odd-widths", "saved"), dtypes=(torch.float32,)))
+def test_compile_reduce_overhead_matches_float64(case):
+    # Warm-up runs, then CUDA-graph replays of the forward and the backward
+    # (r and q saved across them where d + k >= 64): each step's f and
+    # gradients against the float64 reference.
     torch._dynamo.reset()
-    net = torchext.TwoLayerSquareNet(16, 32, 24, 8, device="cuda")
-    z = torch.randn(300, 16, device="cuda")
-    eager_f = net(z)
+    net, leaves = module_leaves(case, "cuda")
+    f_ref, g, grads_ref = reference_outputs(leaves, grad_seed=case.seed)
+    g = g.to(case.dtype).cuda()
     compiled = torch.compile(net, mode="reduce-overhead", fullgraph=True)
-    for _ in range(3):  # warm-up runs, then CUDA-graph replays
-        f = compiled(z)
-    assert torch.allclose(f, eager_f, rtol=1e-5, atol=1e-6)
-    f.sum().backward()
+    for step in range(3):
+        torch.compiler.cudagraph_mark_step_begin()
+        f = compiled(leaves[0])
+        grads = torch.autograd.grad(f, leaves, g)
+        assert_matches(f, f_ref, case.dtype, f"step {step} f")
+        for name, got, want in zip(NAMES, grads, grads_ref):
+            assert_matches(got, want, case.dtype, f"step {step} d{name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -34,23 +57,23 @@ def test_autocast_cuda(dtype):
     assert ((f.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_every_plan_on_cuda_matches_cpu():
-    inputs = make_inputs(((777,), 24, 40, 12, 9), torch.float64, seed=1)
-    for plan in ("direct", "folded", "quadratic"):
-        cpu = torchext.two_layer_square(*inputs, plan=plan)
-        gpu = torchext.two_layer_square(*[t.cuda() for t in inputs], plan=plan)
-        assert_matches(gpu, cpu, torch.float64, plan)
+@pytest.mark.parametrize("case", cases(shapes=("saved", "chunk-and-tail"), dtypes=(torch.float32, torch.float64)))
+def test_every_plan_on_cuda_matches_float64(case):
+    # f and every gradient on the GPU against the float64 reference on the CPU.
+    check_against_reference(case.inputs("cuda"), case.dtype, plan=case.plan)
 
 
-def test_other_device_index_and_current_stream():
+@pytest.mark.parametrize("case", cases(shapes=("primes",), dtypes=(torch.float32,)))
+def test_other_device_index_and_current_stream(case):
+    # The last GPU (not the current device, where there are several) and a
+    # side stream: forward and backward run on that stream, their outputs on
+    # that device.
     device = f"cuda:{torch.cuda.device_count() - 1}"
-    inputs = make_inputs(SHAPES["primes"], torch.float32, device, seed=2)
+    inputs = case.inputs(device)
     stream = torch.cuda.Stream(device=device)
     with torch.cuda.stream(stream):
-        f = torchext.two_layer_square(*inputs)
+        check_against_reference(inputs, case.dtype, plan=case.plan)
     stream.synchronize()
-    assert f.device == torch.device(device)
-    assert_matches(f, torchext.two_layer_square(*[t.cpu() for t in inputs]), torch.float32)
 
 
 def test_long_run_keeps_cuda_memory_flat():
@@ -69,8 +92,8 @@ def test_long_run_keeps_cuda_memory_flat():
 
 # The fused quadratic-plan kernels (two_layer_square_cuda.cu): shapes around
 # the 64-wide tiles and 16-deep steps, 1 and primes, against the float64
-# reference; outputs poisoned first (NaN-filled blocks freed into the caching
-# allocator right before each call), so an element no kernel wrote shows.
+# reference; with the kernels' buffers poisoned, so an element no kernel wrote
+# shows as NaN.
 FUSED_SHAPES = [
     ((1,), 1, 1, 1, 1),
     ((63,), 65, 64, 5, 3),
@@ -86,18 +109,14 @@ FUSED_SHAPES = [
 def _fused_case(shape, dtype, grad_kind, wants=(True,) * 5, seed=0):
     inputs = make_inputs(shape, dtype, "cuda", seed=seed)
     leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
-    N = 1
-    for s in shape[0]:
-        N *= s
-    k, d = shape[2], shape[1]
-    poison_allocator([(N,), (N, k), (N, d), (k, d), (k, k), (64, k, d), (64, k, k)], dtype, "cuda")
-    f = torchext.two_layer_square(*leaves, plan="quadratic")
-    if grad_kind == "sum":  # the stride-0 gradient of .sum()
-        g = torch.ones(f.shape, dtype=torch.float64)
-        f.sum().backward()
-    else:
-        g = torch.randn(f.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-        f.backward(g.to(dtype).cuda())
+    with poisoned_buffers():
+        f = torchext.two_layer_square(*leaves, plan="quadratic")
+        if grad_kind == "sum":  # the stride-0 gradient of .sum()
+            g = torch.ones(f.shape, dtype=torch.float64)
+            f.sum().backward()
+        else:
+            g = torch.randn(f.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+            f.backward(g.to(dtype).cuda())
     ref_leaves = [t.detach().double().cpu().requires_grad_(w) for t, w in zip(inputs, wants)]
     f_ref = torchext.reference.two_layer_square(*ref_leaves)
     (f_ref * g).sum().backward()
@@ -251,7 +270,7 @@ def test_half_inputs_on_tensor_cores_within_1e2_of_float64(shape, dtype):
 @pytest.mark.parametrize("shape", [((), 16, 16, 16, 16), ((5,), 3, 300, 7, 2), ((64,), 33, 40, 50, 9)])
 def test_small_batch_direct_backward_kernel(shape, dtype):
     # the direct plan's one-block backward (direct_kernels.cuh), every subset of
-    # gradients, against float64 (outputs poisoned first)
+    # gradients, against float64 (its buffers poisoned)
     import itertools
 
     for wants in itertools.product([False, True], repeat=5):
@@ -259,9 +278,9 @@ def test_small_batch_direct_backward_kernel(shape, dtype):
             continue
         inputs = make_inputs(shape, dtype, "cuda", seed=12)
         leaves = [t.detach().clone().requires_grad_(w) for t, w in zip(inputs, wants)]
-        poison_allocator([t.shape for t in inputs], dtype, "cuda")
-        f = torchext.two_layer_square(*leaves, plan="direct")
-        f.sum().backward()
+        with poisoned_buffers():
+            f = torchext.two_layer_square(*leaves, plan="direct")
+            f.sum().backward()
         ref_leaves = [t.detach().double().cpu().requires_grad_(w) for t, w in zip(inputs, wants)]
         torchext.reference.two_layer_square(*ref_leaves).sum().backward()
         for name, got, ref, w in zip(("z", "W", "V", "B", "A"), leaves, ref_leaves, wants):

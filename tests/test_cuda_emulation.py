@@ -3,8 +3,12 @@
 emulate_kernels.cpp: the kernels (quadratic plan, SIMT and tensor-core tiles;
 the direct plan's warp forward and small-batch backward) compiled as plain
 C++, each block's threads as host threads, __syncthreads and __syncwarp as
-barriers (cuda_dialect.h), against float64 loops and, bitwise, against the
-kernels before the bank-conflict fixes (cuda_emulation/previous/).
+barriers (cuda_dialect.h), against float64 references computed from the
+inputs alone (the backward's too: never from the r and q the emulated forward
+saved, which the backward kernels read), the backward kernels under partial
+requests of gradients (an output not requested must stay unwritten), and,
+bitwise, against the kernels before the bank-conflict fixes
+(cuda_emulation/previous/).
 launch_plan_test.cpp: csrc/cuda/launch_plan.h's decisions against the limits
 of common cards. The GPU itself is checked by test_cuda.py and
 scripts/gpu_check.sh."""

@@ -5,7 +5,7 @@ import torch
 
 import torchext
 from conftest import (
-    DEVICES, SHAPES, assert_matches, eager_outputs, fused_outputs, make_inputs, poison_allocator,
+    DEVICES, SHAPES, assert_matches, eager_outputs, fused_outputs, make_inputs, poisoned_buffers,
     reference_outputs, rel_err,
 )
 from torchext.testing import cancelling_inputs
@@ -190,32 +190,31 @@ def test_module_plan_argument():
     assert_matches(net(z), torchext.reference.two_layer_square(z, net.W, net.V, net.B, net.A), torch.float64)
 
 
-# The CPU backward hands out its gradient buffers uninitialised (each
-# partition's first chunk writes them); freed NaN-filled blocks of every size
-# it allocates are put back in the allocator right before each call, so a slot
-# that were only ever added to would come back NaN.
+# The kernels' outputs, gradient buffers, partials and scratch come
+# uninitialised (a partition's first chunk writes what later chunks add to):
+# poisoned, a slot that were only ever added to, or never written, shows as NaN.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("plan", PLANS)
-@pytest.mark.parametrize("shape", ["ell>k", "many-chunks", "many-chunks-kept"])
-def test_gradient_buffers_never_show_stale_memory(shape, plan, dtype):
+@pytest.mark.parametrize("shape", ["ell>k", "many-chunks", "many-chunks-kept", "ell<k"])
+def test_buffers_never_show_stale_memory(shape, plan, dtype):
     import itertools
 
     inputs = make_inputs(PLAN_SHAPES[shape], dtype, seed=9)
     z, W, V, B, A = inputs
-    k = W.shape[0]
-    poison_shapes = [t.shape for t in inputs] + [(k, k), (A.numel(),)]
     for save in (True, False):
-        f, *state = OPS._two_layer_square_forward(z, W, V, B, A, plan, save)
+        with poisoned_buffers():
+            f, *state = OPS._two_layer_square_forward(z, W, V, B, A, plan, save)
         for wants in itertools.product([False, True], repeat=5):
-            if not any(wants[1:]):
+            if not any(wants):
                 continue
             f_ref, g, grads_ref = reference_outputs(inputs, wants=wants)
-            for _ in range(3):
-                poison_allocator(poison_shapes, dtype)
+            assert_matches(f, f_ref, dtype, f"{plan} save={save} f")
+            with poisoned_buffers():
                 grads = OPS._two_layer_square_backward(g.to(dtype), z, W, V, B, A, *state, list(wants))
-                for name, gr, ref in zip(NAMES, grads, grads_ref):
-                    if ref is not None:
-                        assert_matches(gr, ref, dtype, f"{plan} save={save} {wants} d{name}")
+            for name, gr, ref in zip(NAMES, grads, grads_ref):
+                assert (gr is None) == (ref is None), name
+                if ref is not None:
+                    assert_matches(gr, ref, dtype, f"{plan} save={save} {wants} d{name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -34,8 +34,10 @@ def report_details(info):
         cpu_set = "avx512 (register-blocked products, narrow-layer kernels)"
     elif cpu_env == "generic":
         cpu_set = "generic (BLAS; TORCHEXT_CPU_KERNELS=generic)"
+    elif not info["cpu_avx512_compiled"]:
+        cpu_set = "generic (BLAS; built without the AVX-512 kernels)"
     else:
-        cpu_set = "generic (BLAS; this CPU or this build has no AVX-512 kernels)"
+        cpu_set = "generic (BLAS; this CPU has no AVX-512)"
     if info["cuda_kernels"]:
         cuda_set = ("aten (cuBLAS; TORCHEXT_CUDA_KERNELS=aten)" if os.environ.get("TORCHEXT_CUDA_KERNELS") == "aten"
                     else "fused (quadratic and direct-plan kernels; ATen/cuBLAS for the rest)")

@@ -7,6 +7,7 @@ and forward mode reuses the same closed form (tangent_of_f)."""
 import torch
 
 from . import _library  # noqa: F401  (loads the operators)
+from . import _torch_private
 
 _ops = torch.ops.torchext
 
@@ -16,7 +17,7 @@ def plain_eager():
     autograd.Function has already taken care of autograd, and the op can be
     called below the Autograd key, skipping its (redundant) registered autograd
     layer — a large share of the call overhead at small sizes."""
-    return not (torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())
+    return not (_torch_private.functorch_transforms_active() or torch.compiler.is_compiling())
 
 
 def call_op(op, *args):
@@ -25,7 +26,7 @@ def call_op(op, *args):
     a first-order backward. Otherwise (create_graph=True, compile tracing,
     torch.func) through it, so the op's registered formula is recorded."""
     if not torch.is_grad_enabled() and plain_eager():
-        with torch._C._AutoDispatchBelowAutograd():
+        with _torch_private.below_autograd():
             return op(*args)
     return op(*args)
 
@@ -173,7 +174,7 @@ def _call_backward(grad, z, W, V, B, A, saved, mask):
     (r, q, state), or None for the public backward op (the raw op's face)."""
     grad, z, W, V, B, A = _common_dtype(grad, z, W, V, B, A)
     r, q, state = (None, None, None) if saved is None else saved
-    if torch._C._are_functorch_transforms_active():
+    if _torch_private.functorch_transforms_active():
         return TwoLayerSquareBackward.apply(grad, z, W, V, B, A, r, q, state, mask)
     return call_op(fused_backward, grad, z, W, V, B, A, r, q, state, mask)
 

@@ -40,14 +40,16 @@ _info, _C = _load()
 
 def build_info() -> Dict[str, Any]:
     """How the loaded library was built: a dict of torch version, CUDA kernels, archs,
-    and whether the AVX-512 CPU kernels (products and narrow-layer kernels) run here
-    (`cpu_avx512_kernels`; TORCHEXT_CPU_KERNELS=generic turns them off, for comparison),
+    whether the AVX-512 CPU kernels (products and narrow-layer kernels) were compiled in
+    (`cpu_avx512_compiled`) and run here (`cpu_avx512_kernels`; TORCHEXT_CPU_KERNELS=generic
+    turns them off, for comparison),
     and the compilers that built it (None where the build predates that record)."""
     lib = ctypes.CDLL(_C.__file__)
     return {
         "torch_version": _info.TORCH_VERSION,
         "cuda_kernels": bool(lib.torchext_cuda_kernels_compiled()),
         "cpu_avx512_kernels": bool(lib.torchext_cpu_avx512_kernels()),
+        "cpu_avx512_compiled": bool(lib.torchext_cpu_avx512_compiled()),
         "cuda_version": _info.CUDA_VERSION,
         "cuda_archs": _info.CUDA_ARCHS,
         "debug": _info.DEBUG,

@@ -1,8 +1,7 @@
 """The public autograd face: `TwoLayerSquare` and the functional `two_layer_square`."""
 import torch
-from torch.autograd import forward_ad as _forward_ad
 
-from . import _autograd
+from . import _autograd, _torch_private
 
 _ops = torch.ops.torchext
 _NAMES = ("z", "W", "V", "B", "A")
@@ -124,9 +123,9 @@ def two_layer_square(z, W, V, B, A, *, plan="auto"):
         raise ValueError(f"two_layer_square: plan must be one of {PLANS}; got {plan!r}")
     if torch.compiler.is_compiling():
         face = PlannedTwoLayerSquare
-    elif torch._C._are_functorch_transforms_active():
+    elif _torch_private.functorch_transforms_active():
         face = TorchFuncTwoLayerSquare
-    elif _forward_ad._current_level < 0:
+    elif not _torch_private.forward_ad_active():
         # Plain eager, no dual tensors: one C++ autograd node (see
         # csrc/two_layer_square_autograd.cpp), no Python in forward or backward.
         return _ops._two_layer_square_autograd(z, W, V, B, A, plan)

@@ -196,7 +196,7 @@ void blocked_mm(const GemmOperand<T>& a, const GemmOperand<T>& b, int64_t M, int
 
 at::Tensor cpu_mm(const at::Tensor& a, const at::Tensor& b) {
   TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0));
-  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  at::Tensor out = uninitialized({a.size(0), b.size(1)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "torchext_cpu_mm", [&] {
     blocked_mm<scalar_t>(GemmOperand<scalar_t>(a), GemmOperand<scalar_t>(b.contiguous()), a.size(0), b.size(1),
                          a.size(1), out.mutable_data_ptr<scalar_t>());
@@ -318,11 +318,14 @@ class ThreadArena {
 // Elements rounded up to 16: parts carved from one block start 64 bytes apart.
 inline int64_t padded_elems(int64_t elems) { return (elems + 15) / 16 * 16; }
 
-// `elems` elements of T from a thread arena, 64-byte aligned.
+// `elems` elements of T from a thread arena, 64-byte aligned; uninitialised
+// (holding an earlier call's data), or NaN while tests poison (see uninitialized).
 template <typename T, typename Tag>
 T* aligned_block(ThreadArena<Tag>& arena, int64_t elems) {
   char* raw = arena.get(sizeof(T) * size_t(elems) + 64);
-  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
+  T* block = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t{63});
+  if (poisoning_uninitialized()) std::fill(block, block + elems, std::numeric_limits<T>::quiet_NaN());
+  return block;
 }
 
 // Per-thread buffers for one chunk of `rows` rows, uninitialised; only those
@@ -567,7 +570,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
   // partition's first chunk writes its slots (nothing is zero-filled: the
   // buffers come uninitialised, see internal_backward), later chunks add.
   enum Slot { kSlotW, kSlotV, kSlotB, kSlotA, kSlotGram, kSlots };
-  at::Tensor gram = use_gram ? at::empty({k, k}, in.z.options()) : at::Tensor();
+  at::Tensor gram = use_gram ? uninitialized({k, k}, in.z.options()) : at::Tensor();
   std::array<at::Tensor, kSlots> total = {
       mask[kW] ? bufs.acc[kW] : at::Tensor(),
       mask[kV] && !use_gram ? bufs.acc[kV] : at::Tensor(),
@@ -577,7 +580,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in,
   for (int64_t p = 0; p < bp.partitions; ++p)
     for (int i = 0; i < kSlots; ++i)
       if (total[i].defined())
-        partials[p][i] = p == 0 ? total[i] : at::empty_like(total[i]);
+        partials[p][i] = p == 0 ? total[i] : uninitialized(total[i].sizes(), total[i].options());
 
   const std::optional<cpu::NarrowWeights> narrow = narrow_weights<T>(dims, plan, op);
 

@@ -129,8 +129,8 @@ void launch_forward(const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
   const dim3 grid = checked_grid(blocks, "direct forward");
   at::Tensor scratch;
   if (shared.scratch) {
-    scratch = at::empty({launch::direct_forward_scratch_elems(blocks, dims.k, dims.m)},
-                        in.z.options());
+    scratch = uninitialized({launch::direct_forward_scratch_elems(blocks, dims.k, dims.m)},
+                            in.z.options());
   }
   kernel<<<grid, direct::kForwardThreads, shared.dynamic_smem, at::cuda::getCurrentCUDAStream()>>>(
       in.z.const_data_ptr<T>(), in.W.const_data_ptr<T>(), in.V.const_data_ptr<T>(),
@@ -235,12 +235,12 @@ void quadratic_backward_fused(const Dims& dims, const ComputeInputs& in, const a
   a.dW_blocks = plan.dW, a.gram_blocks = plan.gram, a.dz_blocks = plan.dz;
   at::Tensor dW_parts, gram_parts, gram;
   if (plan.dW > 0) {
-    dW_parts = at::empty({plan.partitions, dims.k, dims.d}, in.z.options());
+    dW_parts = uninitialized({plan.partitions, dims.k, dims.d}, in.z.options());
     a.dW_parts = dW_parts.mutable_data_ptr<T>();
   }
   if (want_gram) {  // (k = 0 too: dB and dA are then zeros, written below)
-    gram_parts = at::empty({plan.partitions, dims.k, dims.k}, in.z.options());
-    gram = at::empty({dims.k, dims.k}, in.z.options());
+    gram_parts = uninitialized({plan.partitions, dims.k, dims.k}, in.z.options());
+    gram = uninitialized({dims.k, dims.k}, in.z.options());
     a.gram_parts = gram_parts.mutable_data_ptr<T>();
   }
   if (plan.dz > 0) a.dz = bufs.acc[kZ].mutable_data_ptr<T>();

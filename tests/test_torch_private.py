@@ -1,0 +1,38 @@
+"""Each probe of a private PyTorch API (torchext/_torch_private.py) still detects
+what torchext's routing relies on, on this torch version."""
+import torch
+from torch.autograd import forward_ad
+
+from torchext import _torch_private
+
+
+def test_functorch_transforms_active():
+    seen = []
+
+    def probe(x):
+        seen.append(_torch_private.functorch_transforms_active())
+        return x.sum()
+
+    x = torch.ones(3, 2)
+    probe(x)
+    torch.func.vmap(probe)(x)
+    torch.func.grad(probe)(x)
+    torch.func.jvp(probe, (x,), (x,))
+    assert seen == [False, True, True, True]
+
+
+def test_forward_ad_active():
+    assert not _torch_private.forward_ad_active()
+    with forward_ad.dual_level():
+        assert _torch_private.forward_ad_active()
+    assert not _torch_private.forward_ad_active()
+
+
+def test_below_autograd_records_nothing():
+    x = torch.ones(3, requires_grad=True)
+    assert (x * 2).grad_fn is not None
+    with _torch_private.below_autograd():
+        y = x * 2
+    assert y.grad_fn is None and not y.requires_grad
+    # ...and leaves grad mode as it found it.
+    assert torch.is_grad_enabled() and (x * 2).grad_fn is not None
