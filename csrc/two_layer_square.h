@@ -103,8 +103,9 @@ struct BatchPlan {
 BatchPlan make_batch_plan(const Dims& dims, Plan plan, int64_t scratch_elems,
                           int64_t min_rows, int64_t max_partitions);
 
-// Every buffer a kernel writes in full before reading it (outputs, gradient
-// buffers, partials, Grams, scratch) comes from here: uninitialised, for speed,
+// Every buffer a kernel writes before reading it (outputs, gradient buffers,
+// partials, Grams, scratch; of a symmetric Gram partial, the part the kernels
+// read) comes from here: uninitialised, for speed,
 // or NaN-filled while tests ask for it (the test-only op
 // _poison_uninitialized), so that an element no kernel wrote shows as NaN
 // whatever the allocator hands out.

@@ -28,13 +28,14 @@ def cpu_has_avx512f():
 def test_narrow_kernels_run_where_the_cpu_has_avx512():
     if os.environ.get("TORCHEXT_CPU_KERNELS") == "generic":
         pytest.skip("narrow kernels turned off by TORCHEXT_CPU_KERNELS=generic")
-    if not torchext.build_info()["cpu_avx512_compiled"]:
-        pytest.skip("built without the AVX-512 kernels (TORCHEXT_NO_AVX512=1 or not x86-64)")
+    if os.environ.get("TORCHEXT_NO_AVX512") == "1":
+        assert not torchext.build_info()["cpu_avx512_compiled"], "TORCHEXT_NO_AVX512=1 did not take"
+        pytest.skip("built without the AVX-512 kernels (TORCHEXT_NO_AVX512=1)")
     if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
         pytest.skip("reads /proc/cpuinfo's x86 flags")
     if not cpu_has_avx512f():
         pytest.skip("this CPU has no AVX-512F: the AVX-512 kernels cannot run here")
-    assert torchext.build_info()["cpu_avx512_kernels"]
+    assert torchext.build_info()["cpu_avx512_compiled"] and torchext.build_info()["cpu_avx512_kernels"]
 
 
 # (batch, d, k, m, ell): N around the 16-sample vector, 32-sample pair and

@@ -2,8 +2,9 @@
 strides, views, every plan and subsets of inputs requiring grad, against the
 float64 reference, element by element.
 
-The allowance is the a-priori rounding-error bound of the computation, which
-holds for every association of its sums (each plan's): each sum of n terms
+The allowance follows the a-priori rounding-error bound of the computation
+(a simplified count of its terms, not a proof), which holds for every
+association of its sums (each plan's): each sum of n terms
 errs by at most n·eps times the sum of the terms' magnitudes (Higham's γ_n),
 and the sums of magnitudes are the reference itself evaluated on |inputs|
 and |g|. Chained, n is the number of terms along the longest path (batch and

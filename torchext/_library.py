@@ -49,7 +49,7 @@ def build_info() -> Dict[str, Any]:
         "torch_version": _info.TORCH_VERSION,
         "cuda_kernels": bool(lib.torchext_cuda_kernels_compiled()),
         "cpu_avx512_kernels": bool(lib.torchext_cpu_avx512_kernels()),
-        "cpu_avx512_compiled": bool(lib.torchext_cpu_avx512_compiled()),
+        "cpu_avx512_compiled": bool(getattr(lib, "torchext_cpu_avx512_compiled", lambda: 0)()),
         "cuda_version": _info.CUDA_VERSION,
         "cuda_archs": _info.CUDA_ARCHS,
         "debug": _info.DEBUG,

@@ -3,7 +3,8 @@
 // Why our own: the per-chunk products are small (a few hundred rows, widths
 // up to a few hundred), where a BLAS call's fixed cost and its choice of
 // code path matter: MKL runs float32 products on AMD CPUs far below their
-// AVX-512 peak (the product rates in benchmarks/results/2026-11-29-cpu.md). This kernel
+// AVX-512 rate (torch.mm against this kernel at 1024³:
+// benchmarks/results/2026-11-29-cpu.md). This kernel
 // is one register-blocked loop: 8 rows × 32 columns of C in 16 registers,
 // each step one broadcast of A per row and two vector loads of B. Every
 // element of C is a fixed sequence of sums over K (blocks of 256, each
