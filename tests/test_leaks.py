@@ -67,4 +67,4 @@ def test_long_run_keeps_memory_flat(face, saved):
     gc.collect()  # as before the first reading (live_tensors)
     grown = malloc_bytes_in_use() - before
     assert grown < SLACK_BYTES, f"{grown} bytes more in use after {CALLS} calls"
-    assert live_tensors() == tensors
+    assert live_tensors() <= tensors  # (fewer is fine: a cache of torch's let go)
