@@ -218,6 +218,11 @@ BatchPlan make_batch_plan(const Dims& dims, Plan plan_kind, int64_t scratch_elem
 namespace {
 std::atomic<bool> poison_uninitialized{false};
 
+// Test only; the sample lets a test see that the switch took effect.
+at::Tensor set_poison_uninitialized(bool enabled) {
+  poison_uninitialized.store(enabled);
+  return uninitialized({16}, at::TensorOptions().dtype(at::kFloat));
+}
 }  // namespace
 
 bool poisoning_uninitialized() { return poison_uninitialized.load(std::memory_order_relaxed); }
@@ -229,14 +234,6 @@ at::Tensor uninitialized(at::IntArrayRef shape, const at::TensorOptions& options
   }
   return t;
 }
-
-namespace {
-// The sample lets a test see that the switch took effect.
-at::Tensor set_poison_uninitialized(bool enabled) {
-  poison_uninitialized.store(enabled);
-  return uninitialized({16}, at::TensorOptions().dtype(at::kFloat));
-}
-}  // namespace
 
 GradBuffers allocate_grad_buffers(const Dims& dims, const ComputeInputs& in,
                                   const OutputMask& mask) {

@@ -116,6 +116,27 @@ def _layout(kind, t, index):
     return t
 
 
+def net_of(case, inputs):
+    """A TwoLayerSquareNet under the case's plan holding the case's W, V, B and
+    A, all four trainable (so every gradient is checked)."""
+    import torchext
+
+    z, W, V, B, A = (t.detach() for t in inputs)
+    net = torchext.TwoLayerSquareNet(W.shape[1], W.shape[0], V.shape[0], B.shape[0], A=A, B=B,
+                                     trainable_AB=True, plan=case.plan, dtype=W.dtype, device=W.device)
+    with torch.no_grad():
+        net.W.copy_(W)
+        net.V.copy_(V)
+    return net
+
+
+def module_leaves(case, device="cpu"):
+    """A net_of the case and its five leaves: z (requiring grad) and the net's W, V, B, A."""
+    inputs = case.inputs(device)
+    net = net_of(case, inputs)
+    return net, [inputs[0].requires_grad_(), net.W, net.V, net.B, net.A]
+
+
 def cases(shapes=tuple(SHAPES), plans=PLANS, dtypes=(torch.float64,), layouts=("contiguous",),
           values=("random",)):
     """Every combination, as pytest parameters with their ids."""

@@ -81,13 +81,16 @@ def assert_matches(actual, expected, dtype, what=""):
     assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:.1g}"
 
 
-def reference_outputs(inputs, grad_seed=1, wants=(True,) * 5):
-    """f and the gradients (of Σ g·f, g random) from the eager reference in float64."""
+def reference_outputs(inputs, grad_seed=1, wants=(True,) * 5, g=None):
+    """f and the gradients (of Σ g·f; g random from grad_seed unless given)
+    from the eager reference in float64."""
     from torchext import reference
 
     leaves = [t.detach().double().cpu().requires_grad_(w) for t, w in zip(inputs, wants)]
     f = reference.two_layer_square(*leaves)
-    g = torch.randn(f.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    if g is None:
+        g = torch.randn(f.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    g = g.double().cpu()
     req = [t for t in leaves if t.requires_grad]
     grads = torch.autograd.grad(f, req, g, allow_unused=True) if req else ()
     it = iter(grads)

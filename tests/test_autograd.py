@@ -9,7 +9,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import torchext
-from cases import PLANS, SHAPES, Case, cases
+from cases import PLANS, SHAPES, Case, cases, module_leaves, net_of
 from conftest import DEVICES, assert_matches, reference_outputs
 
 OPS = torch.ops.torchext
@@ -37,25 +37,6 @@ def draws(case, like, salt=1):
     gradients), fixed by the case's seed."""
     g = torch.Generator().manual_seed(case.seed + salt)
     return [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in like]
-
-
-def net_of(case, inputs):
-    """A TwoLayerSquareNet under the case's plan holding the case's W, V, B and
-    A, all four trainable (so every gradient is checked)."""
-    z, W, V, B, A = (t.detach() for t in inputs)
-    net = torchext.TwoLayerSquareNet(W.shape[1], W.shape[0], V.shape[0], B.shape[0], A=A, B=B,
-                                     trainable_AB=True, plan=case.plan, dtype=W.dtype, device=W.device)
-    with torch.no_grad():
-        net.W.copy_(W)
-        net.V.copy_(V)
-    return net
-
-
-def module_leaves(case):
-    """A net_of the case and its five leaves: z (requiring grad) and the net's W, V, B, A."""
-    inputs = case.inputs()
-    net = net_of(case, inputs)
-    return net, [inputs[0].requires_grad_(), net.W, net.V, net.B, net.A]
 
 
 def face_fn(face, case, inputs):

@@ -3,25 +3,12 @@ import pytest
 import torch
 
 import torchext
-from cases import cases
+from cases import cases, module_leaves
 from conftest import SHAPES, assert_matches, make_inputs, poisoned_buffers, reference_outputs, requires_cuda
 from test_correctness import check_against_reference
 
 pytestmark = requires_cuda
 NAMES = ("z", "W", "V", "B", "A")
-
-
-def module_leaves(case, device):
-    """A TwoLayerSquareNet under the case's plan holding the case's W, V, B
-    and A (all four trainable), and its five leaves: z (requiring grad) and
-    the net's W, V, B, A."""
-    z, W, V, B, A = case.inputs(device)
-    net = torchext.TwoLayerSquareNet(W.shape[1], W.shape[0], V.shape[0], B.shape[0], A=A, B=B, trainable_AB=True,
-                                     plan=case.plan, device=device, dtype=case.dtype)
-    with torch.no_grad():
-        net.W.copy_(W)
-        net.V.copy_(V)
-    return net, [z.requires_grad_(), net.W, net.V, net.B, net.A]
 
 
 @pytest.mark.parametrize("case", cases(shapes=("odd-widths", "saved"), dtypes=(torch.float32,)))

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchext
+from conftest import reference_outputs
 
 NAMES = ("z", "W", "V", "B", "A")
 HALVES = (torch.bfloat16, torch.float16)
@@ -48,17 +49,6 @@ def problems(draw):
     wants = tuple(draw(st.lists(st.booleans(), min_size=5, max_size=5)))
     plan = draw(st.sampled_from(["auto", "direct", "folded", "quadratic"]))
     return inputs, wants, plan, dtype, seed
-
-
-def float64_outputs(inputs, g, wants):
-    """f and the requested gradients (of Σ g·f; None for the others) from the
-    float64 reference on these very values."""
-    leaves = [t.detach().double().requires_grad_(w) for t, w in zip(inputs, wants)]
-    f = torchext.reference.two_layer_square(*leaves)
-    req = [t for t in leaves if t.requires_grad]
-    grads = iter(torch.autograd.grad(f, req, g.double(), allow_unused=True) if req else ())
-    out = [next(grads) if w else None for w in wants]
-    return [f.detach()] + [torch.zeros_like(t) if w and gr is None else gr for t, w, gr in zip(leaves, wants, out)]
 
 
 def terms_summed(inputs):
@@ -98,8 +88,9 @@ def test_matches_reference(problem):
     req = [t for t in leaves if t.requires_grad]
     grads = iter(torch.autograd.grad(f, req, g) if req else ())
     got = [f] + [next(grads) if w else None for w in wants]
-    want = float64_outputs(inputs, g, wants)
-    magnitudes = float64_outputs([t.abs() for t in inputs], g.abs(), wants)
+    f_ref, _, grads_ref = reference_outputs(inputs, wants=wants, g=g)
+    f_mag, _, grads_mag = reference_outputs([t.abs() for t in inputs], wants=wants, g=g.abs())
+    want, magnitudes = [f_ref] + grads_ref, [f_mag] + grads_mag
     n = terms_summed(inputs)
     for name, t, o, w, mag in zip(("f",) + NAMES, [f] + leaves, got, want, magnitudes):
         if w is None:

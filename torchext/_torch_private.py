@@ -2,6 +2,8 @@
 place. Each says what it detects and why torchext needs to know;
 tests/test_torch_private.py checks each on every torch version CI runs, so a
 torch release that changes one fails there, not as a wrong route elsewhere.
+The two that plain eager calls on every call are torch's own functions, bound
+here, not wrapped: no extra Python frame on that path.
 
 (The C++ side has one more: csrc/two_layer_square_autograd.cpp includes
 ATen/LegacyVmapTransforms.h for the Batched kernels that
@@ -11,15 +13,19 @@ is_grads_batched tests cover it.)
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
+# functorch_transforms_active() -> bool: inside a torch.func transform (vmap,
+# grad, jacrev, jvp, ...). Why: the plain-eager C++ autograd node records
+# nothing functorch can see through, and a call below the Autograd key would
+# skip the transform's own levels; under a transform torchext routes through
+# autograd.Functions and the ops' registered autograd instead.
+functorch_transforms_active = torch._C._are_functorch_transforms_active
 
-def functorch_transforms_active() -> bool:
-    """Inside a torch.func transform (vmap, grad, jacrev, jvp, ...).
-
-    Why: the plain-eager C++ autograd node records nothing functorch can see
-    through, and a call below the Autograd key would skip the transform's own
-    levels; under a transform torchext routes through autograd.Functions and
-    the ops' registered autograd instead."""
-    return torch._C._are_functorch_transforms_active()
+# below_autograd(): a context in which ops dispatch below the Autograd key
+# (nothing recorded). Why: inside an autograd.Function's forward, or a
+# first-order backward, autograd is already handled; going through the ops'
+# registered autograd layer again only adds per-call overhead, a large share
+# of the cost at small sizes.
+below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
 def forward_ad_active() -> bool:
@@ -29,13 +35,3 @@ def forward_ad_active() -> bool:
     tensors around the call goes through an autograd.Function that defines
     jvp, not through the C++ node."""
     return _forward_ad._current_level >= 0
-
-
-def below_autograd():
-    """A context in which ops dispatch below the Autograd key (nothing recorded).
-
-    Why: inside an autograd.Function's forward, or a first-order backward,
-    autograd is already handled; going through the ops' registered autograd
-    layer again only adds per-call overhead, a large share of the cost at
-    small sizes."""
-    return torch._C._AutoDispatchBelowAutograd()
