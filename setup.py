@@ -132,9 +132,15 @@ def make_extension():
 
     sources = [
         "csrc/module.cpp",
-        "csrc/two_layer_square.cpp",
-        "csrc/two_layer_square_aten.cpp",
-        "csrc/two_layer_square_autograd.cpp",
+        "csrc/ops.cpp",
+        "csrc/checks.cpp",
+        "csrc/plan.cpp",
+        "csrc/buffers.cpp",
+        "csrc/head.cpp",
+        "csrc/meta/two_layer_square_meta.cpp",
+        "csrc/aten/two_layer_square_aten.cpp",
+        "csrc/autograd/two_layer_square_autograd.cpp",
+        "csrc/testing/testing_ops.cpp",
         "csrc/cpu/two_layer_square_cpu.cpp",
         "csrc/cpu/narrow_kernels.cpp",
         "csrc/cpu/avx512_gemm.cpp",

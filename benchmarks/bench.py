@@ -27,6 +27,9 @@ from torch.utils import benchmark
 
 import torchext
 from torchext import reference
+from torchext.testing import load_testing_ops
+
+TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -164,7 +167,7 @@ def matmul_rates_gflops(device, n=1024):
     b = torch.randn(n, n, device=device)
     rates = {"torch.mm": 2 * n ** 3 / timer_for(lambda: a @ b, device).blocked_autorange(min_run_time=1.0).median / 1e9}
     if device == "cpu":
-        mm = torch.ops.torchext._cpu_matmul
+        mm = TESTING._cpu_matmul
         rates["torchext"] = 2 * n ** 3 / timer_for(lambda: mm(a, b), device).blocked_autorange(min_run_time=1.0).median / 1e9
     return rates
 
@@ -296,7 +299,7 @@ def run_case(name, shape, device, rounds, min_run_time, use_compile, compiled, l
 
     z, W, V, B, A = sets[0]
     N = shape[0] or 1
-    plan = torch.ops.torchext._plan(N, *shape[1:])
+    plan = TESTING._plan(N, *shape[1:])
     fns = {
         "torchext": lambda: torchext.two_layer_square(*cur).sum().backward(),
         "eager": lambda: reference.two_layer_square(*cur).sum().backward(),
@@ -433,7 +436,7 @@ def main(argv=None):
             }
             t = interleaved_medians(fns, device, args.rounds, min(args.min_run_time, 0.3))
             entry = {"N": shape[0], "d": shape[1], "k": shape[2], "m": shape[3], "ell": shape[4],
-                     "plan": torch.ops.torchext._plan(*shape), "torchext_ms": t["torchext"] * 1e3,
+                     "plan": TESTING._plan(*shape), "torchext_ms": t["torchext"] * 1e3,
                      "eager_ms": t["eager"] * 1e3, "vs_eager": t["eager"] / t["torchext"]}
             sweep.append(entry)
             print(f"  N={shape[0]:>6} d,k,m,ell={str(shape[1:]):<22} {entry['plan']:<10} {entry['vs_eager']:6.2f}x", flush=True)

@@ -37,7 +37,7 @@ MUTATIONS = {
                                  "_mm512_storeu_ps(p, _mm512_maskz_mul_ps(active | ~active, _mm512_add_ps(g, g), q));",
                                  CORE_TESTS + ["tests/test_avx512_kernels.py"]),
     # Half inputs computed in their own dtype.
-    "half-accumulation": ("csrc/two_layer_square.cpp",
+    "half-accumulation": ("csrc/buffers.cpp",
                           "  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;",
                           "  return t;", ["tests/test_correctness.py"]),
     # The last row of every chunk's tail left out (forward and backward).
@@ -46,12 +46,12 @@ MUTATIONS = {
                          "      const int64_t n = std::min(bp.chunk_rows, dims.N - r0 - (r0 + bp.chunk_rows >= dims.N && dims.N - r0 > 1 ? 1 : 0));",
                          CORE_TESTS),
     # A view's strides ignored: non-contiguous inputs read as if contiguous.
-    "swapped-stride": ("csrc/two_layer_square.cpp",
+    "swapped-stride": ("csrc/buffers.cpp",
                        "    return t.scalar_type() == cdt && t.is_contiguous() ? t : t.to(cdt).contiguous();",
                        "    return t.scalar_type() == cdt ? t : t.to(cdt).contiguous();",
                        ["tests/test_correctness.py"]),
     # ∂A with the wrong sign (the Gram route and the direct chain).
-    "wrong-sign-dA-gram": ("csrc/two_layer_square.cpp",
+    "wrong-sign-dA-gram": ("csrc/head.cpp",
                            "  if (mask[kA]) bufs.acc[kA] = (MG * M).sum(1);",
                            "  if (mask[kA]) bufs.acc[kA] = -(MG * M).sum(1);", CORE_TESTS),
     "wrong-sign-dA-direct": ("csrc/cpu/two_layer_square_cpu.cpp",

@@ -1,10 +1,15 @@
 import contextlib
+import os
+import sys
 import zlib
 
 import pytest
 import torch
 
 import torchext  # noqa: F401  (loads the operators)
+from torchext.testing import load_testing_ops
+
+TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
 HAS_CUDA = torch.cuda.is_available() and torchext.build_info()["cuda_kernels"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and CUDA kernels"))]
@@ -54,12 +59,12 @@ def poisoned_buffers():
     """Inside, every buffer the kernels must write before reading it (outputs,
     gradient buffers, partials, Grams, per-thread scratch) starts as NaN, so an
     element a kernel never wrote shows, whatever memory the allocator reuses."""
-    sample = torch.ops.torchext._poison_uninitialized(True)
+    sample = TESTING._poison_uninitialized(True)
     try:
         assert sample.isnan().all(), "the kernels' buffers are not poisoned"
         yield
     finally:
-        torch.ops.torchext._poison_uninitialized(False)
+        TESTING._poison_uninitialized(False)
 
 
 def rel_err(actual, expected):
@@ -114,3 +119,21 @@ def eager_outputs(inputs, g):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     f = torchext.reference.two_layer_square(*leaves)
     return f, list(torch.autograd.grad(f, leaves, g.to(f.dtype)))
+
+
+def python_calls_in_torchext(fn):
+    """The names of the torchext Python functions that fn() entered (on this
+    thread, where the autograd engine runs CPU backwards)."""
+    calls = []
+    package = os.path.dirname(os.path.abspath(torchext.__file__)) + os.sep
+
+    def profile(frame, event, arg):
+        if event == "call" and os.path.abspath(frame.f_code.co_filename).startswith(package):
+            calls.append(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls

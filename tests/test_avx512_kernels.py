@@ -13,6 +13,9 @@ import torch
 
 import torchext
 from conftest import assert_matches, eager_outputs, fused_outputs, make_inputs, reference_outputs, rel_err
+from torchext.testing import load_testing_ops
+
+TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
 NAMES = ("f", "dz", "dW", "dV", "dB", "dA")
 
@@ -145,7 +148,7 @@ def test_narrow_kernels_nan_rows_stay_in_their_samples():
 def test_cpu_matmul_on_odd_shapes_and_layouts(dtype):
     # The product kernel itself (AVX-512 where it runs): tile edges (8 rows,
     # 16 and 32 columns), K = 0 and 1, row blocks of 64, transposed operands.
-    mm = torch.ops.torchext._cpu_matmul
+    mm = TESTING._cpu_matmul
     g = torch.Generator().manual_seed(3)
     for M, K, N in [(1, 1, 1), (7, 5, 3), (8, 16, 32), (9, 17, 33), (13, 0, 5), (64, 64, 64),
                     (65, 31, 47), (130, 1, 17), (0, 4, 4), (3, 300, 2)]:
@@ -160,7 +163,7 @@ def test_cpu_matmul_on_odd_shapes_and_layouts(dtype):
 
 
 def test_cpu_matmul_bad_input_names_the_argument():
-    mm = torch.ops.torchext._cpu_matmul
+    mm = TESTING._cpu_matmul
     with pytest.raises(RuntimeError, match="2-D"):
         mm(torch.ones(3), torch.ones(3, 2))
     with pytest.raises(RuntimeError, match="columns"):

@@ -6,6 +6,9 @@ import torchext
 from cases import cases, module_leaves
 from conftest import SHAPES, assert_matches, make_inputs, poisoned_buffers, reference_outputs, requires_cuda
 from test_correctness import check_against_reference
+from torchext.testing import load_testing_ops
+
+TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
 pytestmark = requires_cuda
 NAMES = ("z", "W", "V", "B", "A")
@@ -148,12 +151,12 @@ def test_fused_quadratic_is_bitwise_reproducible_and_agrees_with_aten_path(monke
         assert torch.equal(a, b)
     # The switch is read once; the test hook reads it again.
     monkeypatch.setenv("TORCHEXT_CUDA_KERNELS", "aten")
-    torch.ops.torchext._cuda_reread_switches()
+    TESTING._cuda_reread_switches()
     try:
         aten = run()
     finally:
         monkeypatch.delenv("TORCHEXT_CUDA_KERNELS")
-        torch.ops.torchext._cuda_reread_switches()
+        TESTING._cuda_reread_switches()
     for a, b in zip(first, aten):
         assert_matches(a, b.double(), torch.float32)
 
@@ -282,11 +285,11 @@ def test_kernel_switch_is_read_once(monkeypatch):
     fused = torchext.two_layer_square(*inputs, plan="quadratic")
     monkeypatch.setenv("TORCHEXT_CUDA_KERNELS", "aten")
     assert torch.equal(torchext.two_layer_square(*inputs, plan="quadratic"), fused)
-    torch.ops.torchext._cuda_reread_switches()
+    TESTING._cuda_reread_switches()
     try:
         aten = torchext.two_layer_square(*inputs, plan="quadratic")
     finally:
         monkeypatch.delenv("TORCHEXT_CUDA_KERNELS")
-        torch.ops.torchext._cuda_reread_switches()
+        TESTING._cuda_reread_switches()
     assert not torch.equal(aten, fused)  # another association: not bitwise the fused kernel's
     assert_matches(aten, fused.double(), torch.float32)

@@ -8,7 +8,9 @@ from conftest import (
     DEVICES, SHAPES, assert_matches, eager_outputs, fused_outputs, make_inputs, poisoned_buffers,
     reference_outputs, rel_err,
 )
-from torchext.testing import cancelling_inputs
+from torchext.testing import cancelling_inputs, load_testing_ops
+
+TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
 OPS = torch.ops.torchext
 PLANS = ["direct", "folded", "quadratic"]
@@ -56,21 +58,29 @@ def test_each_plan_float32_within_10x_of_eager(shape, plan, device):
             assert rel_err(got, ref) <= bound, f"{plan} {name}: {rel_err(got, ref):.2e} > {bound:.2e}"
 
 
-@pytest.mark.parametrize("plan", PLANS)
-@pytest.mark.parametrize("shape", ["ell>k", "many-chunks-kept"])
-def test_every_subset_requiring_grad(plan, shape):
-    # many-chunks-kept: saved r and q (for direct: the saved y, with u = V r
-    # recomputed only when B wants its gradient)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("plan", ["auto", *PLANS])
+@pytest.mark.parametrize("shape", ["primes", "ell>k", "many-chunks-kept"])
+def test_every_subset_requiring_grad(shape, plan, device):
+    # Each of the 32 subsets of inputs requiring grad: the gradients asked
+    # for, right, in each input's dtype, shape and device; the backward op
+    # returns None for the rest. many-chunks-kept: saved r and q (for direct:
+    # the saved y, with u = V r recomputed only when B wants its gradient).
     import itertools
 
-    inputs = make_inputs(PLAN_SHAPES[shape], torch.float64, seed=5)
+    inputs = make_inputs(PLAN_SHAPES[shape], torch.float64, device, seed=5)
+    state = OPS._two_layer_square_forward(*inputs, plan, True)[1:]
     for wants in itertools.product([False, True], repeat=5):
         f_ref, g, grads_ref = reference_outputs(inputs, wants=wants)
         f, grads = fused_outputs(inputs, g, wants, plan)
-        for name, gr, ref in zip(NAMES, grads, grads_ref):
-            assert (gr is None) == (ref is None)
-            if ref is not None:
+        assert_matches(f, f_ref, torch.float64, f"{plan} {wants} f")
+        from_op = OPS._two_layer_square_backward(g.to(device), *inputs, *state, list(wants))
+        for name, t, gr, op_gr, ref, want in zip(NAMES, inputs, grads, from_op, grads_ref, wants):
+            assert (op_gr is None) == (not want), f"{plan} {wants} d{name} from the op"
+            if want:
+                assert (gr.dtype, gr.shape, gr.device) == (t.dtype, t.shape, t.device), name
                 assert_matches(gr, ref, torch.float64, f"{plan} {wants} d{name}")
+                assert_matches(op_gr, ref, torch.float64, f"{plan} {wants} d{name} from the op")
 
 
 def test_plans_really_differ():
@@ -82,7 +92,7 @@ def test_plans_really_differ():
 
 
 def test_cost_model_choices():
-    plan = OPS._plan
+    plan = TESTING._plan
     assert plan(1, 16, 16, 16, 16) == "direct"              # z a vector: no per-call products
     assert plan(8192, 64, 64, 1024, 1024) == "quadratic"    # wide m, ell: per-sample cost k·d + k²
     assert plan(4096, 128, 128, 128, 128) == "quadratic"
@@ -173,12 +183,12 @@ def test_generic_aten_path_matches(plan):
     for shape in ["many-chunks", "many-chunks-kept", "ell<k", "ell>k", "vector"]:
         inputs = make_inputs(PLAN_SHAPES[shape], torch.float64, seed=7)
         f_ref, g, grads_ref = reference_outputs(inputs)
-        f, *saved = OPS._two_layer_square_forward_aten(*inputs, plan, True)
+        f, *saved = TESTING._two_layer_square_forward_aten(*inputs, plan, True)
         assert_matches(f, f_ref, torch.float64, "f")
-        f_nosave, *recompute = OPS._two_layer_square_forward_aten(*inputs, plan, False)
+        f_nosave, *recompute = TESTING._two_layer_square_forward_aten(*inputs, plan, False)
         assert recompute[0].shape[0] == 0 and torch.allclose(f_nosave, f)
         for state in (saved, recompute):  # from saved r, q (where kept) / recomputed
-            grads = OPS._two_layer_square_backward_aten(g.reshape(f.shape), *inputs, *state, [True] * 5)
+            grads = TESTING._two_layer_square_backward_aten(g.reshape(f.shape), *inputs, *state, [True] * 5)
             for name, gr, ref in zip(NAMES, grads, grads_ref):
                 assert_matches(gr, ref, torch.float64, f"{shape} d{name}")
 
@@ -265,8 +275,8 @@ def test_public_forward_runs_the_plan_its_backward_runs():
     # pass on, and its backward resolves by the training cost, so the forward
     # must too: f is then bitwise the direct plan's.
     N, d, k, m, ell = 256, 8, 16, 32, 64
-    assert OPS._plan(N, d, k, m, ell, "auto", False) == "quadratic"
-    assert OPS._plan(N, d, k, m, ell, "auto", True) == "direct"
+    assert TESTING._plan(N, d, k, m, ell, "auto", False) == "quadratic"
+    assert TESTING._plan(N, d, k, m, ell, "auto", True) == "direct"
     inputs = make_inputs(((N,), d, k, m, ell), torch.float32, seed=11)
     direct = OPS._two_layer_square_forward(*inputs, "direct", False)[0]
     assert torch.equal(OPS.two_layer_square(*inputs), direct)

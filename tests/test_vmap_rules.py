@@ -11,7 +11,10 @@ import pytest
 import torch
 
 import torchext
-from conftest import assert_matches, make_inputs
+from conftest import assert_matches, make_inputs, python_calls_in_torchext
+from torchext.testing import load_testing_ops
+
+TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
 OPS = torch.ops.torchext
 ref_fn = torchext.reference.two_layer_square
@@ -28,7 +31,7 @@ PAIRS = list(PLAN_PAIRS)
 def pair_inputs(pair, seed):
     (members, rows, d, k, m, ell), plans = PLAN_PAIRS[pair]
     assert d + k >= 64  # r and q are saved
-    assert (OPS._plan(members * rows, d, k, m, ell), OPS._plan(rows, d, k, m, ell)) == plans
+    assert (TESTING._plan(members * rows, d, k, m, ell), TESTING._plan(rows, d, k, m, ell)) == plans
     z, W, V, B, A = make_inputs(((members, rows), d, k, m, ell), torch.float64, seed=seed)
     return z, W, V, B, A
 
@@ -173,8 +176,27 @@ def test_backward_runs_the_plan_its_forward_ran():
         f, r, q, state = OPS._two_layer_square_forward(z, W, V, B, A, plan, True)
         assert state.numel() == 0 and state.shape == (0, ("direct", "folded", "quadratic").index(plan), 1)
         _, _, _, auto_state = OPS._two_layer_square_forward(z, W, V, B, A, "auto", True)
-        assert auto_state.shape == (0, ("direct", "folded", "quadratic").index(OPS._plan(40, 3, 61, 64, 3)), 1)
+        assert auto_state.shape == (0, ("direct", "folded", "quadratic").index(TESTING._plan(40, 3, 61, 64, 3)), 1)
         with pytest.raises(ValueError, match="saved r must have shape"):
             OPS._two_layer_square_backward(g[:20], z[:20], W, V, B, A, r, q, state, [True] * 5)
         with pytest.raises(ValueError, match="state must be"):
             OPS._two_layer_square_backward(g, z, W, V, B, A, r, q, torch.empty(0, 5, 1), [True] * 5)
+
+
+@pytest.mark.parametrize("face", ["functional", "Function", "Module"])
+@pytest.mark.parametrize("pair", PAIRS)
+def test_backward_of_a_vmap_over_samples_is_one_fused_call(pair, face):
+    # vmap(f)(z).sum().backward() (and so grad(vmap(f))): the vmapped dimension
+    # is just more samples, so one backward call serves every member — a
+    # backward run under vmap, once per member, would cost members× as much —
+    # and the gradients are those of the flat batch.
+    z, W, V, B, A = pair_inputs(pair, seed=31)
+    leaves = [t.clone().requires_grad_() for t in (W, V, B, A)]
+    fn = faces(W, V, B, A)[face]
+    calls = python_calls_in_torchext(
+        lambda: torch.func.vmap(fn, in_dims=(0, None, None, None, None))(z, *leaves).sum().backward())
+    assert calls.count("call_backward") == 1 and "per_member" not in calls, calls
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (W, V, B, A)]
+    ref_fn(z, *ref_leaves).sum().backward()
+    for name, got, want in zip("WVBA", leaves, ref_leaves):
+        assert_matches(got.grad, want.grad, torch.float64, f"d{name}")

@@ -6,7 +6,7 @@
     torchext.reference.two_layer_square          eager composition (the oracle)
     torch.ops.torchext.two_layer_square / two_layer_square_backward   the compiled ops
 """
-from . import _autograd, reference  # noqa: F401  (_autograd registers the ops' autograd)
+from . import _registrations, reference  # noqa: F401  (_registrations: the ops' autograd, vmap, autocast)
 from ._library import build_info
 from .function import TwoLayerSquare, two_layer_square
 from .module import TwoLayerSquareNet

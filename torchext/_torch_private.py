@@ -5,7 +5,7 @@ torch release that changes one fails there, not as a wrong route elsewhere.
 The two that plain eager calls on every call are torch's own functions, bound
 here, not wrapped: no extra Python frame on that path.
 
-(The C++ side has one more: csrc/two_layer_square_autograd.cpp includes
+(The C++ side has one more: csrc/autograd/two_layer_square_autograd.cpp includes
 ATen/LegacyVmapTransforms.h for the Batched kernels that
 `autograd.grad(..., is_grads_batched=True)` dispatches to; the
 is_grads_batched tests cover it.)

@@ -1,6 +1,10 @@
-"""Inputs for studying the numerics of the plans (used by the tests and
-benchmarks/accuracy.py)."""
+"""For tests and benchmarks: the test-only ops, and inputs for studying the
+numerics of the plans (benchmarks/accuracy.py)."""
+import ctypes
+
 import torch
+
+from . import _library
 
 
 def cancelling_inputs(n=256, d=12, k=8, ell=6, scale=1e4, seed=0, dtype=torch.float32):
@@ -21,3 +25,19 @@ def cancelling_inputs(n=256, d=12, k=8, ell=6, scale=1e4, seed=0, dtype=torch.fl
     B = M @ torch.linalg.inv(V)
     A = torch.where(torch.arange(ell) % 2 == 0, 1.0, -1.0).to(torch.float64).reshape(1, ell)
     return [t.to(dtype) for t in (z, W, V, B, A)]
+
+
+def load_testing_ops():
+    """Registers the test-only ops (once) and returns their namespace,
+    torch.ops.torchext_testing: `_plan` (which plan a call with given sizes
+    runs), `_two_layer_square_{forward,backward}_aten` (the CUDA backend's
+    device-generic algorithm, for CPU tensors), `_cpu_matmul` (the CPU
+    kernels' product), `_poison_uninitialized` (NaN-fill every buffer the
+    kernels must write before reading) and `_cuda_reread_switches`
+    (read TORCHEXT_CUDA_KERNELS again). They are not in torch.ops.torchext."""
+    register = ctypes.CDLL(_library._C.__file__).torchext_register_testing_ops
+    register.restype = ctypes.c_char_p
+    error = register()
+    if error is not None:
+        raise RuntimeError(f"torchext: the test-only ops could not be registered: {error.decode()}")
+    return torch.ops.torchext_testing

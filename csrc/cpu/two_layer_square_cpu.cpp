@@ -3,7 +3,9 @@
 // while BLAS products run on it; chunks (forward) or partitions of chunks
 // (backward, each with its own partial weight gradients, summed in a fixed
 // order) run in parallel.
-#include "../two_layer_square.h"
+#include "../head.h"
+#include "../kernel_frames.h"
+#include "two_layer_square_cpu.h"
 #include "avx512.h"
 #include "avx512_gemm.h"
 #include "narrow_kernels.h"
@@ -702,7 +704,7 @@ void backward_kernel_cpu(const Dims& dims, const ComputeInputs& in, const at::Te
 
 }  // namespace
 
-at::Tensor cpu_matmul_op(const at::Tensor& a, const at::Tensor& b) {
+at::Tensor cpu_matmul(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "_cpu_matmul: a and b must be 2-D; got ", a.sizes(),
               " and ", b.sizes());
   TORCH_CHECK(a.size(1) == b.size(0), "_cpu_matmul: a's columns (", a.size(1),
@@ -716,7 +718,6 @@ at::Tensor cpu_matmul_op(const at::Tensor& a, const at::Tensor& b) {
 
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {
   register_kernels<&forward_kernel_cpu, &backward_kernel_cpu>(m);
-  m.impl("_cpu_matmul", &cpu_matmul_op);
 }
 
 }  // namespace torchext

@@ -22,7 +22,10 @@
 // the direct forward's warp kernel stays. Every launch decision (shared
 // memory, opt-in, tensor cores or not, partitions, grids) is made in
 // launch_plan.h, on numbers read from the device and the kernels here.
-#include "../two_layer_square.h"
+#include "../aten/two_layer_square_aten.h"
+#include "../head.h"
+#include "../kernel_frames.h"
+#include "cuda_switches.h"
 #define TORCHEXT_TENSOR_CORE_TILES 1
 #include "launch_plan.h"
 #include "quadratic_kernels.cuh"
@@ -172,7 +175,6 @@ std::atomic<bool>& fused_switch() {
 
 bool fused_kernels_enabled() { return fused_switch().load(std::memory_order_relaxed); }
 
-void reread_cuda_switches() { fused_switch().store(read_fused_switch()); }
 
 // The fused forward, where its shared memory fits (else false: the caller
 // runs the ATen path).
@@ -339,11 +341,7 @@ void backward_kernel_cuda(const Dims& dims, const ComputeInputs& in, const at::T
 
 }  // namespace
 
-// A test hook: TORCHEXT_CUDA_KERNELS is read once; a test that changes it
-// calls torch.ops.torchext._cuda_reread_switches() after.
-TORCH_LIBRARY_FRAGMENT(torchext, m) {
-  m.def("_cuda_reread_switches() -> ()", &reread_cuda_switches);
-}
+void reread_cuda_switches() { fused_switch().store(read_fused_switch()); }
 
 TORCH_LIBRARY_IMPL(torchext, CUDA, m) {
   register_kernels<&forward_kernel_cuda, &backward_kernel_cuda>(m);

@@ -1,5 +1,6 @@
-// The plain-eager fast path of torchext.two_layer_square: the planned forward
-// and its fused backward as one C++ autograd node.
+// The autograd code in C++: the plain-eager route of torchext.two_layer_square
+// (the planned forward and its fused backward as one C++ autograd node), and
+// the backward ops' kernels for the legacy vmap of is_grads_batched.
 //
 // Why C++: a Python autograd.Function's own overhead per forward+backward is
 // more than eager PyTorch's whole chain at the seed sizes (z a vector of 16;
@@ -7,10 +8,12 @@
 // backward node never enters Python. Autograd stays registered from Python
 // for every op (torch.library.register_autograd); this op is only called by
 // torchext.two_layer_square outside torch.compile tracing, torch.func
-// transforms and forward-mode AD, which use the Python faces. With
+// transforms and forward-mode AD, which take the routes of
+// torchext/_registrations.py. With
 // create_graph=True the backward calls the backward op through autograd, so
 // its Python-registered formula makes the gradients differentiable again.
-#include "two_layer_square.h"
+#include "../buffers.h"
+#include "../checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/LegacyVmapTransforms.h>
@@ -50,20 +53,6 @@ const auto& backward_op() {
   return op;
 }
 
-// Under autocast the forward ran on float32 casts of the inputs and returned
-// f in float32, but the node saved the inputs themselves: the incoming
-// gradient and the inputs go to one dtype, so that the backward op and its
-// derivative see one (the engine casts each gradient back to its input's
-// dtype). The same rule as _common_dtype in torchext/_autograd.py.
-void to_common_dtype(std::array<at::Tensor, 6>& ts) {
-  bool mixed = false;
-  for (int i = 1; i < 6; ++i) mixed = mixed || ts[i].scalar_type() != ts[0].scalar_type();
-  if (!mixed) return;
-  at::ScalarType dtype = at::kFloat;
-  for (const auto& t : ts) dtype = at::promote_types(dtype, t.scalar_type());
-  for (auto& t : ts) t = t.to(dtype);
-}
-
 }  // namespace
 
 // Its grad_fn shows as torch::autograd::CppNode<torchext::FusedTwoLayerSquare>.
@@ -89,10 +78,10 @@ struct FusedTwoLayerSquare : public torch::autograd::Function<FusedTwoLayerSquar
     bool any = false;
     for (int i = 0; i < kNumInputs; ++i) any |= mask[i] = ctx->needs_input_grad(i);
     if (!grads[0].defined() || !any) return out;
-    std::array<at::Tensor, 6> args = {grads[0], saved[0], saved[1], saved[2], saved[3], saved[4]};
-    to_common_dtype(args);
+    // (Under autocast the op was cast on entry, torchext/_registrations.py:
+    // the saved inputs, f and its gradient share one dtype.)
     auto call = [&] {
-      return backward_op().call(args[0], args[1], args[2], args[3], args[4], args[5],
+      return backward_op().call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
                                 saved[5], saved[6], saved[7], mask);
     };
     // create_graph=True: through the ops' autograd, so that the result is
@@ -220,13 +209,6 @@ BackwardResult public_backward_batched(const at::Tensor& grad, const at::Tensor&
 TORCH_LIBRARY_IMPL(torchext, Batched, m) {
   m.impl("_two_layer_square_backward", &internal_backward_batched);
   m.impl("two_layer_square_backward", &public_backward_batched);
-}
-
-TORCH_LIBRARY_FRAGMENT(torchext, m) {
-  // Internal: the plain-eager face of torchext.two_layer_square (see above).
-  m.def(
-      "_two_layer_square_autograd(Tensor z, Tensor W, Tensor V, Tensor B, Tensor A, "
-      "str plan=\"auto\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchext, CompositeImplicitAutograd, m) {

@@ -1,11 +1,13 @@
 // The device-generic implementation of every plan in ATen ops, chunk by
 // chunk. The CUDA backend runs it around its fused kernels; for CPU tensors it
-// is registered as the test-only ops `_two_layer_square_{forward,backward}_aten`
-// so that the algorithm the GPU runs is checked by CI on machines without one.
-#include "two_layer_square.h"
+// is registered as the test-only ops
+// `torchext_testing::_two_layer_square_{forward,backward}_aten` so that the
+// algorithm the GPU runs is checked by CI on machines without one.
+#include "two_layer_square_aten.h"
+
+#include "../head.h"
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 namespace torchext {
 
@@ -127,29 +129,6 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
     add_grads_from_gram(in, head.M.defined() ? head.M : fold_head(in, Plan::kFolded).M, G,
                         mask, bufs);
   }
-}
-
-namespace {
-
-// Chunks for the test ops: small, so CI runs the multi-chunk paths.
-constexpr int64_t kTestChunkRows = 64;
-
-void forward_test_kernel(const Dims& dims, const ComputeInputs& in, Plan plan,
-                         ForwardOutputs& out) {
-  forward_aten(dims, in, plan, kTestChunkRows, out);
-}
-
-void backward_test_kernel(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
-                          const at::Tensor& r, const at::Tensor& q, Plan plan,
-                          const OutputMask& mask, GradBuffers& bufs) {
-  backward_aten(dims, in, g, r, q, plan, mask, kTestChunkRows, bufs);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(torchext, CPU, m) {
-  m.impl("_two_layer_square_forward_aten", &internal_forward<&forward_test_kernel>);
-  m.impl("_two_layer_square_backward_aten", &internal_backward<&backward_test_kernel>);
 }
 
 }  // namespace torchext

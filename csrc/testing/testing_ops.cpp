@@ -1,0 +1,101 @@
+// Test-only ops, in a namespace of their own (torch.ops.torchext_testing) and
+// registered only when tests or benchmarks ask for them
+// (torchext.testing.load_testing_ops(), through the C symbol below): user
+// code never sees them in torch.ops.torchext.
+#include "../aten/two_layer_square_aten.h"
+#include "../build_flags.h"
+#include "../buffers.h"
+#include "../cpu/two_layer_square_cpu.h"
+#include "../cuda/cuda_switches.h"
+#include "../kernel_frames.h"
+#include "../meta/two_layer_square_meta.h"
+#include "../plan.h"
+
+#include <torch/library.h>
+
+#include <memory>
+#include <exception>
+#include <mutex>
+#include <string>
+
+namespace torchext {
+namespace {
+
+// Which plan a call with these sizes runs (for the benchmark record and tests).
+std::string plan_for_sizes(int64_t N, int64_t d, int64_t k, int64_t m, int64_t ell,
+                           c10::string_view plan, bool training) {
+  check_plan_name(plan);
+  return plan_name(resolve_plan(N, d, k, m, ell, plan, training));
+}
+
+// The sample lets a test see that the switch took effect.
+at::Tensor set_poison(bool enabled) {
+  set_poisoning_uninitialized(enabled);
+  return uninitialized({16}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// Small chunks for the ATen twins, so CI runs the multi-chunk paths.
+constexpr int64_t kTestChunkRows = 64;
+
+void forward_aten_kernel(const Dims& dims, const ComputeInputs& in, Plan plan,
+                         ForwardOutputs& out) {
+  forward_aten(dims, in, plan, kTestChunkRows, out);
+}
+
+void backward_aten_kernel(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
+                          const at::Tensor& r, const at::Tensor& q, Plan plan,
+                          const OutputMask& mask, GradBuffers& bufs) {
+  backward_aten(dims, in, g, r, q, plan, mask, kTestChunkRows, bufs);
+}
+
+void define_ops(torch::Library& m) {
+  m.def("_plan(int N, int d, int k, int m, int ell, str plan=\"auto\", bool training=True) -> str",
+        &plan_for_sizes);
+  // The device-generic ATen implementation that the CUDA backend runs, for
+  // CPU tensors, so that CI without a GPU checks it.
+  m.def(
+      "_two_layer_square_forward_aten(Tensor z, Tensor W, Tensor V, Tensor B, "
+      "Tensor A, str plan=\"auto\", bool save_for_backward=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_two_layer_square_backward_aten(Tensor grad, Tensor z, Tensor W, "
+      "Tensor V, Tensor B, Tensor A, Tensor r, Tensor q, Tensor state, "
+      "bool[5] output_mask) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)");
+  // The matrix product the CPU kernels run on (also for the benchmark).
+  m.def("_cpu_matmul(Tensor a, Tensor b) -> Tensor");
+  // NaN-fill every buffer from `uninitialized` from now on (or stop); returns
+  // a buffer from `uninitialized` made after the switch.
+  m.def("_poison_uninitialized(bool enabled) -> Tensor", &set_poison);
+  // Read TORCHEXT_CUDA_KERNELS again (the library reads it once).
+  m.def("_cuda_reread_switches() -> ()", &reread_cuda_switches);
+}
+
+void register_ops() {
+  constexpr const char* ns = "torchext_testing";
+  static torch::Library defs(torch::Library::DEF, ns, std::nullopt, __FILE__, __LINE__);
+  define_ops(defs);
+  static torch::Library cpu(torch::Library::IMPL, ns, c10::DispatchKey::CPU, __FILE__, __LINE__);
+  cpu.impl("_two_layer_square_forward_aten", &internal_forward<&forward_aten_kernel>);
+  cpu.impl("_two_layer_square_backward_aten", &internal_backward<&backward_aten_kernel>);
+  cpu.impl("_cpu_matmul", &cpu_matmul);
+  static torch::Library meta(torch::Library::IMPL, ns, c10::DispatchKey::Meta, __FILE__, __LINE__);
+  meta.impl("_two_layer_square_forward_aten", &forward_internal_meta);
+  meta.impl("_two_layer_square_backward_aten", &backward_internal_meta);
+}
+
+}  // namespace
+}  // namespace torchext
+
+// Registers the ops once, from whichever thread asks first. Returns null, or
+// the error message (no exception may cross into ctypes).
+extern "C" TORCHEXT_EXPORT const char* torchext_register_testing_ops(void) {
+  static std::once_flag once;
+  static std::string error;
+  try {
+    std::call_once(once, &torchext::register_ops);
+  } catch (const std::exception& e) {
+    error = e.what();
+    return error.c_str();
+  }
+  return nullptr;
+}
