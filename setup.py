@@ -142,6 +142,7 @@ def make_extension():
         "csrc/autograd/two_layer_square_autograd.cpp",
         "csrc/testing/testing_ops.cpp",
         "csrc/cpu/two_layer_square_cpu.cpp",
+        "csrc/cpu/head_products.cpp",
         "csrc/cpu/narrow_kernels.cpp",
         "csrc/cpu/avx512_gemm.cpp",
     ]

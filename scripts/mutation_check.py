@@ -26,10 +26,10 @@ CORE_TESTS = ["tests/test_correctness.py", "tests/test_plans.py", "tests/test_sp
 STALE_TEST = "tests/test_plans.py::test_buffers_never_show_stale_memory"
 MUTATIONS = {
     # ReLU's derivative dropped from each plan's backward.
-    "relu-mask-direct": ("csrc/cpu/two_layer_square_cpu.cpp",
+    "relu-mask-direct": ("csrc/cpu/elementwise.h",
                          "  for (int64_t i = 0; i < n; ++i) p[i] = r[i] <= T(0) ? T(0) : p[i];",
                          "  for (int64_t i = 0; i < n; ++i) p[i] = p[i];", CORE_TESTS),
-    "relu-mask-folded-quadratic": ("csrc/cpu/two_layer_square_cpu.cpp",
+    "relu-mask-folded-quadratic": ("csrc/cpu/elementwise.h",
                                    "      p[i * k + j] = r[i * k + j] <= T(0) ? T(0) : v;",
                                    "      p[i * k + j] = v;", CORE_TESTS),
     "relu-mask-narrow-kernels": ("csrc/cpu/narrow_kernels.cpp",
@@ -42,8 +42,8 @@ MUTATIONS = {
                           "  return t;", ["tests/test_correctness.py"]),
     # The last row of every chunk's tail left out (forward and backward).
     "dropped-tail-row": ("csrc/cpu/two_layer_square_cpu.cpp",
-                         "      const int64_t n = std::min(bp.chunk_rows, dims.N - r0);",
-                         "      const int64_t n = std::min(bp.chunk_rows, dims.N - r0 - (r0 + bp.chunk_rows >= dims.N && dims.N - r0 > 1 ? 1 : 0));",
+                         "const int64_t n = std::min(bp.chunk_rows, dims.N - r0);",
+                         "const int64_t n = std::min(bp.chunk_rows, dims.N - r0 - (r0 + bp.chunk_rows >= dims.N && dims.N - r0 > 1 ? 1 : 0));",
                          CORE_TESTS),
     # A view's strides ignored: non-contiguous inputs read as if contiguous.
     "swapped-stride": ("csrc/buffers.cpp",
@@ -54,17 +54,17 @@ MUTATIONS = {
     "wrong-sign-dA-gram": ("csrc/head.cpp",
                            "  if (mask[kA]) bufs.acc[kA] = (MG * M).sum(1);",
                            "  if (mask[kA]) bufs.acc[kA] = -(MG * M).sum(1);", CORE_TESTS),
-    "wrong-sign-dA-direct": ("csrc/cpu/two_layer_square_cpu.cpp",
-                             "                gA[j] += gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
-                             "                gA[j] -= gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
+    "wrong-sign-dA-direct": ("csrc/cpu/chunk_kernels.h",
+                             "        gA[j] += gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
+                             "        gA[j] -= gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
                              CORE_TESTS),
     # A partition's first chunk adding to its uninitialised gradient buffers
     # rather than writing them (caught only where the buffers are poisoned).
-    "first-chunk-adds": ("csrc/cpu/two_layer_square_cpu.cpp",
-                         "        const T beta = c == c_begin ? T(0) : T(1);",
-                         "        const T beta = T(1);", [STALE_TEST]),
-    "direct-dA-not-zeroed": ("csrc/cpu/two_layer_square_cpu.cpp",
-                             "            if (c == c_begin) std::fill(gA, gA + ell, T(0));",
+    "first-chunk-adds": ("csrc/cpu/chunk_kernels.h",
+                         "  const T beta = first ? T(0) : T(1);",
+                         "  const T beta = T(1);", [STALE_TEST]),
+    "direct-dA-not-zeroed": ("csrc/cpu/chunk_kernels.h",
+                             "    if (first) std::fill(gA, gA + ell, T(0));",
                              "", [STALE_TEST]),
 }
 

@@ -47,11 +47,20 @@ NarrowWeights::NarrowWeights(int64_t d_, int64_t k_, const float* W_, const floa
       }
 }
 
-// Padding rows of the transposed buffers stay zero for the workspace's life.
-NarrowWorkspace::NarrowWorkspace(const NarrowWeights& w, bool accumulate)
-    : zT(w.Dp * S, 0.f), rT(w.Kp * S, 0.f), qT(w.Kp * S, 0.f), pT(w.Kp * S, 0.f),
-      grT(w.Kp * S, 0.f), g(S, 0.f), dW(accumulate ? w.Kp * w.Dp * kLanes : 0, 0.f),
-      gram(accumulate ? w.Kp * w.Kp * kLanes : 0, 0.f) {}
+NarrowWorkspace::NarrowWorkspace(const NarrowWeights& w, bool accumulate) {
+  FloatSpan* spans[] = {&zT, &rT, &qT, &pT, &grT, &g, &dW, &gram};
+  const int64_t sizes[] = {w.Dp * S, w.Kp * S, w.Kp * S, w.Kp * S, w.Kp * S, S,
+                           accumulate ? w.Kp * w.Dp * kLanes : 0,
+                           accumulate ? w.Kp * w.Kp * kLanes : 0};
+  int64_t total = 0;
+  for (int64_t n : sizes) total += padded_elems(n);
+  float* next = aligned_block<float>(arena_, total);
+  std::fill(next, next + total, 0.f);
+  for (int i = 0; i < 8; ++i) {
+    *spans[i] = {next, sizes[i]};
+    next += padded_elems(sizes[i]);
+  }
+}
 
 void NarrowWorkspace::flush(const NarrowWeights& w, float* gW, float* G) {
   auto lane_sum = [](const float* v) {

@@ -11,6 +11,8 @@
 // samples, so no horizontal reductions per sample).
 #pragma once
 
+#include "workspace.h"
+
 #include <cstdint>
 #include <vector>
 
@@ -33,8 +35,20 @@ struct NarrowWeights {
   std::vector<float> Qupper;  // Kp × Kp: Q_ii on, Q_ij + Q_ji above the diagonal
 };
 
+// n floats of a workspace block.
+struct FloatSpan {
+  float* ptr = nullptr;
+  int64_t n = 0;
+  float* data() const { return ptr; }
+  float* begin() const { return ptr; }
+  float* end() const { return ptr + n; }
+  float& operator[](int64_t i) const { return ptr[i]; }
+};
+
 // Per-thread buffers: one block of samples, transposed (feature-major), and
-// the lane-wise partial sums of dW and of the Gram for one partition.
+// the lane-wise partial sums of dW and of the Gram for one partition. The
+// memory is the thread's (workspace.h), zero-filled here: padding rows stay
+// zero for the workspace's life. One per thread at a time.
 class NarrowWorkspace {
  public:
   // accumulate: room for the backward's dW and Gram partial sums.
@@ -45,7 +59,10 @@ class NarrowWorkspace {
   void flush(const NarrowWeights& w, float* gW, float* G);
 
   static constexpr int64_t kBlock = 128;  // samples per block
-  std::vector<float> zT, rT, qT, pT, grT, g, dW, gram;
+  FloatSpan zT, rT, qT, pT, grT, g, dW, gram;
+
+ private:
+  ThreadArena<struct NarrowWorkspaceTag> arena_;
 };
 
 // f for rows [0, n) of z (n × d, row-major). When r and q are given (n × k,

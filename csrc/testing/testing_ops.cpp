@@ -5,7 +5,7 @@
 #include "../aten/two_layer_square_aten.h"
 #include "../build_flags.h"
 #include "../buffers.h"
-#include "../cpu/two_layer_square_cpu.h"
+#include "../cpu/head_products.h"
 #include "../cuda/cuda_switches.h"
 #include "../kernel_frames.h"
 #include "../meta/two_layer_square_meta.h"
@@ -77,7 +77,7 @@ void register_ops() {
   static torch::Library cpu(torch::Library::IMPL, ns, c10::DispatchKey::CPU, __FILE__, __LINE__);
   cpu.impl("_two_layer_square_forward_aten", &internal_forward<&forward_aten_kernel>);
   cpu.impl("_two_layer_square_backward_aten", &internal_backward<&backward_aten_kernel>);
-  cpu.impl("_cpu_matmul", &cpu_matmul);
+  cpu.impl("_cpu_matmul", &cpu::cpu_matmul);
   static torch::Library meta(torch::Library::IMPL, ns, c10::DispatchKey::Meta, __FILE__, __LINE__);
   meta.impl("_two_layer_square_forward_aten", &forward_internal_meta);
   meta.impl("_two_layer_square_backward_aten", &backward_internal_meta);

@@ -1,0 +1,131 @@
+// The BLAS binding of the CPU kernels: the BLAS library torch links, through
+// its Fortran symbols; gemm_rm, the row-major product every per-chunk step
+// runs on (the AVX-512 kernel where it runs); and the guard that keeps BLAS
+// sequential inside the kernels' own parallelism.
+#pragma once
+
+#include "avx512.h"
+#include "avx512_gemm.h"
+#include "portability.h"
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+// Fortran BLAS of the BLAS library that torch links (MKL on x86 wheels,
+// OpenBLAS elsewhere). Weak, so a torch without these symbols still loads us
+// and gets the portable loops below instead (portability.h: where weak
+// symbols do not exist, those loops always run).
+#if TORCHEXT_WEAK_BLAS
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*,
+            const float*, const float*, const int*, const float*, const int*,
+            const float*, float*, const int*) TORCHEXT_WEAK;
+void dgemm_(const char*, const char*, const int*, const int*, const int*,
+            const double*, const double*, const int*, const double*,
+            const int*, const double*, double*, const int*) TORCHEXT_WEAK;
+// MKL's per-thread thread count (absent with other BLAS libraries).
+int MKL_Set_Num_Threads_Local(int) TORCHEXT_WEAK;  // C interface (by value)
+}
+#endif
+
+namespace torchext {
+namespace cpu {
+
+template <typename T>
+using FortranGemm = void (*)(const char*, const char*, const int*, const int*,
+                             const int*, const T*, const T*, const int*,
+                             const T*, const int*, const T*, T*, const int*);
+template <typename T>
+FortranGemm<T> fortran_gemm();
+template <>
+inline FortranGemm<float> fortran_gemm<float>() {
+#if TORCHEXT_WEAK_BLAS
+  return sgemm_;
+#else
+  return nullptr;
+#endif
+}
+template <>
+inline FortranGemm<double> fortran_gemm<double>() {
+#if TORCHEXT_WEAK_BLAS
+  return dgemm_;
+#else
+  return nullptr;
+#endif
+}
+
+// MKL's per-thread thread count setter, or null (other BLAS libraries).
+inline int (*mkl_set_num_threads_local())(int) {
+#if TORCHEXT_WEAK_BLAS
+  return &MKL_Set_Num_Threads_Local;
+#else
+  return nullptr;
+#endif
+}
+
+inline bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
+
+// Row-major C(MxN) = op(A)(MxK) * op(B)(KxN) + beta * C, beta 0 or 1:
+// float32 with B untransposed on the AVX-512 kernel where the CPU has it
+// (avx512_gemm.h says why), else BLAS. BLAS is column-major, so it computes
+// C^T = op(B)^T op(A)^T. Degenerate sizes never reach BLAS.
+template <typename T>
+void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+             const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
+             int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (!trans_b && cpu::avx512_kernels_supported()) {
+      cpu::gemm_avx512(trans_a, M, N, K, A, lda, B, ldb, beta != 0.f, C, ldc);
+      return;
+    }
+  }
+  auto blas = fortran_gemm<T>();
+  if (K > 0 && blas != nullptr && fits_int(M) && fits_int(N) && fits_int(K) &&
+      fits_int(lda) && fits_int(ldb) && fits_int(ldc)) {
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int m = int(N), n = int(M), k = int(K);
+    const int la = int(ldb), lb = int(lda), lc = int(ldc);
+    const T one = T(1);
+    blas(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    for (int64_t j = 0; j < N; ++j) c[j] = beta == T(0) ? T(0) : beta * c[j];
+    for (int64_t p = 0; p < K; ++p) {
+      const T av = trans_a ? A[p * lda + i] : A[i * lda + p];
+      if (trans_b) {
+        for (int64_t j = 0; j < N; ++j) c[j] += av * B[j * ldb + p];
+      } else {
+        const T* b = B + p * ldb;
+        for (int64_t j = 0; j < N; ++j) c[j] += av * b[j];
+      }
+    }
+  }
+}
+
+// Our parallelism is the batch plan's (chunks, partitions); BLAS stays
+// sequential inside it. Inside an OpenMP region MKL is sequential anyway; this
+// also covers the single-chunk case that runs on the calling thread, where MKL
+// would otherwise fork threads for every small product (and change how a
+// product is split with the machine's thread count).
+class SequentialBlas {
+ public:
+  SequentialBlas() : set_(mkl_set_num_threads_local()) {
+    if (set_ != nullptr) previous_ = set_(1);
+  }
+  ~SequentialBlas() {
+    if (set_ != nullptr) set_(previous_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int (*set_)(int);
+  int previous_ = 0;
+};
+
+}  // namespace cpu
+}  // namespace torchext

@@ -1,0 +1,243 @@
+// The per-chunk algebra of each plan on the CPU: a chunk's buffers, the
+// operands (with the transposes the products read), and one chunk of the
+// forward and of the backward.
+#pragma once
+
+#include "../buffers.h"
+#include "../head.h"
+#include "../plan.h"
+#include "avx512.h"
+#include "blas.h"
+#include "elementwise.h"
+#include "workspace.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace torchext {
+namespace cpu {
+
+// Per-thread buffers for one chunk of `rows` rows, uninitialised; only those
+// the plan uses get space (u: direct; y: direct and folded).
+template <typename T>
+struct ChunkScratch {
+  ThreadArena<struct ChunkBuffersTag> arena;
+  T *r, *q, *u, *y, *p, *f;
+  ChunkScratch(const Dims& d, Plan plan, int64_t rows) {
+    const int64_t nr = padded_elems(rows * d.k),
+                  nu = plan == Plan::kDirect ? padded_elems(rows * d.m) : 0,
+                  ny = plan == Plan::kQuadratic ? 0 : padded_elems(rows * d.ell),
+                  nf = padded_elems(rows);
+    r = aligned_block<T>(arena, 3 * nr + nu + ny + nf);
+    q = r + nr;
+    p = q + nr;
+    u = p + nr;
+    y = u + nu;
+    f = y + ny;
+  }
+};
+
+// The operands' pointers, and row-major transposes (Wt = Wᵀ, ...) of the
+// weights the chain multiplies by on the right (x = z Wᵀ, u = r Vᵀ, y = u Bᵀ,
+// y = r Mᵀ, q = r Qᵀ): made once per call (in a thread arena: at the tiny
+// sizes, allocating them cost more than transposing), they let every
+// per-chunk product read B untransposed (what the AVX-512 kernel takes).
+template <typename T>
+struct Operands {
+  const T *z, *W, *V, *B, *a, *M, *Q;
+  const T *Wt = nullptr, *Vt = nullptr, *Bt = nullptr, *Mt = nullptr, *Qt = nullptr;
+  ThreadArena<struct WeightCopiesTag> arena;  // holds Wt .. Qt
+};
+
+// Which of W, V and B the chain multiplies by (M and Q: whenever the head has them).
+struct ChainWeights {
+  bool W, V, B;
+};
+
+// T = Xᵀ for a contiguous rows × cols X.
+template <typename T>
+void transpose_into(const T* X, int64_t rows, int64_t cols, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu::avx512_kernels_supported()) {
+      cpu::transpose_avx512(rows, cols, X, cols, out, rows);
+      return;
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = X[i * cols + j];
+}
+
+template <typename T>
+Operands<T> operands(const ComputeInputs& in, const Head& head, Plan plan, ChainWeights chain) {
+  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
+  Operands<T> op{ptr(in.z), ptr(in.W), ptr(in.V), ptr(in.B), ptr(in.a), ptr(head.M), ptr(head.Q)};
+  struct Wanted {
+    const at::Tensor* t;
+    const T** out;
+  };
+  const Wanted wanted[] = {{chain.W ? &in.W : nullptr, &op.Wt},
+                           {chain.V ? &in.V : nullptr, &op.Vt},
+                           {chain.B ? &in.B : nullptr, &op.Bt},
+                           {plan == Plan::kFolded && head.M.defined() ? &head.M : nullptr, &op.Mt},
+                           {plan == Plan::kQuadratic && head.Q.defined() ? &head.Q : nullptr, &op.Qt}};
+  int64_t total = 0;
+  for (const Wanted& w : wanted)
+    if (w.t != nullptr) total += padded_elems(w.t->numel());
+  if (total == 0) return op;
+  T* next = aligned_block<T>(op.arena, total);
+  for (const Wanted& w : wanted) {
+    if (w.t == nullptr) continue;
+    TORCH_INTERNAL_ASSERT(w.t->is_contiguous() && w.t->dim() == 2);
+    transpose_into(w.t->template const_data_ptr<T>(), w.t->size(0), w.t->size(1), next);
+    *w.out = next;
+    next += padded_elems(w.t->numel());
+  }
+  return op;
+}
+
+// One chunk of the forward: r = relu(z Wᵀ), then the plan's head gives f and,
+// when save, q = Mᵀ diag(a) M r in the plan's association order.
+template <typename T>
+void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
+                   const T* zc, int64_t n, bool save, T* f, T* r, T* q,
+                   ChunkScratch<T>& s) {
+  const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
+  gemm_rm<T>(false, false, n, k, d, zc, d, op.Wt, k, T(0), r, k);
+  relu_inplace(r, n * k);
+  T* y = s.y;
+  switch (plan) {
+    case Plan::kDirect: {
+      // Saving, y goes straight into the q slot (see Plan), else zeros.
+      const bool keep_y = save && direct_saves_y(dims);
+      T* yd = keep_y ? q : y;
+      const int64_t ldy = keep_y ? k : ell;
+      gemm_rm<T>(false, false, n, m, k, r, k, op.Vt, m, T(0), s.u, m);
+      gemm_rm<T>(false, false, n, ell, m, s.u, m, op.Bt, ell, T(0), yd, ldy);
+      row_dots(n, ell, ldy, yd, yd, op.a, f);
+      if (keep_y) {
+        for (int64_t i = 0; i < n; ++i) std::fill(q + i * k + ell, q + (i + 1) * k, T(0));
+      } else if (save) {
+        std::fill(q, q + n * k, T(0));
+      }
+      break;
+    }
+    case Plan::kFolded:
+      gemm_rm<T>(false, false, n, ell, k, r, k, op.Mt, ell, T(0), y, ell);
+      row_dots(n, ell, ell, y, y, op.a, f);
+      if (save) {  // q = Mᵀ (a ⊙ y)
+        scale_cols(n, ell, op.a, y);
+        gemm_rm<T>(false, false, n, k, ell, y, ell, op.M, k, T(0), q, k);
+      }
+      break;
+    case Plan::kQuadratic:
+      gemm_rm<T>(false, false, n, k, k, r, k, op.Qt, k, T(0), q, k);
+      row_dots<T>(n, k, k, r, q, nullptr, f);
+      break;
+  }
+}
+
+
+// Gram blocks: only blocks on or above the diagonal are multiplied (about
+// half the work of a full product), the rest is mirrored at the end.
+inline constexpr int64_t kGramBlock = 32;
+
+// What every backward chunk of one call shares.
+template <typename T>
+struct BackwardCall {
+  const Dims& dims;
+  Plan plan;
+  const Operands<T>& op;
+  const T* r_saved;  // the forward's r and q, unless recompute
+  const T* q_saved;
+  bool recompute;    // no saved r and q: each chunk recomputes them
+  T* gz;             // dz (N × d), or null when not requested
+  bool need_p;       // dz or dW requested
+  bool use_gram;     // dV, dB or dA requested on the folded or quadratic plan
+  bool saved_y;      // direct: q_saved holds y (see Plan)
+};
+
+// A partition's sums that its chunks accumulate into (null where not
+// requested): dW, and either the direct chain's dV, dB, dA or the Gram.
+template <typename T>
+struct PartitionSlots {
+  T *gW, *gV, *gB, *gA, *G;
+};
+
+// The direct plan's chain in eager's association order, from the saved y when
+// there is one: u = V r (then only for dB), y = B u, e = 2 g a ⊙ y, gu = Bᵀ e
+// and, when p is needed, p = Vᵀ gu masked by ReLU's derivative (into s.p).
+// first: the partition's first chunk, which writes its slots; later ones add.
+template <typename T>
+void direct_chain_chunk(const BackwardCall<T>& call, const PartitionSlots<T>& sums, int64_t n,
+                        const T* gc, const T* r, const T* q, bool first, ChunkScratch<T>& s) {
+  const int64_t k = call.dims.k, m = call.dims.m, ell = call.dims.ell;
+  const T beta = first ? T(0) : T(1);
+  const Operands<T>& op = call.op;
+  T* u = s.u;
+  T* y = s.y;
+  if (!call.saved_y || sums.gB) gemm_rm<T>(false, false, n, m, k, r, k, op.Vt, m, T(0), u, m);
+  if (!call.saved_y) gemm_rm<T>(false, false, n, ell, m, u, m, op.Bt, ell, T(0), y, ell);
+  const T* y_in = call.saved_y ? q : y;
+  const int64_t ld_in = call.saved_y ? k : ell;
+  if (T* gA = sums.gA) {
+    if (first) std::fill(gA, gA + ell, T(0));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < ell; ++j)
+        gA[j] += gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);
+  }
+  for (int64_t i = 0; i < n; ++i)  // y becomes e = 2 g a ⊙ y
+    for (int64_t j = 0; j < ell; ++j)
+      y[i * ell + j] = T(2) * (gc[i] * op.a[j]) * y_in[i * ld_in + j];
+  if (sums.gB) gemm_rm<T>(true, false, ell, m, n, y, ell, u, m, beta, sums.gB, m);
+  if (!(sums.gV || call.need_p)) return;
+  gemm_rm<T>(false, false, n, m, ell, y, ell, op.B, m, T(0), u, m);  // u becomes gu
+  if (sums.gV) gemm_rm<T>(true, false, m, k, n, u, m, r, k, beta, sums.gV, k);
+  if (!call.need_p) return;
+  gemm_rm<T>(false, false, n, k, m, u, m, op.V, k, T(0), s.p, k);  // gr
+  relu_grad_inplace(n * k, r, s.p);
+}
+
+// One chunk of the backward, rows [r0, r0 + n): r and q (saved, or
+// recomputed), p = ∂(Σ g f)/∂x by the plan's route, then dz, and dW and the
+// Gram (upper block triangle only) into the partition's sums.
+template <typename T>
+void backward_chunk(const BackwardCall<T>& call, const PartitionSlots<T>& sums, int64_t r0,
+                    int64_t n, const T* gc, bool first, ChunkScratch<T>& s) {
+  const int64_t d = call.dims.d, k = call.dims.k;
+  const Operands<T>& op = call.op;
+  const T* zc = op.z + r0 * d;
+  const T beta = first ? T(0) : T(1);  // first chunk writes, later ones add
+  const bool recompute = call.recompute;
+  const bool direct = call.plan == Plan::kDirect;
+  const T* r = recompute ? s.r : call.r_saved + r0 * k;
+  const T* q = recompute ? s.q : call.q_saved + r0 * k;
+  if (recompute && direct) {  // the direct chain needs r only
+    gemm_rm<T>(false, false, n, k, d, zc, d, op.Wt, k, T(0), s.r, k);
+    relu_inplace(s.r, n * k);
+  } else if (recompute) {
+    forward_chunk(call.dims, call.plan, op, zc, n, /*save=*/call.need_p, s.f, s.r, s.q, s);
+  }
+  T* p = s.p;
+  if (direct) {
+    direct_chain_chunk(call, sums, n, gc, r, q, first, s);
+  } else if (call.need_p) {  // p = 2 g q ⊙ 1[r > 0]
+    relu_grad_rows(n, k, gc, q, r, p);
+  }
+  if (call.need_p) {
+    if (sums.gW) gemm_rm<T>(true, false, k, d, n, p, k, zc, d, beta, sums.gW, d);
+    if (call.gz) gemm_rm<T>(false, false, n, d, k, p, k, op.W, d, T(0), call.gz + r0 * d, d);
+  }
+  if (call.use_gram) {  // G += (g ⊙ r)ᵀ r, upper block triangle only
+    scale_rows(n, k, gc, r, p);
+    for (int64_t b0 = 0; b0 < k; b0 += kGramBlock) {
+      const int64_t bn = std::min(kGramBlock, k - b0);
+      gemm_rm<T>(true, false, bn, k - b0, n, p + b0, k, r + b0, k, beta, sums.G + b0 * k + b0, k);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace torchext

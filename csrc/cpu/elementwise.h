@@ -1,0 +1,95 @@
+// The elementwise steps of the per-chunk algebra: ReLU and its derivative,
+// row and column scalings, and the rows' dot products.
+#pragma once
+
+#include "portability.h"
+
+#include <cstdint>
+
+namespace torchext {
+namespace cpu {
+
+// Elementwise loops over whole chunks, on restrict pointers and without
+// branches so that they vectorise (a data-dependent branch per element costs
+// more than the BLAS products at narrow widths).
+
+// torch.relu semantics, in place: NaN stays NaN (max(x, 0) would give 0).
+template <typename T>
+void relu_inplace(T* __restrict__ x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    x[i] = (v > T(0) || v != v) ? v : T(0);
+  }
+}
+
+// p = (2 g_i q_ij) where not r_ij <= 0, else 0: ReLU's derivative as torch's
+// threshold_backward — a select, so a NaN upstream stays out of inactive
+// units, and a NaN unit (r NaN) passes its gradient through.
+template <typename T>
+void relu_grad_rows(int64_t n, int64_t k, const T* __restrict__ g,
+                    const T* __restrict__ q, const T* __restrict__ r,
+                    T* __restrict__ p) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = T(2) * g[i];
+    for (int64_t j = 0; j < k; ++j) {
+      const T v = s * q[i * k + j];
+      p[i * k + j] = r[i * k + j] <= T(0) ? T(0) : v;
+    }
+  }
+}
+
+// p = p where not r <= 0, else 0 (threshold_backward on a ready gradient).
+template <typename T>
+void relu_grad_inplace(int64_t n, const T* __restrict__ r, T* __restrict__ p) {
+  for (int64_t i = 0; i < n; ++i) p[i] = r[i] <= T(0) ? T(0) : p[i];
+}
+
+// out_ij = g_i x_ij
+template <typename T>
+void scale_rows(int64_t n, int64_t k, const T* __restrict__ g,
+                const T* __restrict__ x, T* __restrict__ out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = g[i];
+    for (int64_t j = 0; j < k; ++j) out[i * k + j] = s * x[i * k + j];
+  }
+}
+
+// y_ij *= a_j
+template <typename T>
+void scale_cols(int64_t n, int64_t ell, const T* __restrict__ a, T* __restrict__ y) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < ell; ++j) y[i * ell + j] *= a[j];
+}
+
+// f_i = Σ_j x_ij w_ij over j < k, rows ld apart (w = x for squares, times a_j
+// when a is given). Sixteen partial sums per row, combined in a fixed tree: a
+// single running sum would be a chain of dependent additions (the slowest
+// loop of the forward at k = 128), and a fixed order keeps the result
+// reproducible.
+template <typename T>
+void row_dots(int64_t n, int64_t k, int64_t ld, const T* __restrict__ x,
+              const T* __restrict__ w, const T* __restrict__ a,
+              T* __restrict__ f) {
+  constexpr int64_t L = 16;
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * ld;
+    const T* wi = w + i * ld;
+    T acc[L] = {};
+    int64_t j = 0;
+    if (a != nullptr) {
+      for (; j + L <= k; j += L)
+        for (int64_t l = 0; l < L; ++l) acc[l] += a[j + l] * (xi[j + l] * wi[j + l]);
+      for (int64_t l = 0; j < k; ++j, ++l) acc[l] += a[j] * (xi[j] * wi[j]);
+    } else {
+      for (; j + L <= k; j += L)
+        for (int64_t l = 0; l < L; ++l) acc[l] += xi[j + l] * wi[j + l];
+      for (int64_t l = 0; j < k; ++j, ++l) acc[l] += xi[j] * wi[j];
+    }
+    for (int64_t width = L / 2; width > 0; width /= 2)
+      for (int64_t l = 0; l < width; ++l) acc[l] += acc[l + width];
+    f[i] = acc[0];
+  }
+}
+
+}  // namespace cpu
+}  // namespace torchext
