@@ -143,6 +143,7 @@ def make_extension():
         "csrc/testing/testing_ops.cpp",
         "csrc/cpu/two_layer_square_cpu.cpp",
         "csrc/cpu/head_products.cpp",
+        "csrc/cpu/kernel_set.cpp",
         "csrc/cpu/narrow_kernels.cpp",
         "csrc/cpu/avx512_gemm.cpp",
     ]

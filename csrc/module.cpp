@@ -5,6 +5,9 @@
 
 #include "build_flags.h"
 #include "cpu/avx512.h"
+#include "cpu/kernel_set.h"
+
+#include <string>
 
 extern "C" {
 
@@ -24,8 +27,37 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCHEXT_EXPORT int torchext_cuda_kernels_compiled(void) { return TORCHEXT_WITH_CUDA_FLAG; }
 
 // Whether the AVX-512 CPU kernels (products and narrow-layer kernels) run on
-// this machine (CPU support, and TORCHEXT_CPU_KERNELS not set to "generic").
-TORCHEXT_EXPORT int torchext_cpu_avx512_kernels(void) { return torchext::cpu::avx512_kernels_supported() ? 1 : 0; }
+// this machine (the float32 kernel set is avx512; see cpu/kernel_set.h).
+TORCHEXT_EXPORT int torchext_cpu_avx512_kernels(void) {
+  return torchext::cpu::kernel_set_error().empty() &&
+         torchext::cpu::float32_kernel_set() == torchext::cpu::KernelSet::kAvx512;
+}
+
+// The float32 CPU kernel set that runs, or null when TORCHEXT_CPU_KERNELS
+// asks for one that cannot (torchext_cpu_kernel_set_error says why).
+TORCHEXT_EXPORT const char* torchext_cpu_float32_kernel_set(void) {
+  if (!torchext::cpu::kernel_set_error().empty()) return nullptr;
+  return torchext::cpu::kernel_set_name(torchext::cpu::float32_kernel_set());
+}
+
+TORCHEXT_EXPORT const char* torchext_cpu_kernel_set_error(void) {
+  const std::string& error = torchext::cpu::kernel_set_error();
+  return error.empty() ? nullptr : error.c_str();
+}
+
+// The float32 kernel sets compiled in, comma-separated.
+TORCHEXT_EXPORT const char* torchext_cpu_compiled_kernel_sets(void) {
+  static const std::string names = [] {
+    std::string out;
+    for (auto set : torchext::cpu::compiled_float32_kernel_sets())
+      out += std::string(out.empty() ? "" : ",") + torchext::cpu::kernel_set_name(set);
+    return out;
+  }();
+  return names.c_str();
+}
+
+// The BLAS the generic CPU kernels call, or null (portable loops).
+TORCHEXT_EXPORT const char* torchext_cpu_blas(void) { return torchext::cpu::blas_name(); }
 
 // Whether they were compiled in at all (not on other architectures, nor with
 // TORCHEXT_NO_AVX512=1).

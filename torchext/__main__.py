@@ -29,15 +29,14 @@ def report_build(full=False):
 def report_details(info):
     """What a bug report needs beyond the summary: versions, compilers and which
     kernel set each device runs, and why."""
-    cpu_env = os.environ.get("TORCHEXT_CPU_KERNELS")
-    if info["cpu_avx512_kernels"]:
-        cpu_set = "avx512 (register-blocked products, narrow-layer kernels)"
-    elif cpu_env == "generic":
-        cpu_set = "generic (BLAS; TORCHEXT_CPU_KERNELS=generic)"
-    elif not info["cpu_avx512_compiled"]:
-        cpu_set = "generic (BLAS; built without the AVX-512 kernels)"
+    float32 = info["cpu_kernels"]["float32"]
+    if info["cpu_kernels_error"]:
+        cpu_set = f"none: {info['cpu_kernels_error']}"
     else:
-        cpu_set = "generic (BLAS; this CPU has no AVX-512)"
+        env = os.environ.get("TORCHEXT_CPU_KERNELS") or "auto"
+        cpu_set = (f"float32 {float32['running']} (compiled: {', '.join(float32['compiled'])}; "
+                   f"TORCHEXT_CPU_KERNELS={env}), float64 generic")
+    cpu_set += f"; generic kernels call {info['cpu_blas'] or 'no BLAS (portable loops)'}"
     if info["cuda_kernels"]:
         cuda_set = ("aten (cuBLAS; TORCHEXT_CUDA_KERNELS=aten)" if os.environ.get("TORCHEXT_CUDA_KERNELS") == "aten"
                     else "fused (quadratic and direct-plan kernels; ATen/cuBLAS for the rest)")

@@ -1,6 +1,7 @@
 """Loads the compiled operator library and checks that it matches this torch."""
 import ctypes
 import importlib
+import warnings
 from typing import Any, Dict
 
 import torch
@@ -38,18 +39,35 @@ def _load():
 _info, _C = _load()
 
 
+def _text(fn):
+    fn.restype = ctypes.c_char_p
+    value = fn()
+    return None if value is None else value.decode()
+
+
 def build_info() -> Dict[str, Any]:
-    """How the loaded library was built: a dict of torch version, CUDA kernels, archs,
-    whether the AVX-512 CPU kernels (products and narrow-layer kernels) were compiled in
-    (`cpu_avx512_compiled`) and run here (`cpu_avx512_kernels`; TORCHEXT_CPU_KERNELS=generic
-    turns them off, for comparison),
-    and the compilers that built it (None where the build predates that record)."""
+    """How the loaded library was built and what runs here: a dict of torch
+    version, CUDA kernels, archs, the compilers that built it (None where the
+    build predates that record), and the CPU kernels: `cpu_kernels` per dtype
+    ({"compiled": [...], "running": name}; running is None when
+    TORCHEXT_CPU_KERNELS asks for a set that cannot run, and
+    `cpu_kernels_error` says why), `cpu_blas` (the BLAS library the generic
+    kernels call: "MKL", "BLAS", or None: portable loops), and
+    `cpu_avx512_compiled` / `cpu_avx512_kernels` (the AVX-512 kernels
+    compiled in / running)."""
     lib = ctypes.CDLL(_C.__file__)
+    float32_compiled = _text(lib.torchext_cpu_compiled_kernel_sets).split(",")
     return {
         "torch_version": _info.TORCH_VERSION,
         "cuda_kernels": bool(lib.torchext_cuda_kernels_compiled()),
+        "cpu_kernels": {
+            "float32": {"compiled": float32_compiled, "running": _text(lib.torchext_cpu_float32_kernel_set)},
+            "float64": {"compiled": ["generic"], "running": "generic"},
+        },
+        "cpu_kernels_error": _text(lib.torchext_cpu_kernel_set_error),
+        "cpu_blas": _text(lib.torchext_cpu_blas),
         "cpu_avx512_kernels": bool(lib.torchext_cpu_avx512_kernels()),
-        "cpu_avx512_compiled": bool(getattr(lib, "torchext_cpu_avx512_compiled", lambda: 0)()),
+        "cpu_avx512_compiled": bool(lib.torchext_cpu_avx512_compiled()),
         "cuda_version": _info.CUDA_VERSION,
         "cuda_archs": _info.CUDA_ARCHS,
         "debug": _info.DEBUG,
@@ -57,3 +75,14 @@ def build_info() -> Dict[str, Any]:
         "cuda_compiler": getattr(_info, "CUDA_COMPILER", None),
         "library": _C.__file__,
     }
+
+
+def _warn_without_blas():
+    if _text(ctypes.CDLL(_C.__file__).torchext_cpu_blas) is None:
+        warnings.warn(
+            "torchext: torch's libraries export no BLAS (sgemm_/dgemm_), so torchext's generic CPU "
+            "kernels run portable loops, far slower than BLAS (see torchext.build_info()['cpu_blas'])",
+            RuntimeWarning, stacklevel=3)
+
+
+_warn_without_blas()  # once, when the library loads

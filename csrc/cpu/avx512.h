@@ -25,8 +25,8 @@
 namespace torchext {
 namespace cpu {
 
-// True when this CPU has AVX-512F and TORCHEXT_CPU_KERNELS is not "generic"
-// (read once; lets tests and users compare against the BLAS kernels).
+// Whether the AVX-512 kernels run (kernel_set.h: the float32 kernel set is
+// avx512); raises when TORCHEXT_CPU_KERNELS asks for a set that cannot run.
 bool avx512_kernels_supported();
 
 constexpr int64_t kLanes = 16;  // floats per __m512

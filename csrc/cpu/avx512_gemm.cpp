@@ -12,20 +12,6 @@
 namespace torchext {
 namespace cpu {
 
-bool avx512_kernels_supported() {
-#if TORCHEXT_AVX512
-  static const bool supported = [] {
-    const char* env = std::getenv("TORCHEXT_CPU_KERNELS");
-    if (env != nullptr && std::strcmp(env, "generic") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return supported;
-#else
-  return false;
-#endif
-}
-
 #if TORCHEXT_AVX512
 namespace {
 

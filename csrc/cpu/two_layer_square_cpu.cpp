@@ -8,6 +8,7 @@
 #include "chunk_kernels.h"
 #include "head_products.h"
 #include "huge_pages.h"
+#include "kernel_set.h"
 #include "narrow_kernels.h"
 
 #include <ATen/ATen.h>
@@ -244,6 +245,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in, const at::Tensor& 
 
 void forward_kernel_cpu(const Dims& dims, const ComputeInputs& in, Plan plan,
                         ForwardOutputs& out) {
+  float32_kernel_set();  // raises on a TORCHEXT_CPU_KERNELS that cannot be honoured, whatever the dtype
   AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cpu", [&] {
     forward_impl<scalar_t>(dims, in, plan, out);
   });
@@ -252,6 +254,7 @@ void forward_kernel_cpu(const Dims& dims, const ComputeInputs& in, Plan plan,
 void backward_kernel_cpu(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
                          const at::Tensor& r, const at::Tensor& q, Plan plan,
                          const OutputMask& mask, GradBuffers& bufs) {
+  float32_kernel_set();  // (as in the forward)
   AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cpu", [&] {
     backward_impl<scalar_t>(dims, in, g, r, q, plan, mask, bufs);
   });

@@ -1,0 +1,69 @@
+"""TORCHEXT_CPU_KERNELS and what build_info reports: every value, in a fresh
+process each (the library reads the variable once)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import torchext
+
+PROBE = """
+import json, torch, torchext
+info = torchext.build_info()
+x = [torch.randn(5, 7), torch.randn(11, 7), torch.randn(13, 11), torch.randn(3, 13), torch.randn(1, 3)]
+try:
+    f = torchext.two_layer_square(*x).double()
+    error = None
+    matches = bool(torch.allclose(f, torchext.reference.two_layer_square(*[t.double() for t in x]), rtol=1e-4, atol=1e-5))
+except RuntimeError as e:
+    error, matches = str(e), None
+print(json.dumps({"cpu_kernels": info["cpu_kernels"], "cpu_kernels_error": info["cpu_kernels_error"],
+                  "avx512": info["cpu_avx512_kernels"], "call_error": error, "matches": matches}))
+"""
+
+
+def probe(value):
+    env = {k: v for k, v in os.environ.items() if k != "TORCHEXT_CPU_KERNELS"}
+    if value is not None:
+        env["TORCHEXT_CPU_KERNELS"] = value
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_has_avx512f():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("flags") and " avx512f" in line for line in fh)
+    except OSError:
+        return False
+
+
+COMPILED = torchext.build_info()["cpu_kernels"]["float32"]["compiled"]
+RUNNABLE = {"generic"} | ({"avx512"} if "avx512" in COMPILED and cpu_has_avx512f() else set())
+
+
+@pytest.mark.parametrize("value", [None, "", "auto", "generic", "avx512", "avx2", "neon", "fast"])
+def test_each_choice_runs_or_refuses_clearly(value):
+    got = probe(value)
+    asked = value or "auto"
+    want = (max(RUNNABLE, key=["generic", "avx512"].index) if asked == "auto"
+            else asked if asked in RUNNABLE else None)
+    assert got["cpu_kernels"]["float32"]["compiled"] == COMPILED
+    assert got["cpu_kernels"]["float64"] == {"compiled": ["generic"], "running": "generic"}
+    assert got["cpu_kernels"]["float32"]["running"] == want
+    if want is None:  # refused: named in build_info and in the error of every call, never a crash
+        assert f"TORCHEXT_CPU_KERNELS={asked}" in got["cpu_kernels_error"]
+        assert got["call_error"] is not None and got["cpu_kernels_error"] in got["call_error"]
+        assert got["avx512"] is False
+    else:
+        assert got["cpu_kernels_error"] is None and got["call_error"] is None and got["matches"]
+        assert got["avx512"] == (want == "avx512")
+
+
+def test_generic_kernels_call_a_blas():
+    # torch's wheels link a BLAS; without one the generic kernels would run
+    # portable loops, which build_info and a warning at import say.
+    assert torchext.build_info()["cpu_blas"] in ("MKL", "BLAS")
