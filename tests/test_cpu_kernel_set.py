@@ -5,9 +5,15 @@ import os
 import subprocess
 import sys
 
+import platform
+
 import pytest
 
 import torchext
+
+# The expected choice comes from /proc/cpuinfo's flags.
+pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")),
+                                reason="the expectations read /proc/cpuinfo (Linux x86-64)")
 
 PROBE = """
 import json, torch, torchext
@@ -52,8 +58,9 @@ def test_each_choice_runs_or_refuses_clearly(value):
     want = (max(RUNNABLE, key=["generic", "avx512"].index) if asked == "auto"
             else asked if asked in RUNNABLE else None)
     assert got["cpu_kernels"]["float32"]["compiled"] == COMPILED
-    assert got["cpu_kernels"]["float64"] == {"compiled": ["generic"], "running": "generic"}
     assert got["cpu_kernels"]["float32"]["running"] == want
+    # The choice holds for every dtype: float64 (always generic) refuses with it.
+    assert got["cpu_kernels"]["float64"] == {"compiled": ["generic"], "running": want and "generic"}
     if want is None:  # refused: named in build_info and in the error of every call, never a crash
         assert f"TORCHEXT_CPU_KERNELS={asked}" in got["cpu_kernels_error"]
         assert got["call_error"] is not None and got["cpu_kernels_error"] in got["call_error"]
@@ -64,6 +71,13 @@ def test_each_choice_runs_or_refuses_clearly(value):
 
 
 def test_generic_kernels_call_a_blas():
-    # torch's wheels link a BLAS; without one the generic kernels would run
-    # portable loops, which build_info and a warning at import say.
+    # torch's Linux wheels export their BLAS; without one the generic kernels
+    # would run portable loops, which build_info and a warning at import say.
     assert torchext.build_info()["cpu_blas"] in ("MKL", "BLAS")
+
+
+def test_the_choice_is_read_when_torchext_loads():
+    code = ("import os, torchext; os.environ['TORCHEXT_CPU_KERNELS'] = 'neon'; "
+            "assert torchext.build_info()['cpu_kernels_error'] is None")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHEXT_CPU_KERNELS"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)

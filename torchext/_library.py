@@ -42,7 +42,7 @@ _info, _C = _load()
 def _text(fn):
     fn.restype = ctypes.c_char_p
     value = fn()
-    return None if value is None else value.decode()
+    return None if value is None else value.decode(errors="replace")
 
 
 def build_info() -> Dict[str, Any]:
@@ -56,15 +56,16 @@ def build_info() -> Dict[str, Any]:
     `cpu_avx512_compiled` / `cpu_avx512_kernels` (the AVX-512 kernels
     compiled in / running)."""
     lib = ctypes.CDLL(_C.__file__)
+    error = _text(lib.torchext_cpu_kernel_set_error)
     float32_compiled = _text(lib.torchext_cpu_compiled_kernel_sets).split(",")
     return {
         "torch_version": _info.TORCH_VERSION,
         "cuda_kernels": bool(lib.torchext_cuda_kernels_compiled()),
         "cpu_kernels": {
             "float32": {"compiled": float32_compiled, "running": _text(lib.torchext_cpu_float32_kernel_set)},
-            "float64": {"compiled": ["generic"], "running": "generic"},
+            "float64": {"compiled": ["generic"], "running": None if error else "generic"},
         },
-        "cpu_kernels_error": _text(lib.torchext_cpu_kernel_set_error),
+        "cpu_kernels_error": error,
         "cpu_blas": _text(lib.torchext_cpu_blas),
         "cpu_avx512_kernels": bool(lib.torchext_cpu_avx512_kernels()),
         "cpu_avx512_compiled": bool(lib.torchext_cpu_avx512_compiled()),
@@ -77,12 +78,18 @@ def build_info() -> Dict[str, Any]:
     }
 
 
-def _warn_without_blas():
-    if _text(ctypes.CDLL(_C.__file__).torchext_cpu_blas) is None:
+def _resolve_cpu_kernels():
+    """Reads TORCHEXT_CPU_KERNELS now, when torchext loads (the library reads
+    it once), and warns once when the generic CPU kernels find no BLAS."""
+    lib = ctypes.CDLL(_C.__file__)
+    lib.torchext_cpu_kernel_set_error.restype = ctypes.c_char_p
+    lib.torchext_cpu_kernel_set_error()
+    if _text(lib.torchext_cpu_blas) is None:
         warnings.warn(
-            "torchext: torch's libraries export no BLAS (sgemm_/dgemm_), so torchext's generic CPU "
-            "kernels run portable loops, far slower than BLAS (see torchext.build_info()['cpu_blas'])",
+            "torchext: no BLAS to call (no sgemm_/dgemm_ found in torch's libraries, or a build "
+            "that cannot look them up), so torchext's generic CPU kernels run portable loops, far "
+            "slower than BLAS (see torchext.build_info()['cpu_blas'])",
             RuntimeWarning, stacklevel=3)
 
 
-_warn_without_blas()  # once, when the library loads
+_resolve_cpu_kernels()

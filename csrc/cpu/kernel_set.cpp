@@ -34,7 +34,9 @@ struct Choice {
 
 Choice resolve() {
   const char* env = std::getenv("TORCHEXT_CPU_KERNELS");
-  const std::string asked = env == nullptr || *env == '\0' ? "auto" : env;
+  std::string asked = env == nullptr || *env == '\0' ? "auto" : env;
+  for (char& c : asked)  // (printable ASCII in messages: any other byte would not decode in Python)
+    if (c < 0x20 || c > 0x7e) c = '?';
   const bool runs_avx512 = TORCHEXT_AVX512 && cpu_has_avx512f();
   auto refuse = [&](const std::string& why) {
     return Choice{KernelSet::kGeneric, "TORCHEXT_CPU_KERNELS=" + asked + ": " + why +
