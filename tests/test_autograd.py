@@ -189,12 +189,13 @@ def _opcheck_args(op, device):
         for case, requires_grad in _public_samples(device):
             inputs = [t.requires_grad_(requires_grad) for t in case.inputs(device)]
             yield inputs if op == "two_layer_square" else [*inputs, case.plan]
-    elif op == "two_layer_square_backward":
+    elif op == "two_layer_square_backward":  # (differentiable samples: its own autograd checked)
         for case, requires_grad in _public_samples(device):
-            inputs = [t.requires_grad_(requires_grad) for t in case.inputs(device)]
-            for g in _gradients_for(case, OPS.two_layer_square(*inputs).detach()):
-                for mask in masks:
-                    yield [g.detach().requires_grad_(requires_grad), *inputs, mask]
+            if not requires_grad:
+                continue
+            inputs = [t.requires_grad_() for t in case.inputs(device)]
+            for g, mask in zip(_gradients_for(case, OPS.two_layer_square(*inputs).detach()), masks):
+                yield [g.detach().requires_grad_(), *inputs, mask]
     elif op == "_two_layer_square_forward":
         for case, _ in _planned_samples(device):
             for save in (False, True):
@@ -204,9 +205,8 @@ def _opcheck_args(op, device):
             inputs = case.inputs(device)
             for save in (False, True):
                 f, *state = OPS._two_layer_square_forward(*inputs, case.plan, save)
-                for g in _gradients_for(case, f):
-                    for mask in masks:
-                        yield [g, *inputs, *state, mask]
+                for g, mask in zip(_gradients_for(case, f), masks):
+                    yield [g, *inputs, *state, mask]
     else:
         raise AssertionError(f"no opcheck samples for torchext::{op}")
 
