@@ -137,3 +137,12 @@ def python_calls_in_torchext(fn):
     finally:
         sys.setprofile(None)
     return calls
+
+
+def cpu_has_avx512f():
+    """Whether /proc/cpuinfo lists AVX-512F (False where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("flags") and " avx512f" in line for line in fh)
+    except OSError:
+        return False

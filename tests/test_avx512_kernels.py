@@ -12,20 +12,12 @@ import pytest
 import torch
 
 import torchext
-from conftest import assert_matches, eager_outputs, fused_outputs, make_inputs, reference_outputs, rel_err
+from conftest import assert_matches, cpu_has_avx512f, eager_outputs, fused_outputs, make_inputs, reference_outputs, rel_err
 from torchext.testing import load_testing_ops
 
 TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
 NAMES = ("f", "dz", "dW", "dV", "dB", "dA")
-
-
-def cpu_has_avx512f():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
 
 
 def test_narrow_kernels_run_where_the_cpu_has_avx512():

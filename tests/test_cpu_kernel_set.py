@@ -10,6 +10,7 @@ import platform
 import pytest
 
 import torchext
+from conftest import cpu_has_avx512f
 
 # The expected choice comes from /proc/cpuinfo's flags.
 pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")),
@@ -41,14 +42,6 @@ def probe(value):
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_has_avx512f():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return any(line.startswith("flags") and " avx512f" in line for line in fh)
-    except OSError:
-        return False
 
 
 COMPILED = torchext.build_info()["cpu_kernels"]["float32"]["compiled"]

@@ -21,12 +21,6 @@ bool cpu_has_avx512f() {
 #endif
 }
 
-std::string compiled_list() {
-  std::string out;
-  for (KernelSet set : compiled_float32_kernel_sets()) out += std::string(out.empty() ? "" : ", ") + kernel_set_name(set);
-  return out;
-}
-
 struct Choice {
   KernelSet set = KernelSet::kGeneric;
   std::string error;
@@ -45,12 +39,12 @@ Choice resolve() {
   if (asked == "auto") return {runs_avx512 ? KernelSet::kAvx512 : KernelSet::kGeneric, ""};
   if (asked == "generic") return {KernelSet::kGeneric, ""};
   if (asked == "avx512") {
-    if (!TORCHEXT_AVX512) return refuse("this build of torchext has no avx512 kernels (compiled: " + compiled_list() + ")");
+    if (!TORCHEXT_AVX512) return refuse("this build of torchext has no avx512 kernels (compiled: " + compiled_kernel_set_names(", ") + ")");
     if (!runs_avx512) return refuse("this CPU has no AVX-512F");
     return {KernelSet::kAvx512, ""};
   }
   if (asked == "avx2" || asked == "neon")
-    return refuse("this build of torchext has no " + asked + " kernels (compiled: " + compiled_list() + ")");
+    return refuse("this build of torchext has no " + asked + " kernels (compiled: " + compiled_kernel_set_names(", ") + ")");
   return refuse("not a CPU kernel set (auto, avx512, avx2, neon or generic)");
 }
 
@@ -74,6 +68,13 @@ KernelSet float32_kernel_set() {
   const Choice& c = choice();
   TORCH_CHECK(c.error.empty(), "torchext: ", c.error);
   return c.set;
+}
+
+std::string compiled_kernel_set_names(const char* sep) {
+  std::string out;
+  for (KernelSet set : compiled_float32_kernel_sets())
+    out += std::string(out.empty() ? "" : sep) + kernel_set_name(set);
+  return out;
 }
 
 const std::string& kernel_set_error() { return choice().error; }

@@ -17,6 +17,8 @@ const char* kernel_set_name(KernelSet set);
 
 // The sets compiled into this library for float32 (float64: generic only).
 std::vector<KernelSet> compiled_float32_kernel_sets();
+// Their names, joined by sep.
+std::string compiled_kernel_set_names(const char* sep);
 
 // The float32 set that runs; raises (RuntimeError) with kernel_set_error().
 KernelSet float32_kernel_set();
