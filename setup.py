@@ -8,6 +8,7 @@ Environment switches (all optional):
                           else DEFAULT_ARCH_LIST below.
   MAX_JOBS                parallel compile jobs (ninja).
   DEBUG=1                 -O0 -g (and -G for device code's line info).
+  TORCHEXT_NO_SIMD=1      leave the SIMD CPU kernel sets (avx512, avx2, neon) out.
 Install with `pip install --no-build-isolation .`: the extension must be
 compiled against the torch that will import it, not a fresh copy in an
 isolated build environment.
@@ -145,7 +146,9 @@ def make_extension():
         "csrc/cpu/head_products.cpp",
         "csrc/cpu/kernel_set.cpp",
         "csrc/cpu/narrow_kernels.cpp",
-        "csrc/cpu/avx512_gemm.cpp",
+        "csrc/cpu/simd_avx512.cpp",
+        "csrc/cpu/simd_avx2.cpp",
+        "csrc/cpu/simd_neon.cpp",
     ]
     # No -std here: cpp_extension picks the standard the installed torch needs (C++17 or C++20).
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -155,10 +158,10 @@ def make_extension():
     if sys.platform == "win32":
         # MSVC spells the same choices its own way (untested: CI builds on Linux only).
         cxx = (["/Od", "/Zi"] if debug else ["/O2"]) + [f"/DPy_LIMITED_API={PY_LIMITED_API}"]
-    if env_flag("TORCHEXT_NO_AVX512"):
-        # As on CPUs of other architectures: CI builds and tests this on x86 too.
-        cxx.append("-DTORCHEXT_NO_AVX512")
-        say("AVX-512 kernels: left out (TORCHEXT_NO_AVX512=1)")
+    if env_flag("TORCHEXT_NO_SIMD"):
+        # As with compilers and CPUs no SIMD kernel set fits: CI builds and tests this too.
+        cxx.append("-DTORCHEXT_NO_SIMD")
+        say("SIMD CPU kernels: left out (TORCHEXT_NO_SIMD=1)")
     nvcc = opt + ["--expt-relaxed-constexpr"] + (["-G", "-lineinfo"] if debug else ["-lineinfo"])
     include_dirs = []
     archs = None

@@ -1,6 +1,7 @@
 """Benchmark: torchext vs eager PyTorch vs torch.compile vs a no-op floor.
 
     python benchmarks/bench.py [--device cpu|cuda] [--quick] [--cases a,b] [--no-compile]
+                               [--cpu-kernels auto|avx512|avx2|neon|generic]
 
 Times forward+backward (W and V trainable, loss = f.sum()) and forward-only
 (under torch.no_grad()) side by side in one run: contenders are interleaved
@@ -10,7 +11,12 @@ enough input sets that they do not all sit in L2), medians, and the best
 median over the rounds is kept. On the GPU the run also measures the card's
 float32 multiply-add and copy ceilings, counts each case's FLOPs and bytes,
 reports the fraction of the resulting time floor reached, and times bfloat16
-inputs at gpu-large. Prints a table, writes JSON and a PNG plot to
+inputs at gpu-large. On the CPU it measures the register-only FMA rate of
+the running kernel set and reports each case's fraction of it.
+--cpu-kernels forces torchext's CPU kernel set (TORCHEXT_CPU_KERNELS); a
+narrower x86 set than the CPU has also holds eager and torch.compile to it
+(EMULATED_ISA below), so that every contender runs as on a CPU without the
+wider vectors. Prints a table, writes JSON and a PNG plot to
 benchmarks/results/. A script, not a test: timings are noisy; compare ratios.
 """
 import argparse
@@ -21,6 +27,30 @@ import platform
 import random
 import subprocess
 import sys
+
+
+# What a CPU with only these vectors would run, for every contender: torch's
+# own kernels (ATen's capability), MKL's and oneDNN's code paths, and the
+# vector width of the C++ that torch.compile generates. Set before torch loads.
+EMULATED_ISA = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+INDUCTOR_SIMDLEN = {"avx2": 256}
+
+
+def _cpu_kernels_arg(argv):
+    for i, a in enumerate(argv):
+        if a == "--cpu-kernels" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--cpu-kernels="):
+            return a.split("=", 1)[1]
+    return None
+
+
+if __name__ == "__main__" and _cpu_kernels_arg(sys.argv[1:]):
+    _kernels = _cpu_kernels_arg(sys.argv[1:])
+    os.environ["TORCHEXT_CPU_KERNELS"] = _kernels  # read when torchext loads
+    os.environ.update(EMULATED_ISA.get(_kernels, {}))
 
 import torch
 from torch.utils import benchmark
@@ -82,6 +112,16 @@ def cpu_name():
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"{model}, {os.cpu_count()} cores"
+
+
+def cpu_flags():
+    """The vector-ISA flags /proc/cpuinfo lists (x86: avx*, fma; ARM: asimd, sve)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            words = next((line.split(":", 1)[1].split() for line in fh if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return []
+    return sorted(w for w in words if w.startswith(("avx", "fma", "asimd", "sve", "amx")))
 
 
 def make_case(shape, device, dtype=torch.float32, seed=0):
@@ -357,7 +397,11 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocess measurement")
     ap.add_argument("--quick", action="store_true", help="1 round, short timings, 4 sweep shapes")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--cpu-kernels", default=None, choices=["auto", "avx512", "avx2", "neon", "generic"],
+                    help="force torchext's CPU kernel set (and hold eager and torch.compile to a narrower x86 ISA)")
     args = ap.parse_args(argv)
+    if args.cpu_kernels and os.environ.get("TORCHEXT_CPU_KERNELS") != args.cpu_kernels:
+        raise SystemExit("--cpu-kernels works from the command line only (it must act before torch loads)")
     if args.quick:
         args.rounds, args.min_run_time, args.sweep = 1, 0.2, min(args.sweep, 4)
     device = args.device
@@ -365,6 +409,8 @@ def main(argv=None):
     if args.cases:
         cases = {n: cases[n] for n in args.cases.split(",")}
     torch._dynamo.config.cache_size_limit = 64
+    if args.cpu_kernels in INDUCTOR_SIMDLEN:
+        torch._inductor.config.cpp.simdlen = INDUCTOR_SIMDLEN[args.cpu_kernels]
     compiled = None if args.no_compile else torch.compile(reference.two_layer_square)
 
     card = torch.cuda.get_device_name(0) if device == "cuda" else cpu_name()
@@ -384,11 +430,21 @@ def main(argv=None):
     peak = max(rates.values())
     print("float32 matmul rates measured: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
           + f" GFLOP/s; peak {peak:.1f}")
+    cpu_kernels = fma_rate = None
+    if device == "cpu":
+        build = torchext.build_info()
+        cpu_kernels = build["cpu_kernels"]["float32"]["running"]
+        if cpu_kernels is None:
+            raise SystemExit(build["cpu_kernels_error"])
+        fma_rate = torchext._library.cpu_fma_rate_gflops(torch.get_num_threads(), 1.0)
+        emulated = {k: os.environ[k] for k in EMULATED_ISA.get(args.cpu_kernels, {})}
+        print(f"torchext CPU kernels: {cpu_kernels}; register-only FMA loop of that set: {fma_rate:.0f} GFLOP/s; "
+              f"CPU flags: {' '.join(cpu_flags())}" + (f"; contenders held to {emulated}" if emulated else ""))
 
     rows, sweep, memory, denormal, bf16 = [], [], {}, {}, {}
     os.makedirs(args.out, exist_ok=True)
     # The GPU record is named after the card: <date>-<card>.json.
-    label = device if device == "cpu" else "-".join(card.lower().replace("nvidia", "nvidia ").split())
+    label = f"cpu-{cpu_kernels}" if device == "cpu" else "-".join(card.lower().replace("nvidia", "nvidia ").split())
     stem = f"{datetime.date.today().isoformat()}-{label}"
 
     def partial_record(final=False):
@@ -401,6 +457,10 @@ def main(argv=None):
             "matmul_peak_gflops": peak, "matmul_rates_gflops": rates, "rounds": args.rounds, "cases": rows,
             "sweep": sweep, "memory": memory, "denormal": denormal, "complete": final,
         }
+        if device == "cpu":
+            record.update({"cpu_kernels": cpu_kernels, "cpu_flags": cpu_flags(), "fma_rate_gflops": fma_rate,
+                           "emulated_isa_env": {k: os.environ[k] for k in EMULATED_ISA.get(args.cpu_kernels, {})},
+                           "inductor_simdlen": INDUCTOR_SIMDLEN.get(args.cpu_kernels)})
         if device == "cuda":
             record.update({"ceilings": ceilings, "bf16": bf16, "timing": "CUDA events, medians, rotating input sets",
                            "tf32": False})
@@ -413,6 +473,8 @@ def main(argv=None):
     for name, shape in cases.items():
         row = run_case(name, shape, device, args.rounds, args.min_run_time, not args.no_compile, compiled, l2_bytes)
         row["fraction_of_peak"] = row["torchext_gflops"] / peak
+        if fma_rate:
+            row["fraction_of_fma_rate"] = row["torchext_gflops"] / fma_rate
         if ceilings:
             floor_s = max(row["plan_gflop"] / (ceilings["fp32_tflops"] * 1e3),
                           row["plan_bytes"] / (ceilings["copy_gbytes_per_s"] * 1e9))
@@ -480,6 +542,8 @@ def main(argv=None):
         ok_c = tc is None or (row["vs_compile"] or 0) >= tc
         print(f"  {row['name']:<16} vs eager {row['vs_eager']:.2f}x (target {te}x) {'ok' if ok_e else 'MISSED'}; "
               f"vs compile {fmt(row['vs_compile'], '.2f')}x (target {tc}x) {'ok' if ok_c else 'MISSED'}")
+    for line in cpu_extra_targets(rows, sweep):
+        print("  " + line)
 
     record = partial_record(final=True)
     plotted = plot(rows, sweep, os.path.join(args.out, stem + ".png"), card)
@@ -487,6 +551,26 @@ def main(argv=None):
         fh.write(markdown_table(record))
     print(f"\nwrote {os.path.join(args.out, stem)}.json, .md" + (" and .png" if plotted else ""))
     return record
+
+
+def cpu_extra_targets(rows, sweep):
+    """#3's other CPU targets: seed-vector against the no-op floor, large
+    against the FMA rate, forward-only speed-ups, the sweep's minimum."""
+    out = []
+    for row in rows:
+        if row["name"] == "seed-vector":
+            out.append(f"seed-vector / floor {row['vs_floor']:.2f} (target <= 1.25) {'ok' if row['vs_floor'] <= 1.25 else 'MISSED'}")
+        if row["name"] == "large" and row.get("fraction_of_fma_rate") is not None:
+            f = row["fraction_of_fma_rate"]
+            out.append(f"large at {100 * f:.0f}% of the FMA rate (target >= 50%) {'ok' if f >= 0.5 else 'MISSED'}")
+    if rows and rows[0]["name"] in CPU_CASES:
+        worst = min(rows, key=lambda r: r["fwd_vs_eager"])
+        out.append(f"forward-only, lowest {worst['fwd_vs_eager']:.2f}x at {worst['name']} (target >= 1.4) "
+                   f"{'ok' if worst['fwd_vs_eager'] >= 1.4 else 'MISSED'}")
+    if sweep:
+        low = min(e["vs_eager"] for e in sweep)
+        out.append(f"sweep minimum {low:.2f}x (target >= 0.95) {'ok' if low >= 0.95 else 'MISSED'}")
+    return out
 
 
 def markdown_table(record):
@@ -498,16 +582,26 @@ def markdown_table(record):
         + ("8192³ (TF32 off)" if record.get("ceilings") else "1024³") + " product rates measured in the same run: "
         + ", ".join(f"{k} {v:.0f}" for k, v in record.get("matmul_rates_gflops", {}).items())
         + f" GFLOP/s; % of peak is against the faster ({record['matmul_peak_gflops']:.0f}).",
+    ]
+    if record.get("cpu_kernels"):
+        env = record.get("emulated_isa_env") or {}
+        lines += ["", f"torchext CPU kernel set: **{record['cpu_kernels']}**; its register-only FMA loop ran at "
+                      f"{record['fma_rate_gflops']:.0f} GFLOP/s (% FMA below is against it). CPU flags: "
+                      f"{' '.join(record.get('cpu_flags', []))}."
+                      + (f" Every contender held to {record['cpu_kernels']}: {env}, torch.compile simdlen "
+                         f"{record.get('inductor_simdlen')}." if env else "")]
+    lines += [
         "",
-        "| case | N | d, k, m, ℓ | plan | torchext | eager | torch.compile | no-op floor | × eager | × compile | / floor | fwd-only × eager | % of peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | N | d, k, m, ℓ | plan | torchext | eager | torch.compile | no-op floor | × eager | × compile | / floor | fwd-only × eager | % of peak | % FMA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["cases"]:
         lines.append(
             f"| {r['name']} | {r['N'] or '(d,)'} | {r['d']}, {r['k']}, {r['m']}, {r['ell']} | {r['plan']} | "
             f"{r['torchext_ms']:.3g} | {r['eager_ms']:.3g} | {fmt(r['compile_ms'])} | {r['floor_ms']:.2g} | "
             f"{r['vs_eager']:.2f} | {fmt(r['vs_compile'], '.2f')} | {r['vs_floor']:.2f} | {r['fwd_vs_eager']:.2f} | "
-            f"{100 * r['fraction_of_peak']:.0f}% |"
+            f"{100 * r['fraction_of_peak']:.0f}% | "
+            + (f"{100 * r['fraction_of_fma_rate']:.0f}% |" if r.get("fraction_of_fma_rate") else "- |")
         )
     if record.get("ceilings"):
         c = record["ceilings"]

@@ -4,7 +4,6 @@
 #include <Python.h>
 
 #include "build_flags.h"
-#include "cpu/avx512.h"
 #include "cpu/kernel_set.h"
 
 #include <string>
@@ -26,18 +25,11 @@ PyMODINIT_FUNC PyInit__C(void) {
 // whether its CUDA kernels were compiled in, whatever the Python files claim.
 TORCHEXT_EXPORT int torchext_cuda_kernels_compiled(void) { return TORCHEXT_WITH_CUDA_FLAG; }
 
-// Whether the AVX-512 CPU kernels (products and narrow-layer kernels) run on
-// this machine (the float32 kernel set is avx512; see cpu/kernel_set.h).
-TORCHEXT_EXPORT int torchext_cpu_avx512_kernels(void) {
-  return torchext::cpu::kernel_set_error().empty() &&
-         torchext::cpu::float32_kernel_set() == torchext::cpu::KernelSet::kAvx512;
-}
-
 // The float32 CPU kernel set that runs, or null when TORCHEXT_CPU_KERNELS
 // asks for one that cannot (torchext_cpu_kernel_set_error says why).
 TORCHEXT_EXPORT const char* torchext_cpu_float32_kernel_set(void) {
   if (!torchext::cpu::kernel_set_error().empty()) return nullptr;
-  return torchext::cpu::kernel_set_name(torchext::cpu::float32_kernel_set());
+  return torchext::cpu::float32_kernel_set_name();
 }
 
 TORCHEXT_EXPORT const char* torchext_cpu_kernel_set_error(void) {
@@ -45,16 +37,27 @@ TORCHEXT_EXPORT const char* torchext_cpu_kernel_set_error(void) {
   return error.empty() ? nullptr : error.c_str();
 }
 
-// The float32 kernel sets compiled in, comma-separated.
+// The float32 kernel sets compiled in, widest first, comma-separated.
 TORCHEXT_EXPORT const char* torchext_cpu_compiled_kernel_sets(void) {
-  static const std::string names = torchext::cpu::compiled_kernel_set_names(",");
+  static const std::string names = [] {
+    std::string out;
+    for (const std::string& name : torchext::cpu::compiled_float32_kernel_sets())
+      out += (out.empty() ? "" : ",") + name;
+    return out;
+  }();
   return names.c_str();
 }
 
 // The BLAS the generic CPU kernels call, or null (portable loops).
 TORCHEXT_EXPORT const char* torchext_cpu_blas(void) { return torchext::cpu::blas_name(); }
 
-// Whether they were compiled in at all (not on other architectures, nor with
-// TORCHEXT_NO_AVX512=1).
-TORCHEXT_EXPORT int torchext_cpu_avx512_compiled(void) { return TORCHEXT_AVX512; }
+// GFLOP/s of the running set's register-only FMA loop on `threads` threads
+// (benchmarks/bench.py records it beside each case); 0 when no set runs here.
+TORCHEXT_EXPORT double torchext_cpu_fma_rate_gflops(int threads, double seconds) {
+  try {  // (no exception may cross into ctypes)
+    return torchext::cpu::fma_rate_gflops(threads, seconds);
+  } catch (...) {
+    return -1.0;
+  }
+}
 }

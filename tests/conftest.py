@@ -139,10 +139,15 @@ def python_calls_in_torchext(fn):
     return calls
 
 
-def cpu_has_avx512f():
-    """Whether /proc/cpuinfo lists AVX-512F (False where there is none)."""
+def cpu_kernel_sets_this_cpu_runs():
+    """The SIMD kernel sets this CPU can run, from /proc/cpuinfo's flags (Linux;
+    aarch64 always has NEON), and "generic"; None where that cannot be told."""
+    import platform
+    if platform.machine() in ("aarch64", "arm64"):
+        return {"neon", "generic"}
     try:
         with open("/proc/cpuinfo") as fh:
-            return any(line.startswith("flags") and " avx512f" in line for line in fh)
+            flags = next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
     except OSError:
-        return False
+        return None
+    return {"generic"} | ({"avx512"} if "avx512f" in flags else set()) | ({"avx2"} if {"avx2", "fma"} <= flags else set())

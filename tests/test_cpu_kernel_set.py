@@ -10,7 +10,7 @@ import platform
 import pytest
 
 import torchext
-from conftest import cpu_has_avx512f
+from conftest import cpu_kernel_sets_this_cpu_runs
 
 # The expected choice comes from /proc/cpuinfo's flags.
 pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")),
@@ -45,15 +45,15 @@ def probe(value):
 
 
 COMPILED = torchext.build_info()["cpu_kernels"]["float32"]["compiled"]
-RUNNABLE = {"generic"} | ({"avx512"} if "avx512" in COMPILED and cpu_has_avx512f() else set())
+RUNNABLE = set(COMPILED) & cpu_kernel_sets_this_cpu_runs()
 
 
-# (One fresh process each; avx2 stands for the sets not built, fast for any other word.)
-@pytest.mark.parametrize("value", [None, "generic", "avx512", "avx2", "fast"])
+# (One fresh process each; on x86 neon stands for the sets not built, fast for any other word.)
+@pytest.mark.parametrize("value", [None, "generic", "avx512", "avx2", "neon", "fast"])
 def test_each_choice_runs_or_refuses_clearly(value):
     got = probe(value)
     asked = value or "auto"
-    want = (max(RUNNABLE, key=["generic", "avx512"].index) if asked == "auto"
+    want = (max(RUNNABLE, key=["generic", "neon", "avx2", "avx512"].index) if asked == "auto"
             else asked if asked in RUNNABLE else None)
     assert got["cpu_kernels"]["float32"]["compiled"] == COMPILED and got["read_once"]
     assert got["cpu_kernels"]["float32"]["running"] == want

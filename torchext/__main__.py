@@ -15,7 +15,8 @@ from torchext import reference
 
 def report_build(full=False):
     info = torchext.build_info()
-    cpu = "CPU (AVX-512 kernels)" if info["cpu_avx512_kernels"] else "CPU"
+    running = info["cpu_kernels"]["float32"]["running"]
+    cpu = f"CPU (float32: {running} kernels)" if running else f"CPU ({info['cpu_kernels_error']})"
     kernels = cpu + (f" + CUDA {info['cuda_version']} (archs {info['cuda_archs']})" if info["cuda_kernels"] else "")
     print(f"torchext {torchext.__version__}: built against torch {info['torch_version']}, running torch {torch.__version__}")
     print(f"  kernels: {kernels}{' [DEBUG build]' if info['debug'] else ''}")

@@ -58,17 +58,18 @@ def build_info() -> Dict[str, Any]:
     lib = ctypes.CDLL(_C.__file__)
     error = _text(lib.torchext_cpu_kernel_set_error)
     float32_compiled = _text(lib.torchext_cpu_compiled_kernel_sets).split(",")
+    running = _text(lib.torchext_cpu_float32_kernel_set)
     return {
         "torch_version": _info.TORCH_VERSION,
         "cuda_kernels": bool(lib.torchext_cuda_kernels_compiled()),
         "cpu_kernels": {
-            "float32": {"compiled": float32_compiled, "running": _text(lib.torchext_cpu_float32_kernel_set)},
+            "float32": {"compiled": float32_compiled, "running": running},
             "float64": {"compiled": ["generic"], "running": None if error else "generic"},
         },
         "cpu_kernels_error": error,
         "cpu_blas": _text(lib.torchext_cpu_blas),
-        "cpu_avx512_kernels": bool(lib.torchext_cpu_avx512_kernels()),
-        "cpu_avx512_compiled": bool(lib.torchext_cpu_avx512_compiled()),
+        "cpu_avx512_kernels": running == "avx512",
+        "cpu_avx512_compiled": "avx512" in float32_compiled,
         "cuda_version": _info.CUDA_VERSION,
         "cuda_archs": _info.CUDA_ARCHS,
         "debug": _info.DEBUG,
@@ -93,3 +94,17 @@ def _resolve_cpu_kernels():
 
 
 _resolve_cpu_kernels()
+
+
+def cpu_fma_rate_gflops(threads: int, seconds: float = 0.5) -> float:
+    """GFLOP/s of a register-only vector FMA loop of the running float32 CPU
+    kernel set (for the generic set: of the widest set this CPU runs) on
+    `threads` threads: the peak the CPU kernels are measured against. 0 when
+    no SIMD set runs here."""
+    fn = ctypes.CDLL(_C.__file__).torchext_cpu_fma_rate_gflops
+    fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_double]
+    rate = fn(int(threads), float(seconds))
+    if rate < 0:
+        raise RuntimeError("torchext: the FMA rate probe failed")
+    return rate
+

@@ -1,11 +1,10 @@
 // The BLAS binding of the CPU kernels: the BLAS library torch links, through
 // its Fortran symbols; gemm_rm, the row-major product every per-chunk step
-// runs on (the AVX-512 kernel where it runs); and the guard that keeps BLAS
+// runs on (the SIMD kernels' product where they run); and the guard that keeps BLAS
 // sequential inside the kernels' own parallelism.
 #pragma once
 
-#include "avx512.h"
-#include "avx512_gemm.h"
+#include "kernel_set.h"
 #include "portability.h"
 
 #include <cstdint>
@@ -67,8 +66,8 @@ inline int (*mkl_set_num_threads_local())(int) {
 inline bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
 
 // Row-major C(MxN) = op(A)(MxK) * op(B)(KxN) + beta * C, beta 0 or 1:
-// float32 with B untransposed on the AVX-512 kernel where the CPU has it
-// (avx512_gemm.h says why), else BLAS. BLAS is column-major, so it computes
+// float32 with B untransposed on the SIMD kernels' product where they run
+// (simd_kernels.h says why), else BLAS. BLAS is column-major, so it computes
 // C^T = op(B)^T op(A)^T. Degenerate sizes never reach BLAS.
 template <typename T>
 void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
@@ -76,8 +75,9 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
              int64_t ldc) {
   if (M == 0 || N == 0) return;
   if constexpr (std::is_same_v<T, float>) {
-    if (!trans_b && cpu::avx512_kernels_supported()) {
-      cpu::gemm_avx512(trans_a, M, N, K, A, lda, B, ldb, beta != 0.f, C, ldc);
+    const SimdKernels* simd = trans_b ? nullptr : float32_simd_kernels();
+    if (simd != nullptr) {
+      simd->gemm(trans_a, M, N, K, A, lda, B, ldb, beta != 0.f, C, ldc);
       return;
     }
   }

@@ -6,7 +6,6 @@
 #include "../buffers.h"
 #include "../head.h"
 #include "../plan.h"
-#include "avx512.h"
 #include "blas.h"
 #include "elementwise.h"
 #include "workspace.h"
@@ -44,7 +43,7 @@ struct ChunkScratch {
 // weights the chain multiplies by on the right (x = z Wᵀ, u = r Vᵀ, y = u Bᵀ,
 // y = r Mᵀ, q = r Qᵀ): made once per call (in a thread arena: at the tiny
 // sizes, allocating them cost more than transposing), they let every
-// per-chunk product read B untransposed (what the AVX-512 kernel takes).
+// per-chunk product read B untransposed (what the SIMD product takes).
 template <typename T>
 struct Operands {
   const T *z, *W, *V, *B, *a, *M, *Q;
@@ -61,8 +60,8 @@ struct ChainWeights {
 template <typename T>
 void transpose_into(const T* X, int64_t rows, int64_t cols, T* out) {
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu::avx512_kernels_supported()) {
-      cpu::transpose_avx512(rows, cols, X, cols, out, rows);
+    if (const SimdKernels* simd = float32_simd_kernels()) {
+      simd->transpose(rows, cols, X, cols, out, rows);
       return;
     }
   }

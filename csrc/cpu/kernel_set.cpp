@@ -1,28 +1,46 @@
 #include "kernel_set.h"
 
-#include "avx512.h"
 #include "blas.h"
+#include "simd_vec.h"
 
 #include <c10/util/Exception.h>
 
+#include <chrono>
 #include <cstdlib>
-#include <cstring>
+#include <thread>
 
 namespace torchext {
 namespace cpu {
 namespace {
 
-bool cpu_has_avx512f() {
-#if TORCHEXT_AVX512
+// The SIMD sets this library was compiled with, widest first.
+std::vector<const SimdKernels*> compiled_simd() {
+  std::vector<const SimdKernels*> out;
+  for (const SimdKernels* k : {avx512_kernels(), avx2_kernels(), neon_kernels()})
+    if (k != nullptr) out.push_back(k);
+  return out;
+}
+
+// What this CPU lacks to run the set, or "" when it runs it.
+std::string missing_feature(const std::string& set) {
+#if TORCHEXT_AVX2  // (x86 with GCC or clang: the x86 sets)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") != 0;
-#else
-  return false;
+  if (set == "avx512") return __builtin_cpu_supports("avx512f") ? "" : "AVX-512F";
+  if (set == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? "" : "AVX2 and FMA";
 #endif
+  (void)set;
+  return "";  // neon: ASIMD is part of every aarch64 CPU
+}
+
+const SimdKernels* widest_runnable() {
+  for (const SimdKernels* k : compiled_simd())
+    if (missing_feature(k->name).empty()) return k;
+  return nullptr;
 }
 
 struct Choice {
-  KernelSet set = KernelSet::kGeneric;
+  const SimdKernels* simd = nullptr;  // null: generic
   std::string error;
 };
 
@@ -31,21 +49,23 @@ Choice resolve() {
   std::string asked = env == nullptr || *env == '\0' ? "auto" : env;
   for (char& c : asked)  // (printable ASCII in messages: any other byte would not decode in Python)
     if (c < 0x20 || c > 0x7e) c = '?';
-  const bool runs_avx512 = TORCHEXT_AVX512 && cpu_has_avx512f();
   auto refuse = [&](const std::string& why) {
-    return Choice{KernelSet::kGeneric, "TORCHEXT_CPU_KERNELS=" + asked + ": " + why +
-                                           "; unset it, or set it to auto or generic"};
+    return Choice{nullptr, "TORCHEXT_CPU_KERNELS=" + asked + ": " + why +
+                               "; unset it, or set it to auto or generic"};
   };
-  if (asked == "auto") return {runs_avx512 ? KernelSet::kAvx512 : KernelSet::kGeneric, ""};
-  if (asked == "generic") return {KernelSet::kGeneric, ""};
-  if (asked == "avx512") {
-    if (!TORCHEXT_AVX512) return refuse("this build of torchext has no avx512 kernels (compiled: " + compiled_kernel_set_names(", ") + ")");
-    if (!runs_avx512) return refuse("this CPU has no AVX-512F");
-    return {KernelSet::kAvx512, ""};
+  if (asked == "auto") return {widest_runnable(), ""};
+  if (asked == "generic") return {nullptr, ""};
+  if (asked != "avx512" && asked != "avx2" && asked != "neon")
+    return refuse("not a CPU kernel set (auto, avx512, avx2, neon or generic)");
+  for (const SimdKernels* k : compiled_simd()) {
+    if (asked != k->name) continue;
+    const std::string missing = missing_feature(asked);
+    if (!missing.empty()) return refuse("this CPU has no " + missing);
+    return {k, ""};
   }
-  if (asked == "avx2" || asked == "neon")
-    return refuse("this build of torchext has no " + asked + " kernels (compiled: " + compiled_kernel_set_names(", ") + ")");
-  return refuse("not a CPU kernel set (auto, avx512, avx2, neon or generic)");
+  std::string compiled;
+  for (const std::string& name : compiled_float32_kernel_sets()) compiled += (compiled.empty() ? "" : ", ") + name;
+  return refuse("this build of torchext has no " + asked + " kernels (compiled: " + compiled + ")");
 }
 
 const Choice& choice() {
@@ -55,31 +75,54 @@ const Choice& choice() {
 
 }  // namespace
 
-const char* kernel_set_name(KernelSet set) {
-  return set == KernelSet::kAvx512 ? "avx512" : "generic";
+std::vector<std::string> compiled_float32_kernel_sets() {
+  std::vector<std::string> out;
+  for (const SimdKernels* k : compiled_simd()) out.emplace_back(k->name);
+  out.emplace_back("generic");
+  return out;
 }
 
-std::vector<KernelSet> compiled_float32_kernel_sets() {
-  if (TORCHEXT_AVX512) return {KernelSet::kAvx512, KernelSet::kGeneric};
-  return {KernelSet::kGeneric};
-}
-
-KernelSet float32_kernel_set() {
+const SimdKernels* float32_simd_kernels() {
   const Choice& c = choice();
   TORCH_CHECK(c.error.empty(), "torchext: ", c.error);
-  return c.set;
+  return c.simd;
 }
 
-std::string compiled_kernel_set_names(const char* sep) {
-  std::string out;
-  for (KernelSet set : compiled_float32_kernel_sets())
-    out += std::string(out.empty() ? "" : sep) + kernel_set_name(set);
-  return out;
+const char* float32_kernel_set_name() {
+  const SimdKernels* k = float32_simd_kernels();
+  return k == nullptr ? "generic" : k->name;
 }
 
 const std::string& kernel_set_error() { return choice().error; }
 
-bool avx512_kernels_supported() { return float32_kernel_set() == KernelSet::kAvx512; }
+double fma_rate_gflops(int threads, double seconds) {
+  const SimdKernels* k = choice().error.empty() && choice().simd ? choice().simd : widest_runnable();
+  if (k == nullptr || threads < 1) return 0.0;
+  // Calibrate on one thread, then time every thread running that many iterations.
+  using clock = std::chrono::steady_clock;
+  int64_t iters = 1 << 16;
+  for (;;) {
+    const auto t0 = clock::now();
+    volatile float sink = k->fma_loop(iters);
+    (void)sink;
+    const double took = std::chrono::duration<double>(clock::now() - t0).count();
+    if (took > seconds / 8 || iters > (int64_t{1} << 40)) {
+      iters = int64_t(double(iters) * seconds / std::max(took, 1e-9));
+      break;
+    }
+    iters *= 4;
+  }
+  std::vector<std::thread> pool;
+  const auto t0 = clock::now();
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([k, iters] {
+      volatile float sink = k->fma_loop(iters);
+      (void)sink;
+    });
+  for (std::thread& t : pool) t.join();
+  const double took = std::chrono::duration<double>(clock::now() - t0).count();
+  return double(threads) * double(iters) * double(kFmaChains) * double(k->lanes) * 2.0 / took / 1e9;
+}
 
 const char* blas_name() {
   if (mkl_set_num_threads_local() != nullptr && fortran_gemm<float>() != nullptr) return "MKL";

@@ -32,8 +32,8 @@ constexpr int64_t kChunkScratchElems = int64_t{1} << 17;
 constexpr int64_t kChunkMinRows = 256;
 constexpr int64_t kMaxPartitions = 8;
 
-// The quadratic plan of narrow float32 layers runs the AVX-512 kernels of
-// narrow_kernels.h where the CPU has them (see there for why): their weights,
+// The quadratic plan of narrow float32 layers runs the narrow kernels of the
+// SIMD kernel set where one runs (simd_kernels.h says why): their weights,
 // or nullopt for the BLAS kernels below. (op.Q is null when the backward has
 // saved q and needs no Q.)
 template <typename T>
@@ -41,7 +41,7 @@ std::optional<NarrowWeights> narrow_weights(const Dims& dims, Plan plan,
                                                  const Operands<T>& op) {
   if constexpr (std::is_same_v<T, float>) {
     if (plan == Plan::kQuadratic && dims.k <= kNarrowMaxK && dims.d <= kNarrowMaxD &&
-        avx512_kernels_supported())
+        float32_simd_kernels() != nullptr)
       return NarrowWeights(dims.d, dims.k, op.W, op.Q);
   }
   return std::nullopt;
@@ -245,7 +245,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in, const at::Tensor& 
 
 void forward_kernel_cpu(const Dims& dims, const ComputeInputs& in, Plan plan,
                         ForwardOutputs& out) {
-  float32_kernel_set();  // raises on a TORCHEXT_CPU_KERNELS that cannot be honoured, whatever the dtype
+  float32_simd_kernels();  // raises on a TORCHEXT_CPU_KERNELS that cannot be honoured, whatever the dtype
   AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_cpu", [&] {
     forward_impl<scalar_t>(dims, in, plan, out);
   });
@@ -254,7 +254,7 @@ void forward_kernel_cpu(const Dims& dims, const ComputeInputs& in, Plan plan,
 void backward_kernel_cpu(const Dims& dims, const ComputeInputs& in, const at::Tensor& g,
                          const at::Tensor& r, const at::Tensor& q, Plan plan,
                          const OutputMask& mask, GradBuffers& bufs) {
-  float32_kernel_set();  // (as in the forward)
+  float32_simd_kernels();  // (as in the forward)
   AT_DISPATCH_FLOATING_TYPES(in.z.scalar_type(), "two_layer_square_backward_cpu", [&] {
     backward_impl<scalar_t>(dims, in, g, r, q, plan, mask, bufs);
   });

@@ -1,8 +1,10 @@
-"""The AVX-512 CPU kernels: the quadratic plan's narrow-layer kernels (k <= 32)
-and the float32 product kernel of every plan:
+"""The SIMD CPU kernel sets (avx512, avx2, neon: the quadratic plan's
+narrow-layer kernels, k <= 32, and the float32 product kernel of every plan):
 against the float64 reference on odd sizes (block, vector and chunk edges,
-saved and recomputed r and q, every gradient), against the generic BLAS
-kernels, and with NaN inputs. On a CPU with AVX-512 CI must really run them."""
+saved and recomputed r and q, every gradient), every set this CPU runs
+against the generic BLAS kernels, and with NaN inputs. CI runs this file, like
+the whole suite, with each set forced (TORCHEXT_CPU_KERNELS); the CPU must
+really run the set asked for."""
 import json
 import os
 import subprocess
@@ -12,25 +14,25 @@ import pytest
 import torch
 
 import torchext
-from conftest import assert_matches, cpu_has_avx512f, eager_outputs, fused_outputs, make_inputs, reference_outputs, rel_err
+from conftest import (assert_matches, cpu_kernel_sets_this_cpu_runs, eager_outputs, fused_outputs,
+                      make_inputs, reference_outputs, rel_err)
 from torchext.testing import load_testing_ops
 
 TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
 NAMES = ("f", "dz", "dW", "dV", "dB", "dA")
+KERNELS = torchext.build_info()["cpu_kernels"]["float32"]
+RUNNABLE = cpu_kernel_sets_this_cpu_runs()
 
 
-def test_narrow_kernels_run_where_the_cpu_has_avx512():
-    if os.environ.get("TORCHEXT_CPU_KERNELS") == "generic":
-        pytest.skip("narrow kernels turned off by TORCHEXT_CPU_KERNELS=generic")
-    if os.environ.get("TORCHEXT_NO_AVX512") == "1":
-        assert not torchext.build_info()["cpu_avx512_compiled"], "TORCHEXT_NO_AVX512=1 did not take"
-        pytest.skip("built without the AVX-512 kernels (TORCHEXT_NO_AVX512=1)")
-    if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
-        pytest.skip("reads /proc/cpuinfo's x86 flags")
-    if not cpu_has_avx512f():
-        pytest.skip("this CPU has no AVX-512F: the AVX-512 kernels cannot run here")
-    assert torchext.build_info()["cpu_avx512_compiled"] and torchext.build_info()["cpu_avx512_kernels"]
+def test_the_widest_set_runs_unless_one_is_forced():
+    if os.environ.get("TORCHEXT_NO_SIMD") == "1":
+        assert KERNELS["compiled"] == ["generic"], "TORCHEXT_NO_SIMD=1 did not take"
+    if RUNNABLE is None:
+        pytest.skip("cannot read this CPU's features")
+    forced = os.environ.get("TORCHEXT_CPU_KERNELS", "auto") or "auto"
+    widest = next(s for s in KERNELS["compiled"] if s in RUNNABLE)
+    assert KERNELS["running"] == (widest if forced == "auto" else forced)
 
 
 # (batch, d, k, m, ell): N around the 16-sample vector, 32-sample pair and
@@ -75,12 +77,25 @@ def _outputs_json(cases):
         f_ref, g, _ = reference_outputs(inputs)
         f, grads = fused_outputs(inputs, g, plan=plan)
         out.append([t.double().reshape(-1).tolist() for t in [f] + grads])
-    return {"avx512": torchext.build_info()["cpu_avx512_kernels"], "outputs": out}
+    return {"running": torchext.build_info()["cpu_kernels"]["float32"]["running"], "outputs": out}
 
 
-# The AVX-512 kernels (narrow kernels; the products of every plan) against the
-# generic BLAS kernels: shapes around the product kernel's 8-row and
-# 32-column tiles and 16-lane masks, and a narrow-kernel one.
+def _outputs_with(kernel_set):
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        "import json, sys; sys.path.insert(0, %r); from test_simd_kernels import _outputs_json, AGREE_CASES; "
+        "print(json.dumps(_outputs_json(AGREE_CASES)))" % (here,)
+    )
+    env = dict(os.environ, TORCHEXT_CPU_KERNELS=kernel_set)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["running"] == kernel_set
+    return got["outputs"]
+
+
+# The SIMD kernels (narrow kernels; the products of every plan) against the
+# generic BLAS kernels: shapes around the product kernel's row tiles (8, 6,
+# 4, 2, 1), column panels and lane masks, and a narrow-kernel one.
 AGREE_CASES = [
     (((1000,), 24, 20, 12, 9), "quadratic", 7),
     (((67,), 33, 47, 17, 31), "direct", 8),
@@ -92,20 +107,14 @@ AGREE_CASES = [
 ]
 
 
-@pytest.mark.skipif(not torchext.build_info()["cpu_avx512_kernels"], reason="needs the AVX-512 kernels")
-def test_avx512_kernels_agree_with_generic_blas_kernels():
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        "import json, sys; sys.path.insert(0, %r); from test_avx512_kernels import _outputs_json, AGREE_CASES; "
-        "print(json.dumps(_outputs_json(AGREE_CASES)))" % (here,)
-    )
-    env = dict(os.environ, TORCHEXT_CPU_KERNELS="generic")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    generic = json.loads(out.stdout.strip().splitlines()[-1])
-    assert generic["avx512"] is False
-    fast = _outputs_json(AGREE_CASES)
-    assert fast["avx512"] is True
-    for case, got, want in zip(AGREE_CASES, fast["outputs"], generic["outputs"]):
+@pytest.mark.parametrize("kernel_set", ["avx512", "avx2", "neon"])
+def test_each_simd_set_agrees_with_the_generic_blas_kernels(kernel_set):
+    if kernel_set not in KERNELS["compiled"] or RUNNABLE is None or kernel_set not in RUNNABLE:
+        pytest.skip(f"{kernel_set} is not compiled in or this CPU cannot run it")
+    # (the set running here is measured in process; the others each in a fresh one)
+    fast = _outputs_json(AGREE_CASES)["outputs"] if KERNELS["running"] == kernel_set else _outputs_with(kernel_set)
+    generic = _outputs_json(AGREE_CASES)["outputs"] if KERNELS["running"] == "generic" else _outputs_with("generic")
+    for case, got, want in zip(AGREE_CASES, fast, generic):
         for name, a, b in zip(NAMES, got, want):
             a, b = torch.tensor(a), torch.tensor(b)
             assert rel_err(a, b) < 1e-5, (case, name)
@@ -138,12 +147,14 @@ def test_narrow_kernels_nan_rows_stay_in_their_samples():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cpu_matmul_on_odd_shapes_and_layouts(dtype):
-    # The product kernel itself (AVX-512 where it runs): tile edges (8 rows,
-    # 16 and 32 columns), K = 0 and 1, row blocks of 64, transposed operands.
+    # The product kernel itself (the running SIMD set's, else BLAS): tile
+    # edges (8 and 6 rows, 8, 16 and 32 columns), K = 0 and 1, row blocks of
+    # 64, transposed operands.
     mm = TESTING._cpu_matmul
     g = torch.Generator().manual_seed(3)
     for M, K, N in [(1, 1, 1), (7, 5, 3), (8, 16, 32), (9, 17, 33), (13, 0, 5), (64, 64, 64),
-                    (65, 31, 47), (130, 1, 17), (0, 4, 4), (3, 300, 2)]:
+                    (65, 31, 47), (130, 1, 17), (0, 4, 4), (3, 300, 2), (6, 7, 16), (11, 13, 9),
+                    (23, 29, 5)]:
         a = torch.randn(M, K, generator=g, dtype=torch.float64)
         b = torch.randn(K, N, generator=g, dtype=torch.float64)
         want = a @ b

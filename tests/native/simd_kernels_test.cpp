@@ -1,0 +1,209 @@
+// Standalone test of every SIMD kernel set this build and CPU can run (the
+// sources are torch-free): the matrix product, the transpose and the narrow
+// chain against float64 references, at sizes 1, primes and widths that are
+// not multiples of the vector width. CI builds it natively and for aarch64
+// (run under qemu-user): see tests/native/run.sh.
+#include "cpu/simd_kernels.h"
+#include "cpu/simd_vec.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace torchext::cpu;
+
+namespace {
+
+int failures = 0;
+std::mt19937 rng(1234);
+
+std::vector<float> randn(int64_t n) {
+  std::normal_distribution<float> dist;
+  std::vector<float> v(static_cast<size_t>(std::max<int64_t>(n, 1)));
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// Quarters in [-1, 1]: x = W z is then exact in float32, so the reference's
+// ReLU mask is the kernels' (no unit rounds across 0).
+std::vector<float> quarters(int64_t n) {
+  std::uniform_int_distribution<int> dist(-4, 4);
+  std::vector<float> v(static_cast<size_t>(std::max<int64_t>(n, 1)));
+  for (float& x : v) x = 0.25f * float(dist(rng));
+  return v;
+}
+
+void expect_close(const char* set, const std::string& what, double got, double want, double scale) {
+  if (std::fabs(got - want) <= 1e-5 * scale + 1e-6) return;
+  if (++failures <= 20)
+    std::printf("FAIL %s %s: got %.9g, want %.9g (scale %.3g)\n", set, what.c_str(), got, want, scale);
+}
+
+void test_gemm(const SimdKernels& k) {
+  const int64_t sizes[] = {1, 2, 3, 5, 7, 13, 17, 31, 33, 47};
+  for (bool trans_a : {false, true})
+    for (bool accumulate : {false, true})
+      for (int64_t M : sizes)
+        for (int64_t N : sizes)
+          for (int64_t K : {int64_t(1), int64_t(6), int64_t(37), int64_t(300)}) {
+            if ((M * 7 + N * 3 + K) % 3 != 0 && K != 300) continue;  // a third of the grid, all of K = 300
+            const int64_t lda = (trans_a ? M : K) + 3, ldb = N + 5, ldc = N + 2;
+            const std::vector<float> A = randn((trans_a ? K : M) * lda), B = randn(K * ldb);
+            std::vector<float> C = randn(M * ldc), C0 = C;
+            k.gemm(trans_a, M, N, K, A.data(), lda, B.data(), ldb, accumulate, C.data(), ldc);
+            for (int64_t i = 0; i < M; ++i)
+              for (int64_t j = 0; j < ldc; ++j) {
+                const std::string at = "gemm M=" + std::to_string(M) + " N=" + std::to_string(N) +
+                                       " K=" + std::to_string(K) + (trans_a ? " Aᵀ" : "") +
+                                       (accumulate ? " +=" : "") + " (" + std::to_string(i) + "," +
+                                       std::to_string(j) + ")";
+                if (j >= N) {  // the padding past each row is not touched
+                  expect_close(k.name, at + " padding", C[i * ldc + j], C0[i * ldc + j], 0);
+                  continue;
+                }
+                double want = accumulate ? C0[i * ldc + j] : 0.0, scale = std::fabs(want);
+                for (int64_t p = 0; p < K; ++p) {
+                  const double a = trans_a ? A[p * lda + i] : A[i * lda + p];
+                  want += a * B[p * ldb + j];
+                  scale += std::fabs(a * B[p * ldb + j]);
+                }
+                expect_close(k.name, at, C[i * ldc + j], want, scale);
+              }
+          }
+}
+
+void test_transpose(const SimdKernels& k) {
+  for (int64_t rows : {1, 3, 8, 16, 17, 35})
+    for (int64_t cols : {1, 4, 15, 16, 33}) {
+      const int64_t ldx = cols + 1, ldt = rows + 2;
+      const std::vector<float> X = randn(rows * ldx);
+      std::vector<float> T(static_cast<size_t>(cols * ldt), -7.f);
+      k.transpose(rows, cols, X.data(), ldx, T.data(), ldt);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j)
+          expect_close(k.name, "transpose " + std::to_string(rows) + "x" + std::to_string(cols),
+                       T[j * ldt + i], X[i * ldx + j], 0);
+      for (int64_t j = 0; j < cols; ++j)
+        for (int64_t i = rows; i < ldt; ++i) expect_close(k.name, "transpose padding", T[j * ldt + i], -7.f, 0);
+    }
+}
+
+// 64-byte-aligned zeroed floats, as the library's workspace gives them.
+struct Aligned {
+  explicit Aligned(int64_t n) : raw(size_t(n) + 16, 0.f) {}
+  float* get() { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t{63}); }
+  std::vector<float> raw;
+};
+
+void test_narrow(const SimdKernels& k) {
+  for (int64_t d : {1, 3, 16, 17, 40})
+    for (int64_t kk : {1, 5, 8, 13, 32})
+      for (int64_t n : {1, 7, 129, 300})
+        for (bool saved : {false, true}) {
+          if ((d + kk + n) % 2 == 0 && n != 129) continue;  // half the grid, all of n = 129
+          const std::string at = "narrow d=" + std::to_string(d) + " k=" + std::to_string(kk) +
+                                 " n=" + std::to_string(n) + (saved ? " saved" : " recomputed");
+          const std::vector<float> z = quarters(n * d), W = quarters(kk * d), Q = randn(kk * kk), g = randn(n);
+          const NarrowWeights w(d, kk, W.data(), Q.data());
+          const int64_t S = kNarrowBlock;
+          Aligned zT(w.Dp * S), rT(w.Kp * S), qT(w.Kp * S), pT(w.Kp * S), grT(w.Kp * S), gb(S),
+              dW(w.Kp * w.Dp * k.lanes), gram(w.Kp * w.Kp * k.lanes);
+          const NarrowBuffers b{zT.get(), rT.get(), qT.get(), pT.get(), grT.get(), gb.get(), dW.get(), gram.get()};
+          std::vector<float> f(static_cast<size_t>(n)), r(static_cast<size_t>(n * kk)), q(static_cast<size_t>(n * kk)), dz(static_cast<size_t>(n * d));
+          k.narrow_forward(w, z.data(), n, f.data(), saved ? r.data() : nullptr, saved ? q.data() : nullptr, b);
+          k.narrow_backward(w, z.data(), g.data(), saved ? r.data() : nullptr, saved ? q.data() : nullptr, n,
+                            true, true, dz.data(), b);
+          std::vector<double> wdW(static_cast<size_t>(kk * d), 0.0), wG(static_cast<size_t>(kk * kk), 0.0), sdW(wdW), sG(wG);
+          for (int64_t s = 0; s < n; ++s) {
+            std::vector<double> rs(static_cast<size_t>(kk)), qs(static_cast<size_t>(kk), 0.0), qscale(static_cast<size_t>(kk), 0.0), ps(static_cast<size_t>(kk));
+            for (int64_t i = 0; i < kk; ++i) {
+              double x = 0;
+              for (int64_t j = 0; j < d; ++j) x += double(W[i * d + j]) * z[s * d + j];
+              rs[i] = x > 0 ? x : 0;
+            }
+            double fs = 0, fscale = 0;
+            for (int64_t i = 0; i < kk; ++i) {
+              for (int64_t j = 0; j < kk; ++j) {
+                qs[i] += double(Q[i * kk + j]) * rs[j];
+                qscale[i] += std::fabs(Q[i * kk + j] * rs[j]);
+              }
+              fs += rs[i] * qs[i];
+              for (int64_t j = 0; j < kk; ++j) fscale += std::fabs(rs[i] * Q[i * kk + j] * rs[j]);
+            }
+            expect_close(k.name, at + " f", f[s], fs, fscale);
+            for (int64_t i = 0; i < kk; ++i) {
+              ps[i] = rs[i] > 0 ? 2.0 * g[s] * qs[i] : 0.0;
+              if (saved) {
+                expect_close(k.name, at + " r", r[s * kk + i], rs[i], 0);
+                expect_close(k.name, at + " q", q[s * kk + i], qs[i], qscale[i]);
+              }
+              for (int64_t j = 0; j < d; ++j) {
+                wdW[i * d + j] += ps[i] * z[s * d + j];
+                sdW[i * d + j] += 2 * std::fabs(g[s] * z[s * d + j]) * qscale[i];
+              }
+              for (int64_t j = 0; j < kk; ++j) {
+                wG[i * kk + j] += g[s] * rs[i] * rs[j];
+                sG[i * kk + j] += std::fabs(g[s] * rs[i] * rs[j]);
+              }
+            }
+            for (int64_t j = 0; j < d; ++j) {
+              double want = 0, scale = 0;
+              for (int64_t i = 0; i < kk; ++i) {
+                want += double(W[i * d + j]) * ps[i];
+                scale += std::fabs(W[i * d + j]) * 2 * std::fabs(g[s]) * qscale[i];
+              }
+              expect_close(k.name, at + " dz", dz[s * d + j], want, scale);
+            }
+          }
+          auto lane_sum = [&](const float* v) {
+            double s = 0;
+            for (int64_t l = 0; l < k.lanes; ++l) s += v[l];
+            return s;
+          };
+          for (int64_t i = 0; i < kk; ++i) {
+            for (int64_t j = 0; j < d; ++j)
+              expect_close(k.name, at + " dW", lane_sum(dW.get() + (i * w.Dp + j) * k.lanes), wdW[i * d + j],
+                           sdW[i * d + j] * 4);
+            for (int64_t j = i; j < kk; ++j)
+              expect_close(k.name, at + " gram", lane_sum(gram.get() + (i * w.Kp + j) * k.lanes), wG[i * kk + j],
+                           sG[i * kk + j] * 4);
+          }
+        }
+}
+
+bool runs_here(const char* name) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (std::string(name) == "avx512") return __builtin_cpu_supports("avx512f");
+  if (std::string(name) == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return std::string(name) == "neon";
+}
+
+}  // namespace
+
+int main() {
+  int tested = 0;
+  for (const SimdKernels* k : {avx512_kernels(), avx2_kernels(), neon_kernels()}) {
+    if (k == nullptr) continue;
+    if (!runs_here(k->name)) {
+      std::printf("%s: compiled, not runnable on this CPU: skipped\n", k->name);
+      continue;
+    }
+    const int before = failures;
+    test_gemm(*k);
+    test_transpose(*k);
+    test_narrow(*k);
+    std::printf("%s (%lld lanes): %s\n", k->name, static_cast<long long>(k->lanes),
+                failures == before ? "gemm, transpose and narrow chain match float64" : "FAILED");
+    ++tested;
+  }
+  if (tested == 0) {
+    std::printf("no SIMD kernel set runs here\n");
+    return 1;
+  }
+  return failures == 0 ? 0 : 1;
+}
