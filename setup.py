@@ -96,6 +96,16 @@ def arch_list():
     return DEFAULT_ARCH_LIST, "default (no GPU visible)"
 
 
+def torch_uses_openmp():
+    """Whether torch's ATen parallelises with OpenMP (its own Config.h says)."""
+    for inc in cpp_extension.include_paths():
+        config = os.path.join(inc, "ATen", "Config.h")
+        if os.path.isfile(config):
+            with open(config) as fh:
+                return "#define AT_PARALLEL_OPENMP 1" in fh.read()
+    return False
+
+
 def compiler_version(cmd):
     """First line of `cmd --version` (the compiler the build runs), or why there is none."""
     path = shutil.which(cmd)
@@ -158,6 +168,13 @@ def make_extension():
     if sys.platform == "win32":
         # MSVC spells the same choices its own way (untested: CI builds on Linux only).
         cxx = (["/Od", "/Zi"] if debug else ["/O2"]) + [f"/DPy_LIMITED_API={PY_LIMITED_API}"]
+    if torch_uses_openmp() and sys.platform != "win32":
+        # ATen's parallel_for is inline OpenMP code in torch's headers when torch
+        # is built with OpenMP: without -fopenmp it compiles to a serial loop
+        # and the CPU kernels would run on one thread. (The OpenMP runtime is
+        # the one torch's libraries load.)
+        cxx.append("-fopenmp")
+        say("OpenMP: -fopenmp (torch parallelises with OpenMP)")
     if env_flag("TORCHEXT_NO_SIMD"):
         # As with compilers and CPUs no SIMD kernel set fits: CI builds and tests this too.
         cxx.append("-DTORCHEXT_NO_SIMD")

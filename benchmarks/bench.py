@@ -387,7 +387,8 @@ def fmt(x, spec=".3g"):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)  # (--cpu-kernels is read before argparse runs)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all of the device's cases)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -400,7 +401,8 @@ def main(argv=None):
     ap.add_argument("--cpu-kernels", default=None, choices=["auto", "avx512", "avx2", "neon", "generic"],
                     help="force torchext's CPU kernel set (and hold eager and torch.compile to a narrower x86 ISA)")
     args = ap.parse_args(argv)
-    if args.cpu_kernels and os.environ.get("TORCHEXT_CPU_KERNELS") != args.cpu_kernels:
+    if args.cpu_kernels and any(os.environ.get(k) != v for k, v in
+                                [("TORCHEXT_CPU_KERNELS", args.cpu_kernels), *EMULATED_ISA.get(args.cpu_kernels, {}).items()]):
         raise SystemExit("--cpu-kernels works from the command line only (it must act before torch loads)")
     if args.quick:
         args.rounds, args.min_run_time, args.sweep = 1, 0.2, min(args.sweep, 4)
@@ -542,7 +544,7 @@ def main(argv=None):
         ok_c = tc is None or (row["vs_compile"] or 0) >= tc
         print(f"  {row['name']:<16} vs eager {row['vs_eager']:.2f}x (target {te}x) {'ok' if ok_e else 'MISSED'}; "
               f"vs compile {fmt(row['vs_compile'], '.2f')}x (target {tc}x) {'ok' if ok_c else 'MISSED'}")
-    for line in cpu_extra_targets(rows, sweep):
+    for line in cpu_extra_targets(rows, sweep) if device == "cpu" else []:
         print("  " + line)
 
     record = partial_record(final=True)

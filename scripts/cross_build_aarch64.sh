@@ -29,7 +29,7 @@ if [ ! -d "$WORK/torch/include" ]; then
   rm -rf "$WORK/wheel"  # (the headers are all this needs; the wheel is ~400 MB)
 fi
 PY_INCLUDE=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-FLAGS=(-std=c++20 -O2 -fPIC -Wall -Werror -DPy_LIMITED_API=0x030A0000 -fno-trapping-math
+FLAGS=(-std=c++20 -O2 -fPIC -Wall -Werror -DPy_LIMITED_API=0x030A0000 -fno-trapping-math -fopenmp
        -isystem "$WORK/torch/include" -isystem "$WORK/torch/include/torch/csrc/api/include"
        -isystem "$PY_INCLUDE" -Icsrc)
 
@@ -43,13 +43,15 @@ names = re.findall(r'"(csrc/[^"]+)"', block)
 print(" ".join(names + ["csrc/cuda/cuda_not_built.cpp"]))
 PY
 )
-objs=()
-for f in $SOURCES; do
-  o="$WORK/obj/${f//\//_}.o"
-  mkdir -p "$WORK/obj"
-  $CXX "${FLAGS[@]}" -c "$f" -o "$o"
-  objs+=("$o")
+mkdir -p "$WORK/obj"
+objs=() pids=()
+for f in $SOURCES; do  # two at a time
+  objs+=("$WORK/obj/${f//\//_}.o")
+  $CXX "${FLAGS[@]}" -c "$f" -o "${objs[-1]}" &
+  pids+=($!)
+  if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
 done
+for p in "${pids[@]}"; do wait "$p"; done
 $CXX -shared -o "$WORK/_C.abi3.so" "${objs[@]}"
 # (to files: grep -q would end the pipe early, which pipefail counts as a failure)
 aarch64-linux-gnu-readelf -h "$WORK/_C.abi3.so" > "$WORK/header.txt"

@@ -1,5 +1,9 @@
 """Reductions over the batch follow a partition fixed by the shapes alone:
 results are bitwise equal across runs, thread counts and concurrent callers."""
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -64,3 +68,52 @@ def test_runs_under_use_deterministic_algorithms():
         torch.use_deterministic_algorithms(False)
     for a, b in zip(free, strict):
         assert torch.equal(a, b)
+
+
+THREADS_PROBE = r"""
+import os, sys, json, torch, torchext
+def busy_threads(fn, repeat):
+    def ticks():
+        out = {}
+        for t in os.listdir("/proc/self/task"):
+            fields = open(f"/proc/self/task/{t}/stat").read().rsplit(")", 1)[1].split()
+            out[t] = int(fields[11]) + int(fields[12])
+        return out
+    fn()
+    before = ticks()
+    for _ in range(repeat):
+        fn()
+    after = ticks()
+    return sum(1 for t in after if after[t] - before.get(t, 0) > 0)
+g = torch.Generator().manual_seed(0)
+z, W, V, B, A = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((40000, 64), (64, 64), (64, 64), (64, 64), (1, 64)))
+W.requires_grad_()
+x = torch.randn(2048, 2048, dtype=torch.float64)
+out = {"threads": torch.get_num_threads()}
+for dtype in (torch.float32, torch.float64):
+    args = [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in (z, W, V, B, A)]
+    out[str(dtype)] = busy_threads(lambda: torchext.two_layer_square(*args, plan=sys.argv[1]).sum().backward(), 10)
+out["torch_after"] = busy_threads(lambda: x.exp(), 20)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts busy threads in /proc/self/task (Linux, 2+ CPUs)")
+@pytest.mark.parametrize("plan", ["direct", "quadratic"])
+def test_kernels_use_every_thread_and_leave_torchs_threads_alone(plan):
+    # A fresh process with torch's default thread count. ATen's parallel_for is
+    # inline OpenMP code: built without -fopenmp it would run on one thread;
+    # and an MKL thread setting around a thread's first parallel_for would
+    # leave that thread, and every torch op it runs later, on one thread. That
+    # first parallel_for is the chunk loop's (direct plan) or the head
+    # products' (quadratic).
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    run = subprocess.run([sys.executable, "-c", THREADS_PROBE, plan], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    if got["threads"] < 2:
+        pytest.skip("torch runs one intra-op thread here")
+    assert got["torch.float32"] >= 2 and got["torch.float64"] >= 2, got
+    assert got["torch_after"] >= 2, got

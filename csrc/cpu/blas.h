@@ -110,7 +110,11 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
 // sequential inside it. Inside an OpenMP region MKL is sequential anyway; this
 // also covers the single-chunk case that runs on the calling thread, where MKL
 // would otherwise fork threads for every small product (and change how a
-// product is split with the machine's thread count).
+// product is split with the machine's thread count). Construct it inside the
+// at::parallel_for body, never around the call: a thread's first
+// parallel_for sets its OpenMP thread count from MKL's (at::init_num_threads),
+// so a guard around it would leave the thread, and every torch op it runs
+// later, on one thread (tests/test_determinism.py checks).
 class SequentialBlas {
  public:
   SequentialBlas() : set_(mkl_set_num_threads_local()) {

@@ -43,10 +43,10 @@ constexpr int64_t kMatmulBlockRows = 64;
 template <typename T>
 void blocked_mm(const GemmOperand<T>& a, const GemmOperand<T>& b, int64_t M, int64_t N,
                 int64_t K, T* c) {
-  const SequentialBlas sequential_blas;
   const int64_t blocks = (M + kMatmulBlockRows - 1) / kMatmulBlockRows;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, kMatmulBlockRows * N * K));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    const SequentialBlas sequential_blas;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kMatmulBlockRows;
       const int64_t rows = std::min(kMatmulBlockRows, M - i0);

@@ -5,6 +5,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <thread>
@@ -97,28 +98,34 @@ const std::string& kernel_set_error() { return choice().error; }
 
 double fma_rate_gflops(int threads, double seconds) {
   const SimdKernels* k = choice().error.empty() && choice().simd ? choice().simd : widest_runnable();
-  if (k == nullptr || threads < 1) return 0.0;
+  if (k == nullptr || threads < 1 || threads > 1024 || !(seconds > 0.0 && seconds <= 60.0)) return 0.0;
   // Calibrate on one thread, then time every thread running that many iterations.
   using clock = std::chrono::steady_clock;
-  int64_t iters = 1 << 16;
+  int64_t iters = int64_t{1} << 16;
   for (;;) {
     const auto t0 = clock::now();
     volatile float sink = k->fma_loop(iters);
     (void)sink;
     const double took = std::chrono::duration<double>(clock::now() - t0).count();
-    if (took > seconds / 8 || iters > (int64_t{1} << 40)) {
-      iters = int64_t(double(iters) * seconds / std::max(took, 1e-9));
+    if (took > seconds / 8 || iters >= (int64_t{1} << 36)) {
+      iters = std::max<int64_t>(1, int64_t(double(iters) * std::min(seconds / std::max(took, 1e-9), 64.0)));
       break;
     }
     iters *= 4;
   }
   std::vector<std::thread> pool;
+  pool.reserve(size_t(threads));
   const auto t0 = clock::now();
-  for (int t = 0; t < threads; ++t)
-    pool.emplace_back([k, iters] {
-      volatile float sink = k->fma_loop(iters);
-      (void)sink;
-    });
+  try {
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([k, iters] {
+        volatile float sink = k->fma_loop(iters);
+        (void)sink;
+      });
+  } catch (...) {  // (a thread that cannot start: join those that did, report none)
+    for (std::thread& t : pool) t.join();
+    return 0.0;
+  }
   for (std::thread& t : pool) t.join();
   const double took = std::chrono::duration<double>(clock::now() - t0).count();
   return double(threads) * double(iters) * double(kFmaChains) * double(k->lanes) * 2.0 / took / 1e9;

@@ -31,7 +31,8 @@ const std::string& kernel_set_error();
 // Vector FMAs per second (GFLOP/s, 2 per lane) of `threads` threads each
 // running the register-only loop of the running set for about `seconds`
 // (the generic set: of the widest set this CPU runs, what its BLAS can use).
-// Null result (0) when no set runs here.
+// 0 when no set runs here, or for threads outside [1, 1024] or seconds
+// outside (0, 60].
 double fma_rate_gflops(int threads, double seconds);
 
 // The BLAS library the generic kernels call ("MKL", "BLAS" for another one

@@ -205,11 +205,13 @@ struct Neon {
   }
   static M first(int64_t n) { return n >= kLanes ? kLanes : n <= 0 ? 0 : n; }
   static R load_first(M m, const float* p) {
+    if (m == kLanes) return vld1q_f32(p);
     float l[kLanes] = {0.f, 0.f, 0.f, 0.f};
     std::memcpy(l, p, sizeof(float) * size_t(m));
     return vld1q_f32(l);
   }
   static void store_first(float* p, M m, R v) {
+    if (m == kLanes) return vst1q_f32(p, v);
     float l[kLanes];
     vst1q_f32(l, v);
     std::memcpy(p, l, sizeof(float) * size_t(m));

@@ -2,7 +2,7 @@
 // sources are torch-free): the matrix product, the transpose and the narrow
 // chain against float64 references, at sizes 1, primes and widths that are
 // not multiples of the vector width. CI builds it natively and for aarch64
-// (run under qemu-user): see tests/native/run.sh.
+// (run under qemu-user): see .ci/run and scripts/cross_build_aarch64.sh.
 #include "cpu/simd_kernels.h"
 #include "cpu/simd_vec.h"
 
@@ -112,8 +112,21 @@ void test_narrow(const SimdKernels& k) {
           Aligned zT(w.Dp * S), rT(w.Kp * S), qT(w.Kp * S), pT(w.Kp * S), grT(w.Kp * S), gb(S),
               dW(w.Kp * w.Dp * k.lanes), gram(w.Kp * w.Kp * k.lanes);
           const NarrowBuffers b{zT.get(), rT.get(), qT.get(), pT.get(), grT.get(), gb.get(), dW.get(), gram.get()};
+          // Stale data before each real call, as an earlier block leaves it: a
+          // full block of NaN samples through the same buffers, then the sums
+          // zeroed as the library's flush does. No padding lane may see it.
+          auto poison = [&] {
+            const std::vector<float> zn(static_cast<size_t>(S * d), NAN), gn(static_cast<size_t>(S), NAN);
+            std::vector<float> fn(static_cast<size_t>(S)), rn(static_cast<size_t>(S * kk)), qn(rn), dzn(zn);
+            k.narrow_forward(w, zn.data(), S, fn.data(), rn.data(), qn.data(), b);
+            k.narrow_backward(w, zn.data(), gn.data(), nullptr, nullptr, S, true, true, dzn.data(), b);
+            std::fill(dW.raw.begin(), dW.raw.end(), 0.f);
+            std::fill(gram.raw.begin(), gram.raw.end(), 0.f);
+          };
           std::vector<float> f(static_cast<size_t>(n)), r(static_cast<size_t>(n * kk)), q(static_cast<size_t>(n * kk)), dz(static_cast<size_t>(n * d));
+          poison();
           k.narrow_forward(w, z.data(), n, f.data(), saved ? r.data() : nullptr, saved ? q.data() : nullptr, b);
+          poison();
           k.narrow_backward(w, z.data(), g.data(), saved ? r.data() : nullptr, saved ? q.data() : nullptr, n,
                             true, true, dz.data(), b);
           std::vector<double> wdW(static_cast<size_t>(kk * d), 0.0), wG(static_cast<size_t>(kk * kk), 0.0), sdW(wdW), sG(wG);
