@@ -182,8 +182,11 @@ def cuda_event_medians(fns, rounds, min_run_time, rotate=None):
 
 
 def timer_for(fn, device):
+    # Every contender on torch's intra-op threads, as a user's code runs
+    # (benchmark.Timer's own default is one thread).
     sync = "torch.cuda.synchronize()" if device == "cuda" else ""
-    return benchmark.Timer(stmt=f"fn(); {sync}", globals={"fn": fn, "torch": torch})
+    return benchmark.Timer(stmt=f"fn(); {sync}", globals={"fn": fn, "torch": torch},
+                           num_threads=torch.get_num_threads())
 
 
 def interleaved_medians(fns, device, rounds, min_run_time, rotate=None):
