@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -187,6 +188,25 @@ void test_narrow(const SimdKernels& k) {
         }
 }
 
+// Every element of a product is the same FMA sequence over K in every set,
+// so the sets' products agree bit for bit (the README says so).
+void test_products_agree_bitwise(const std::vector<const SimdKernels*>& sets) {
+  for (int64_t M : {1, 7, 13, 64})
+    for (int64_t N : {3, 16, 37})
+      for (int64_t K : {5, 300}) {
+        const std::vector<float> A = randn(M * K), B = randn(K * N);
+        std::vector<float> first;
+        for (const SimdKernels* k : sets) {
+          std::vector<float> C(static_cast<size_t>(M * N));
+          k->gemm(false, M, N, K, A.data(), K, B.data(), N, false, C.data(), N);
+          if (first.empty()) first = C;
+          else if (std::memcmp(first.data(), C.data(), sizeof(float) * C.size()) != 0 && ++failures <= 20)
+            std::printf("FAIL %s and %s products differ (M=%lld N=%lld K=%lld)\n", sets[0]->name, k->name,
+                        static_cast<long long>(M), static_cast<long long>(N), static_cast<long long>(K));
+        }
+      }
+}
+
 bool runs_here(const char* name) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
@@ -200,6 +220,7 @@ bool runs_here(const char* name) {
 
 int main() {
   int tested = 0;
+  std::vector<const SimdKernels*> runnable;
   for (const SimdKernels* k : {avx512_kernels(), avx2_kernels(), neon_kernels()}) {
     if (k == nullptr) continue;
     if (!runs_here(k->name)) {
@@ -213,6 +234,12 @@ int main() {
     std::printf("%s (%lld lanes): %s\n", k->name, static_cast<long long>(k->lanes),
                 failures == before ? "gemm, transpose and narrow chain match float64" : "FAILED");
     ++tested;
+    runnable.push_back(k);
+  }
+  if (runnable.size() > 1) {
+    const int before = failures;
+    test_products_agree_bitwise(runnable);
+    std::printf("products of %zu sets agree bit for bit: %s\n", runnable.size(), failures == before ? "yes" : "NO");
   }
   if (tested == 0) {
     std::printf("no SIMD kernel set runs here\n");
