@@ -39,12 +39,7 @@ TORCHEXT_EXPORT const char* torchext_cpu_kernel_set_error(void) {
 
 // The float32 kernel sets compiled in, widest first, comma-separated.
 TORCHEXT_EXPORT const char* torchext_cpu_compiled_kernel_sets(void) {
-  static const std::string names = [] {
-    std::string out;
-    for (const std::string& name : torchext::cpu::compiled_float32_kernel_sets())
-      out += (out.empty() ? "" : ",") + name;
-    return out;
-  }();
+  static const std::string names = torchext::cpu::compiled_kernel_set_names(",");
   return names.c_str();
 }
 

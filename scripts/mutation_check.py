@@ -66,12 +66,12 @@ MUTATIONS = {
     "direct-dA-not-zeroed": ("csrc/cpu/chunk_kernels.h",
                              "    if (first) std::fill(gA, gA + ell, T(0));",
                              "", [STALE_TEST]),
-    # The sequential-BLAS guard around the forward's parallel_for rather than
-    # inside it: the calling thread, and every torch op it runs later, would be
-    # left on one OpenMP thread.
-    "blas-guard-outside-parallel-for": ("csrc/cpu/two_layer_square_cpu.cpp",
-                                        "  at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {\n    const SequentialBlas sequential_blas;\n",
-                                        "  const SequentialBlas sequential_blas;\n  at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {\n",
+    # The sequential-BLAS guard around the parallel_for rather than inside
+    # it: the calling thread, and every torch op it runs later, would be left
+    # on one OpenMP thread.
+    "blas-guard-outside-parallel-for": ("csrc/cpu/blas.h",
+                                        "  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {\n    const SequentialBlas sequential_blas;\n",
+                                        "  const SequentialBlas sequential_blas;\n  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {\n",
                                         ["tests/test_determinism.py::test_kernels_use_every_thread_and_leave_torchs_threads_alone[direct]"]),
 }
 

@@ -7,6 +7,8 @@
 #include "kernel_set.h"
 #include "portability.h"
 
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -106,15 +108,7 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
   }
 }
 
-// Our parallelism is the batch plan's (chunks, partitions); BLAS stays
-// sequential inside it. Inside an OpenMP region MKL is sequential anyway; this
-// also covers the single-chunk case that runs on the calling thread, where MKL
-// would otherwise fork threads for every small product (and change how a
-// product is split with the machine's thread count). Construct it inside the
-// at::parallel_for body, never around the call: a thread's first
-// parallel_for sets its OpenMP thread count from MKL's (at::init_num_threads),
-// so a guard around it would leave the thread, and every torch op it runs
-// later, on one thread (tests/test_determinism.py checks).
+// MKL on one thread while the guard lives (see parallel_for_sequential_blas).
 class SequentialBlas {
  public:
   SequentialBlas() : set_(mkl_set_num_threads_local()) {
@@ -130,6 +124,23 @@ class SequentialBlas {
   int (*set_)(int);
   int previous_ = 0;
 };
+
+// at::parallel_for with BLAS sequential inside every task. Our parallelism is
+// the batch plan's (chunks, partitions); inside an OpenMP region MKL is
+// sequential anyway, and this also covers a single task run on the calling
+// thread, where MKL would otherwise fork threads for every small product (and
+// change how a product is split with the machine's thread count). The guard
+// is inside the body, never around the call: a thread's first parallel_for
+// sets its OpenMP thread count from MKL's (at::init_num_threads), so a guard
+// around it would leave the thread, and every torch op it runs later, on one
+// thread (tests/test_determinism.py checks).
+template <typename F>
+void parallel_for_sequential_blas(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    const SequentialBlas sequential_blas;
+    f(b, e);
+  });
+}
 
 }  // namespace cpu
 }  // namespace torchext

@@ -5,7 +5,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 
@@ -45,8 +44,7 @@ void blocked_mm(const GemmOperand<T>& a, const GemmOperand<T>& b, int64_t M, int
                 int64_t K, T* c) {
   const int64_t blocks = (M + kMatmulBlockRows - 1) / kMatmulBlockRows;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, kMatmulBlockRows * N * K));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    const SequentialBlas sequential_blas;
+  parallel_for_sequential_blas(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * kMatmulBlockRows;
       const int64_t rows = std::min(kMatmulBlockRows, M - i0);

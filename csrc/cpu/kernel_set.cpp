@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <thread>
+#include <vector>
 
 namespace torchext {
 namespace cpu {
@@ -64,9 +65,8 @@ Choice resolve() {
     if (!missing.empty()) return refuse("this CPU has no " + missing);
     return {k, ""};
   }
-  std::string compiled;
-  for (const std::string& name : compiled_float32_kernel_sets()) compiled += (compiled.empty() ? "" : ", ") + name;
-  return refuse("this build of torchext has no " + asked + " kernels (compiled: " + compiled + ")");
+  return refuse("this build of torchext has no " + asked + " kernels (compiled: " +
+                compiled_kernel_set_names(", ") + ")");
 }
 
 const Choice& choice() {
@@ -76,11 +76,10 @@ const Choice& choice() {
 
 }  // namespace
 
-std::vector<std::string> compiled_float32_kernel_sets() {
-  std::vector<std::string> out;
-  for (const SimdKernels* k : compiled_simd()) out.emplace_back(k->name);
-  out.emplace_back("generic");
-  return out;
+std::string compiled_kernel_set_names(const char* sep) {
+  std::string out;
+  for (const SimdKernels* k : compiled_simd()) out += std::string(k->name) + sep;
+  return out + "generic";
 }
 
 const SimdKernels* float32_simd_kernels() {
@@ -97,7 +96,7 @@ const char* float32_kernel_set_name() {
 const std::string& kernel_set_error() { return choice().error; }
 
 double fma_rate_gflops(int threads, double seconds) {
-  const SimdKernels* k = choice().error.empty() && choice().simd ? choice().simd : widest_runnable();
+  const SimdKernels* k = choice().simd ? choice().simd : widest_runnable();
   if (k == nullptr || threads < 1 || threads > 1024 || !(seconds > 0.0 && seconds <= 60.0)) return 0.0;
   // Calibrate on one thread, then time every thread running that many iterations.
   using clock = std::chrono::steady_clock;

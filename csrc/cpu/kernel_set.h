@@ -10,13 +10,13 @@
 #include "simd_kernels.h"
 
 #include <string>
-#include <vector>
 
 namespace torchext {
 namespace cpu {
 
-// The float32 sets compiled into this library, widest first, generic last.
-std::vector<std::string> compiled_float32_kernel_sets();
+// The names of the float32 sets compiled into this library, widest first,
+// generic last, joined by sep.
+std::string compiled_kernel_set_names(const char* sep);
 
 // The float32 SIMD kernels that run, or null for the generic ones; raises
 // (RuntimeError) with kernel_set_error() when the choice cannot be honoured.

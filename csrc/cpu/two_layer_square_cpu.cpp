@@ -13,7 +13,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -103,8 +102,7 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
   T* q_saved = save ? out.q.mutable_data_ptr<T>() : nullptr;
   const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, op);
   // No reduction across samples here, so chunks are the unit of parallelism.
-  at::parallel_for(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    const SequentialBlas sequential_blas;
+  parallel_for_sequential_blas(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
     ThreadBuffers<T> buffers(narrow, dims, plan, std::min(bp.chunk_rows, dims.N),
                              /*accumulate=*/false);
     for (int64_t c = c0; c < c1; ++c) {
@@ -222,8 +220,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in, const at::Tensor& 
   at::Tensor gram = use_gram ? uninitialized({dims.k, dims.k}, in.z.options()) : at::Tensor();
   PartitionSums<T> sums(bp, mask, gram, bufs);
   const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, op);
-  at::parallel_for(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
-    const SequentialBlas sequential_blas;
+  parallel_for_sequential_blas(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
     const int64_t rows = std::min(bp.chunk_rows, dims.N);
     ThreadBuffers<T> buffers(narrow, dims, plan, rows, /*accumulate=*/true);
     const ChunkGrad<T> chunk_grad(grad, rows);
