@@ -76,7 +76,8 @@ void check_saved(const Dims& dims, const at::Tensor& z, const SavedState& state,
 }
 
 BatchPlan make_batch_plan(const Dims& dims, Plan plan_kind, int64_t scratch_elems,
-                          int64_t min_rows, int64_t max_partitions) {
+                          int64_t min_rows, int64_t max_partitions, int64_t min_chunk_work,
+                          bool training) {
   // Partial weight gradients of all partitions together stay under this
   // many elements (beyond it, one), so wide layers get fewer partitions.
   constexpr int64_t kPartialBudget = int64_t{1} << 24;
@@ -84,6 +85,16 @@ BatchPlan make_batch_plan(const Dims& dims, Plan plan_kind, int64_t scratch_elem
   int64_t rows = std::max<int64_t>(min_rows, scratch_elems / per_row);
   int64_t chunk_rows = 1;
   while (chunk_rows * 2 <= rows) chunk_rows *= 2;  // power of two: stable tiling
+  // A batch of fewer chunks than partitions is cut finer, while each chunk
+  // keeps min_chunk_work multiply-adds of the call (a forward's, or a
+  // backward's) to amortise handing it to a thread, so that small batches
+  // use several cores.
+  const double row_work =
+      plan_cost(dims.d, dims.k, dims.m, dims.ell, plan_kind, training).per_sample -
+      (training ? plan_cost(dims.d, dims.k, dims.m, dims.ell, plan_kind, false).per_sample : 0);
+  while (chunk_rows > 1 && (dims.N + chunk_rows - 1) / chunk_rows < max_partitions &&
+         double(chunk_rows / 2) * row_work >= double(min_chunk_work))
+    chunk_rows /= 2;
 
   BatchPlan plan;
   plan.chunk_rows = chunk_rows;

@@ -12,7 +12,8 @@ import torch
 import torchext
 from conftest import make_inputs
 
-SHAPES = [((5000,), 24, 40, 12, 9), ((3001,), 8, 8, 8, 8), ((700,), 64, 64, 32, 48)]
+SHAPES = [((5000,), 24, 40, 12, 9), ((3001,), 8, 8, 8, 8), ((700,), 64, 64, 32, 48),
+          ((300,), 24, 32, 96, 80)]  # the last: a small batch split by its work per sample
 PLANS = ["direct", "folded", "quadratic"]
 
 

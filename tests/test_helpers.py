@@ -16,4 +16,5 @@ def test_cases_are_what_they_say():
     assert ((z @ W.T) == 0).any(dim=1)[::3].all() and ((z @ W.T)[:, 0] == 0).all()
     z, W, *_ = Case("primes", values="dead-units").inputs()
     assert ((z @ W.T)[:, ::2] < 0).all()
-    assert set(SHAPES) >= {"chunk-and-tail", "partitions", "partitions-saved", "narrow-odd-k"}
+    assert set(SHAPES) >= {"chunk-and-tail", "partitions", "partitions-saved", "split-saved", "split-recomputed",
+                          "narrow-odd-k"}

@@ -133,8 +133,16 @@ TX void transpose(int64_t rows, int64_t cols, const float* X, int64_t ldx, float
     const M in_rows = V::first(ni);
     for (int64_t j = 0; j < cols; j += L) {
       const int64_t nj = std::min(L, cols - j);
-      const M in_cols = V::first(nj);
       R t[L];
+      if (ni == L && nj == L) {  // a whole tile: plain loads and stores (masked ones are slow on AVX2)
+#pragma GCC unroll 16
+        for (int r = 0; r < L; ++r) t[r] = V::load(X + (i + r) * ldx + j);
+        V::transpose(t);
+#pragma GCC unroll 16
+        for (int c = 0; c < L; ++c) V::store(T + (j + c) * ldt + i, t[c]);
+        continue;
+      }
+      const M in_cols = V::first(nj);
 #pragma GCC unroll 16
       for (int r = 0; r < L; ++r) t[r] = r < ni ? V::load_first(in_cols, X + (i + r) * ldx + j) : V::zero();
       V::transpose(t);

@@ -26,10 +26,13 @@ namespace cpu {
 namespace {
 
 // Working set of one chunk: about this many elements (a per-core L2), and
-// never fewer rows than kChunkMinRows.
+// never fewer rows than kChunkMinRows, except that a batch of fewer than
+// kMaxPartitions chunks is split further into chunks of at least
+// kMinChunkWork multiply-adds (see make_batch_plan).
 constexpr int64_t kChunkScratchElems = int64_t{1} << 17;
 constexpr int64_t kChunkMinRows = 256;
 constexpr int64_t kMaxPartitions = 8;
+constexpr int64_t kMinChunkWork = int64_t{1} << 19;
 
 // The quadratic plan of narrow float32 layers runs the narrow kernels of the
 // SIMD kernel set where one runs (simd_kernels.h says why): their weights,
@@ -87,8 +90,8 @@ class ChunkGrad {
 template <typename T>
 void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
                   ForwardOutputs& out) {
-  const BatchPlan bp =
-      make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
+  const BatchPlan bp = make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows,
+                                       kMaxPartitions, kMinChunkWork, /*training=*/false);
   const Head head = fold_head(in, plan, &cpu_mm);
   const bool direct = plan == Plan::kDirect;
   const Operands<T> op = operands<T>(in, head, plan, {true, direct, direct});
@@ -201,8 +204,8 @@ template <typename T>
 void backward_impl(const Dims& dims, const ComputeInputs& in, const at::Tensor& grad,
                    const at::Tensor& r_saved, const at::Tensor& q_saved, Plan plan,
                    const OutputMask& mask, GradBuffers& bufs) {
-  const BatchPlan bp =
-      make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, kMaxPartitions);
+  const BatchPlan bp = make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows,
+                                       kMaxPartitions, kMinChunkWork, /*training=*/true);
   // Without saved r and q (see keeps_saved), each chunk recomputes them.
   const bool recompute = !r_saved.defined();
   const Head head = recompute ? fold_head(in, plan, &cpu_mm) : Head{};

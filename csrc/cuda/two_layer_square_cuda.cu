@@ -283,7 +283,7 @@ void forward_kernel_cuda(const Dims& dims, const ComputeInputs& in, Plan plan,
     }
     if (done) return;
   }
-  const BatchPlan bp = make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, 1);
+  const BatchPlan bp = make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, 1, 0, false);
   forward_aten(dims, in, plan, bp.chunk_rows, out);
 }
 
@@ -335,7 +335,7 @@ void backward_kernel_cuda(const Dims& dims, const ComputeInputs& in, const at::T
     }
     return;
   }
-  const BatchPlan bp = make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, 1);
+  const BatchPlan bp = make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, 1, 0, false);
   backward_aten(dims, in, g, r, q, plan, mask, bp.chunk_rows, bufs);
 }
 
