@@ -79,35 +79,40 @@ BatchPlan make_batch_plan(const Dims& dims, Plan plan_kind, int64_t scratch_elem
                           int64_t min_rows, int64_t max_partitions, int64_t min_chunk_work,
                           bool training) {
   // Partial weight gradients of all partitions together stay under this
-  // many elements (beyond it, one), so wide layers get fewer partitions.
+  // many elements (beyond it, one), so wide layers get fewer partitions. A
+  // partition holds dW and either the direct chain's dV, dB, dA or the
+  // folded and quadratic plans' k×k Gram.
   constexpr int64_t kPartialBudget = int64_t{1} << 24;
+  const int64_t weight_elems =
+      1 + dims.k * dims.d + (plan_kind == Plan::kDirect
+                                 ? dims.m * dims.k + dims.ell * dims.m + dims.ell
+                                 : dims.k * dims.k);
+  const int64_t most_parts =
+      std::max<int64_t>(1, std::min<int64_t>(max_partitions, kPartialBudget / weight_elems));
+
   const int64_t per_row = 2 * (dims.k + dims.m + dims.ell) + dims.d + 1;
   int64_t rows = std::max<int64_t>(min_rows, scratch_elems / per_row);
   int64_t chunk_rows = 1;
   while (chunk_rows * 2 <= rows) chunk_rows *= 2;  // power of two: stable tiling
-  // A batch of fewer chunks than partitions is cut finer, while each chunk
-  // keeps min_chunk_work multiply-adds of the call (a forward's, or a
-  // backward's) to amortise handing it to a thread, so that small batches
-  // use several cores.
+  // A batch of fewer chunks than it may have partitions (a forward: than
+  // max_partitions) is cut finer, while each chunk keeps min_chunk_work
+  // multiply-adds of the call (a forward's, or a backward's, not counting a
+  // forward it recomputes) to amortise handing it to a thread, so that small
+  // batches use several cores.
   const double row_work =
       plan_cost(dims.d, dims.k, dims.m, dims.ell, plan_kind, training).per_sample -
       (training ? plan_cost(dims.d, dims.k, dims.m, dims.ell, plan_kind, false).per_sample : 0);
-  while (chunk_rows > 1 && (dims.N + chunk_rows - 1) / chunk_rows < max_partitions &&
+  const int64_t most_chunks = training ? most_parts : max_partitions;
+  constexpr int64_t kMinSplitRows = 32;  // fewer rows stream the weights for too little work
+  while (min_chunk_work > 0 && chunk_rows / 2 >= kMinSplitRows &&
+         (dims.N + chunk_rows - 1) / chunk_rows < most_chunks &&
          double(chunk_rows / 2) * row_work >= double(min_chunk_work))
     chunk_rows /= 2;
 
   BatchPlan plan;
   plan.chunk_rows = chunk_rows;
   plan.num_chunks = (dims.N + chunk_rows - 1) / chunk_rows;
-  // A partition holds dW and either the direct chain's dV, dB, dA or the
-  // folded and quadratic plans' k×k Gram.
-  const int64_t weight_elems =
-      1 + dims.k * dims.d + (plan_kind == Plan::kDirect
-                                 ? dims.m * dims.k + dims.ell * dims.m + dims.ell
-                                 : dims.k * dims.k);
-  int64_t parts = std::min<int64_t>(plan.num_chunks, max_partitions);
-  parts = std::min<int64_t>(parts, std::max<int64_t>(1, kPartialBudget / weight_elems));
-  parts = std::max<int64_t>(parts, 1);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(plan.num_chunks, most_parts));
   plan.chunks_per_partition =
       std::max<int64_t>(1, (plan.num_chunks + parts - 1) / parts);
   plan.partitions = plan.num_chunks == 0

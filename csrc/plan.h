@@ -145,8 +145,8 @@ struct BatchPlan {
 // Chunks hold about `scratch_elems` elements of working set, but at least
 // `min_rows` rows (the weight-gradient products over a chunk need enough rows
 // to amortise reading and writing the gradient), unless a batch that would
-// make fewer than `max_partitions` chunks is cut into smaller ones of at
-// least `min_chunk_work` multiply-adds each (of the forward, or when
+// make fewer chunks than it may have partitions is cut into smaller ones of
+// at least `min_chunk_work` multiply-adds each (of the forward, or when
 // `training` of the backward); `max_partitions` bounds the number of partial
 // gradient buffers, whose size depends on the plan.
 BatchPlan make_batch_plan(const Dims& dims, Plan plan, int64_t scratch_elems,

@@ -7,10 +7,11 @@ across processes, unlike hash()), so a failure reproduces from the test id.
 
 The shape families make every path of the CPU kernels run: one chunk and its
 tail, several chunks, several chunks per partition (partitions hold whole
-chunks; chunks are 512 to 1024 rows at these widths), small batches split into
-chunks of 32 to 128 rows, r and q saved (d + k >= 64) and recomputed, the narrow float32 kernels (k <= 32) with k not a multiple
-of their 8-unit blocks, widths of 1, primes, a vector z, two leading
-dimensions, an empty batch and zero widths."""
+chunks; chunks are 512 to 1024 rows at these widths), small batches split
+into chunks of 32 to 128 rows, r and q saved (d + k >= 64) and recomputed,
+the narrow float32 kernels (k <= 32) with k not a multiple of their 8-unit
+blocks, widths of 1, primes, a vector z, two leading dimensions, an empty
+batch and zero widths."""
 import dataclasses
 import zlib
 
@@ -33,9 +34,10 @@ SHAPES = {
     "partitions": ((9223,), 8, 12, 10, 6),
     "partitions-saved": ((4611,), 40, 30, 10, 6),
     # Batches of fewer chunks than partitions, with enough work per sample
-    # that they are cut into small chunks (and partitions) anyway: saved (3
-    # forward chunks of 128, 5 direct backward partitions of 64), and
-    # recomputed (10 direct backward chunks of 32 in 5 partitions).
+    # that they are cut into small chunks (and partitions) anyway: saved (5
+    # forward chunks of 64; direct backward 5 partitions of 64), and
+    # recomputed (direct: 10 chunks of 32 in 5 partitions). test_plans.py
+    # checks these splits.
     "split-saved": ((300,), 48, 64, 40, 24),
     "split-recomputed": ((300,), 24, 32, 96, 80),
     "empty-batch": ((0,), 5, 4, 3, 2),

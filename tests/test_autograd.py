@@ -236,7 +236,7 @@ def names():
     return [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("torchext_testing::")]
 assert names() == [], names()
 ops = torchext.testing.load_testing_ops()
-assert ops is torch.ops.torchext_testing and len(names()) == 6, names()
+assert ops is torch.ops.torchext_testing and len(names()) == 7, names()
 assert ops._plan(10, 4, 4, 4, 4, "direct") == "direct"
 torchext.testing.load_testing_ops()  # once only: no second registration
 """

@@ -26,8 +26,12 @@ PLAN_SHAPES = {
     "empty-batch": SHAPES["empty-batch"],
     "many-chunks": ((1500,), 8, 12, 10, 6),
     "many-chunks-kept": ((700,), 40, 30, 10, 6),  # d + k >= 64: r and q are saved
-    # direct: a chunk's buffers exceed what a thread keeps across calls (8 MiB)
-    "oversized-scratch": ((300,), 4, 4, 8200, 4),
+    # direct: a chunk's buffers exceed what a thread keeps across calls (8 MiB);
+    # 9 chunks of 256 rows (a batch of fewer would be split into smaller ones)
+    "oversized-scratch": ((2100,), 4, 4, 8200, 4),
+    # transposed weights over 1 MiB: one copy shared by the tasks (under it,
+    # each task's thread makes its own)
+    "shared-weight-copies": ((40,), 8, 8, 1100, 2100),
 }
 
 
@@ -281,3 +285,22 @@ def test_public_forward_runs_the_plan_its_backward_runs():
     direct = OPS._two_layer_square_forward(*inputs, "direct", False)[0]
     assert torch.equal(OPS.two_layer_square(*inputs), direct)
     assert torch.equal(torchext.TwoLayerSquare.apply(*inputs), direct)
+
+
+# The CPU split (chunk rows, chunks, partitions) of a call: small batches with
+# enough work per sample are cut finer, by the shapes alone.
+@pytest.mark.parametrize("sizes, plan, training, split", [
+    ((300, 48, 64, 40, 24), "direct", False, [64, 5, 5]),  # cases.py "split-saved"
+    ((300, 48, 64, 40, 24), "direct", True, [64, 5, 5]),
+    ((300, 48, 64, 40, 24), "quadratic", True, [128, 3, 3]),
+    ((300, 24, 32, 96, 80), "direct", True, [32, 10, 5]),  # cases.py "split-recomputed"
+    ((64, 64, 64, 64, 64), "direct", True, [32, 2, 2]),  # the benchmark's `small`
+    ((40, 8, 8, 1100, 2100), "direct", False, [32, 2, 2]),  # never below 32 rows
+    ((1, 16, 16, 16, 16), "direct", True, [512, 1, 1]),  # one sample: one chunk
+    ((4096, 128, 128, 128, 128), "quadratic", True, [256, 16, 8]),  # many chunks: unchanged
+    ((2100, 4, 4, 8200, 4), "direct", True, [256, 9, 5]),  # "oversized-scratch"
+    ((300, 4096, 4096, 4, 4), "direct", True, [256, 2, 1]),  # partials over budget: no split
+    ((300, 4096, 4096, 4, 4), "direct", False, [32, 10, 1]),  # (a forward has no partials)
+])
+def test_cpu_split(sizes, plan, training, split):
+    assert TESTING._cpu_split(*sizes, plan, training) == split

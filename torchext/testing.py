@@ -30,7 +30,8 @@ def cancelling_inputs(n=256, d=12, k=8, ell=6, scale=1e4, seed=0, dtype=torch.fl
 def load_testing_ops():
     """Registers the test-only ops (once) and returns their namespace,
     torch.ops.torchext_testing: `_plan` (which plan a call with given sizes
-    runs), `_two_layer_square_{forward,backward}_aten` (the CUDA backend's
+    runs), `_cpu_split` (how the CPU backend splits it into chunks and
+    partitions), `_two_layer_square_{forward,backward}_aten` (the CUDA backend's
     device-generic algorithm, for CPU tensors), `_cpu_matmul` (the CPU
     kernels' product), `_poison_uninitialized` (NaN-fill every buffer the
     kernels must write before reading) and `_cuda_reread_switches`

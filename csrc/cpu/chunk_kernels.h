@@ -13,7 +13,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 namespace torchext {
@@ -41,8 +43,9 @@ struct ChunkScratch {
 
 // The operands' pointers, and row-major transposes (Wt = Wᵀ, ...) of the
 // weights the chain multiplies by on the right (x = z Wᵀ, u = r Vᵀ, y = u Bᵀ,
-// y = r Mᵀ, q = r Qᵀ): made once per call (in a thread arena: at the tiny
-// sizes, allocating them cost more than transposing), they let every
+// y = r Mᵀ, q = r Qᵀ): made per call or per task (see CallOperands; in a
+// thread arena: at the tiny sizes, allocating them cost more than
+// transposing), they let every
 // per-chunk product read B untransposed (what the SIMD product takes).
 template <typename T>
 struct Operands {
@@ -69,25 +72,33 @@ void transpose_into(const T* X, int64_t rows, int64_t cols, T* out) {
     for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = X[i * cols + j];
 }
 
+// The weights operands() copies transposed, and where it stores each.
+template <typename T>
+struct WeightCopy {
+  const at::Tensor* t;
+  const T** out;
+};
+template <typename T>
+std::array<WeightCopy<T>, 5> weight_copies(const ComputeInputs& in, const Head& head, Plan plan,
+                                           ChainWeights chain, Operands<T>& op) {
+  return {{{chain.W ? &in.W : nullptr, &op.Wt},
+           {chain.V ? &in.V : nullptr, &op.Vt},
+           {chain.B ? &in.B : nullptr, &op.Bt},
+           {plan == Plan::kFolded && head.M.defined() ? &head.M : nullptr, &op.Mt},
+           {plan == Plan::kQuadratic && head.Q.defined() ? &head.Q : nullptr, &op.Qt}}};
+}
+
 template <typename T>
 Operands<T> operands(const ComputeInputs& in, const Head& head, Plan plan, ChainWeights chain) {
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
   Operands<T> op{ptr(in.z), ptr(in.W), ptr(in.V), ptr(in.B), ptr(in.a), ptr(head.M), ptr(head.Q)};
-  struct Wanted {
-    const at::Tensor* t;
-    const T** out;
-  };
-  const Wanted wanted[] = {{chain.W ? &in.W : nullptr, &op.Wt},
-                           {chain.V ? &in.V : nullptr, &op.Vt},
-                           {chain.B ? &in.B : nullptr, &op.Bt},
-                           {plan == Plan::kFolded && head.M.defined() ? &head.M : nullptr, &op.Mt},
-                           {plan == Plan::kQuadratic && head.Q.defined() ? &head.Q : nullptr, &op.Qt}};
+  const auto copies = weight_copies<T>(in, head, plan, chain, op);
   int64_t total = 0;
-  for (const Wanted& w : wanted)
+  for (const WeightCopy<T>& w : copies)
     if (w.t != nullptr) total += padded_elems(w.t->numel());
   if (total == 0) return op;
   T* next = aligned_block<T>(op.arena, total);
-  for (const Wanted& w : wanted) {
+  for (const WeightCopy<T>& w : copies) {
     if (w.t == nullptr) continue;
     TORCH_INTERNAL_ASSERT(w.t->is_contiguous() && w.t->dim() == 2);
     transpose_into(w.t->template const_data_ptr<T>(), w.t->size(0), w.t->size(1), next);
@@ -96,6 +107,39 @@ Operands<T> operands(const ComputeInputs& in, const Head& head, Plan plan, Chain
   }
   return op;
 }
+
+// The operands of one call, for its parallel tasks: each task's thread makes
+// its own transposed weights when they are small (a copy that the calling
+// thread rewrites on every call costs another core about as much to read as
+// a small chunk's products), else the call makes one shared copy (large
+// weights: memory and time once, not per thread).
+inline constexpr size_t kPerTaskCopyBytes = size_t{1} << 20;
+template <typename T>
+class CallOperands {
+ public:
+  CallOperands(const ComputeInputs& in, const Head& head, Plan plan, ChainWeights chain)
+      : in_(in), head_(head), plan_(plan), chain_(chain) {
+    Operands<T> probe{};
+    int64_t bytes = 0;
+    for (const WeightCopy<T>& w : weight_copies<T>(in, head, plan, chain, probe))
+      if (w.t != nullptr) bytes += int64_t(sizeof(T)) * padded_elems(w.t->numel());
+    if (size_t(bytes) > kPerTaskCopyBytes) shared_.emplace(operands<T>(in, head, plan, chain));
+  }
+  // The operands of a task, called on its thread: `own` holds the thread's
+  // copies where it makes them.
+  const Operands<T>& for_task(std::optional<Operands<T>>& own) const {
+    if (shared_) return *shared_;
+    own.emplace(operands<T>(in_, head_, plan_, chain_));
+    return *own;
+  }
+
+ private:
+  const ComputeInputs& in_;
+  const Head& head_;
+  Plan plan_;
+  ChainWeights chain_;
+  std::optional<Operands<T>> shared_;
+};
 
 // One chunk of the forward: r = relu(z Wᵀ), then the plan's head gives f and,
 // when save, q = Mᵀ diag(a) M r in the plan's association order.

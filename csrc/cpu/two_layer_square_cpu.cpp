@@ -5,6 +5,7 @@
 // order) run in parallel. Registers the CPU kernels of every op.
 #include "../head.h"
 #include "../kernel_frames.h"
+#include "batch_plan_cpu.h"
 #include "chunk_kernels.h"
 #include "head_products.h"
 #include "huge_pages.h"
@@ -26,25 +27,27 @@ namespace cpu {
 namespace {
 
 // Working set of one chunk: about this many elements (a per-core L2), and
-// never fewer rows than kChunkMinRows, except that a batch of fewer than
-// kMaxPartitions chunks is split further into chunks of at least
-// kMinChunkWork multiply-adds (see make_batch_plan).
+// never fewer rows than kChunkMinRows, except that a batch of few chunks is
+// split further into chunks of at least kMinChunkWork multiply-adds in the
+// forward, and twice that in the backward, whose partitions also make and sum
+// partial weight gradients (see make_batch_plan).
 constexpr int64_t kChunkScratchElems = int64_t{1} << 17;
 constexpr int64_t kChunkMinRows = 256;
 constexpr int64_t kMaxPartitions = 8;
-constexpr int64_t kMinChunkWork = int64_t{1} << 19;
+constexpr int64_t kMinChunkWork = int64_t{1} << 18;
 
 // The quadratic plan of narrow float32 layers runs the narrow kernels of the
 // SIMD kernel set where one runs (simd_kernels.h says why): their weights,
-// or nullopt for the BLAS kernels below. (op.Q is null when the backward has
-// saved q and needs no Q.)
+// or nullopt for the BLAS kernels below. (head.Q is undefined when the
+// backward has saved q and needs no Q.)
 template <typename T>
-std::optional<NarrowWeights> narrow_weights(const Dims& dims, Plan plan,
-                                                 const Operands<T>& op) {
+std::optional<NarrowWeights> narrow_weights(const Dims& dims, Plan plan, const ComputeInputs& in,
+                                            const Head& head) {
   if constexpr (std::is_same_v<T, float>) {
     if (plan == Plan::kQuadratic && dims.k <= kNarrowMaxK && dims.d <= kNarrowMaxD &&
         float32_simd_kernels() != nullptr)
-      return NarrowWeights(dims.d, dims.k, op.W, op.Q);
+      return NarrowWeights(dims.d, dims.k, in.W.const_data_ptr<float>(),
+                           head.Q.defined() ? head.Q.const_data_ptr<float>() : nullptr);
   }
   return std::nullopt;
 }
@@ -90,11 +93,9 @@ class ChunkGrad {
 template <typename T>
 void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
                   ForwardOutputs& out) {
-  const BatchPlan bp = make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows,
-                                       kMaxPartitions, kMinChunkWork, /*training=*/false);
+  const BatchPlan bp = cpu_batch_plan(dims, plan, /*training=*/false);
   const Head head = fold_head(in, plan, &cpu_mm);
   const bool direct = plan == Plan::kDirect;
-  const Operands<T> op = operands<T>(in, head, plan, {true, direct, direct});
   const bool save = out.r.size(0) == dims.N;
   T* f = out.f.mutable_data_ptr<T>();
   if (save) {
@@ -103,9 +104,14 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
   }
   T* r_saved = save ? out.r.mutable_data_ptr<T>() : nullptr;
   T* q_saved = save ? out.q.mutable_data_ptr<T>() : nullptr;
-  const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, op);
+  const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, in, head);
+  // (The narrow kernels take their weights from `narrow`.)
+  const CallOperands<T> call_operands(in, head, plan,
+                                      narrow ? ChainWeights{} : ChainWeights{true, direct, direct});
   // No reduction across samples here, so chunks are the unit of parallelism.
   parallel_for_sequential_blas(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::optional<Operands<T>> own;
+    const Operands<T>& op = call_operands.for_task(own);
     ThreadBuffers<T> buffers(narrow, dims, plan, std::min(bp.chunk_rows, dims.N),
                              /*accumulate=*/false);
     for (int64_t c = c0; c < c1; ++c) {
@@ -158,14 +164,25 @@ class PartitionSums {
     return {slot(kSlotW), slot(kSlotV), slot(kSlotB), slot(kSlotA), slot(kSlotGram)};
   }
 
+  // Each element summed in partition order, on raw pointers: at the small
+  // sizes that split a batch, an add_ per partial cost more than the sums.
   void reduce() {
-    for (size_t p = 1; p < partials_.size(); ++p)
-      for (int i = 0; i < kSlots; ++i)
-        if (total_[i].defined()) total_[i].add_(partials_[p][i]);
+    if (partials_.size() < 2) return;
+    for (int i = 0; i < kSlots; ++i) {
+      if (!total_[i].defined()) continue;
+      T* out = total_[i].template mutable_data_ptr<T>();
+      parallel_for_sequential_blas(0, total_[i].numel(), kReduceGrain, [&](int64_t e0, int64_t e1) {
+        for (size_t p = 1; p < partials_.size(); ++p) {
+          const T* in = partials_[p][i].template const_data_ptr<T>();
+          for (int64_t e = e0; e < e1; ++e) out[e] += in[e];
+        }
+      });
+    }
   }
 
  private:
   enum Slot { kSlotW, kSlotV, kSlotB, kSlotA, kSlotGram, kSlots };
+  static constexpr int64_t kReduceGrain = int64_t{1} << 15;
   std::array<at::Tensor, kSlots> total_;
   std::vector<std::array<at::Tensor, kSlots>> partials_;
 };
@@ -204,26 +221,29 @@ template <typename T>
 void backward_impl(const Dims& dims, const ComputeInputs& in, const at::Tensor& grad,
                    const at::Tensor& r_saved, const at::Tensor& q_saved, Plan plan,
                    const OutputMask& mask, GradBuffers& bufs) {
-  const BatchPlan bp = make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows,
-                                       kMaxPartitions, kMinChunkWork, /*training=*/true);
+  const BatchPlan bp = cpu_batch_plan(dims, plan, /*training=*/true);
   // Without saved r and q (see keeps_saved), each chunk recomputes them.
   const bool recompute = !r_saved.defined();
   const Head head = recompute ? fold_head(in, plan, &cpu_mm) : Head{};
   const bool direct = plan == Plan::kDirect;
   const bool saved_y = direct && !recompute && direct_saves_y(dims);
-  const Operands<T> op = operands<T>(
-      in, head, plan, {recompute, direct && (!saved_y || mask[kB]), direct && !saved_y});
   if (mask[kZ]) advise_huge_pages(bufs.acc[kZ]);
   const bool use_gram = (mask[kV] || mask[kB] || mask[kA]) && !direct;
-  const BackwardCall<T> call{dims, plan, op,
-                             recompute ? nullptr : r_saved.const_data_ptr<T>(),
-                             recompute ? nullptr : q_saved.const_data_ptr<T>(), recompute,
-                             mask[kZ] ? bufs.acc[kZ].mutable_data_ptr<T>() : nullptr,
-                             mask[kZ] || mask[kW], use_gram, saved_y};
   at::Tensor gram = use_gram ? uninitialized({dims.k, dims.k}, in.z.options()) : at::Tensor();
   PartitionSums<T> sums(bp, mask, gram, bufs);
-  const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, op);
+  const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, in, head);
+  const CallOperands<T> call_operands(
+      in, head, plan,
+      narrow ? ChainWeights{}
+             : ChainWeights{recompute, direct && (!saved_y || mask[kB]), direct && !saved_y});
   parallel_for_sequential_blas(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
+    std::optional<Operands<T>> own;
+    const Operands<T>& op = call_operands.for_task(own);
+    const BackwardCall<T> call{dims, plan, op,
+                               recompute ? nullptr : r_saved.const_data_ptr<T>(),
+                               recompute ? nullptr : q_saved.const_data_ptr<T>(), recompute,
+                               mask[kZ] ? bufs.acc[kZ].mutable_data_ptr<T>() : nullptr,
+                               mask[kZ] || mask[kW], use_gram, saved_y};
     const int64_t rows = std::min(bp.chunk_rows, dims.N);
     ThreadBuffers<T> buffers(narrow, dims, plan, rows, /*accumulate=*/true);
     const ChunkGrad<T> chunk_grad(grad, rows);
@@ -259,6 +279,12 @@ void backward_kernel_cpu(const Dims& dims, const ComputeInputs& in, const at::Te
 }
 
 }  // namespace
+
+BatchPlan cpu_batch_plan(const Dims& dims, Plan plan, bool training) {
+  return make_batch_plan(dims, plan, kChunkScratchElems, kChunkMinRows, kMaxPartitions,
+                         training ? 2 * kMinChunkWork : kMinChunkWork, training);
+}
+
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(torchext, CPU, m) {

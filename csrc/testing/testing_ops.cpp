@@ -5,6 +5,7 @@
 #include "../aten/two_layer_square_aten.h"
 #include "../build_flags.h"
 #include "../buffers.h"
+#include "../cpu/batch_plan_cpu.h"
 #include "../cpu/head_products.h"
 #include "../cuda/cuda_switches.h"
 #include "../kernel_frames.h"
@@ -17,6 +18,7 @@
 #include <exception>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace torchext {
 namespace {
@@ -26,6 +28,16 @@ std::string plan_for_sizes(int64_t N, int64_t d, int64_t k, int64_t m, int64_t e
                            c10::string_view plan, bool training) {
   check_plan_name(plan);
   return plan_name(resolve_plan(N, d, k, m, ell, plan, training));
+}
+
+// The CPU backend's split of a call with these sizes and plan (forced, or
+// "auto" resolved): chunk rows, chunks, partitions.
+std::vector<int64_t> cpu_split_for_sizes(int64_t N, int64_t d, int64_t k, int64_t m, int64_t ell,
+                                         c10::string_view plan, bool training) {
+  check_plan_name(plan);
+  const Dims dims{N, d, k, m, ell, {N}};
+  const BatchPlan bp = cpu::cpu_batch_plan(dims, resolve_plan(dims, plan, training), training);
+  return {bp.chunk_rows, bp.num_chunks, bp.partitions};
 }
 
 // The sample lets a test see that the switch took effect.
@@ -51,6 +63,9 @@ void backward_aten_kernel(const Dims& dims, const ComputeInputs& in, const at::T
 void define_ops(torch::Library& m) {
   m.def("_plan(int N, int d, int k, int m, int ell, str plan=\"auto\", bool training=True) -> str",
         &plan_for_sizes);
+  m.def("_cpu_split(int N, int d, int k, int m, int ell, str plan=\"auto\", bool training=True) "
+        "-> int[]",
+        &cpu_split_for_sizes);
   // The device-generic ATen implementation that the CUDA backend runs, for
   // CPU tensors, so that CI without a GPU checks it.
   m.def(
