@@ -147,8 +147,9 @@ struct BatchPlan {
 // to amortise reading and writing the gradient), unless a batch that would
 // make fewer chunks than it may have partitions is cut into smaller ones of
 // at least `min_chunk_work` multiply-adds each (of the forward, or when
-// `training` of the backward); `max_partitions` bounds the number of partial
-// gradient buffers, whose size depends on the plan.
+// `training` of the backward) and 32 rows (0: no such split);
+// `max_partitions` bounds the number of partial gradient buffers, whose size
+// depends on the plan.
 BatchPlan make_batch_plan(const Dims& dims, Plan plan, int64_t scratch_elems,
                           int64_t min_rows, int64_t max_partitions, int64_t min_chunk_work,
                           bool training);

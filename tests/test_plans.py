@@ -30,8 +30,10 @@ PLAN_SHAPES = {
     # 9 chunks of 256 rows (a batch of fewer would be split into smaller ones)
     "oversized-scratch": ((2100,), 4, 4, 8200, 4),
     # transposed weights over 1 MiB: one copy shared by the tasks (under it,
-    # each task's thread makes its own)
-    "shared-weight-copies": ((40,), 8, 8, 1100, 2100),
+    # each task's thread makes its own), in the calling thread's kept arena
+    # (under 8 MiB) or its own allocation (over)
+    "shared-weight-copies": ((40,), 8, 8, 600, 800),
+    "shared-weight-copies-large": ((40,), 8, 8, 1100, 2100),
 }
 
 

@@ -105,7 +105,7 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
   T* r_saved = save ? out.r.mutable_data_ptr<T>() : nullptr;
   T* q_saved = save ? out.q.mutable_data_ptr<T>() : nullptr;
   const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, in, head);
-  // (The narrow kernels take their weights from `narrow`.)
+  // (The narrow kernels take W and Q from `narrow`; only Q, at most 32 × 32, is still copied.)
   const CallOperands<T> call_operands(in, head, plan,
                                       narrow ? ChainWeights{} : ChainWeights{true, direct, direct});
   // No reduction across samples here, so chunks are the unit of parallelism.
