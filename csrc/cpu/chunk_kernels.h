@@ -45,8 +45,8 @@ struct ChunkScratch {
 // weights the chain multiplies by on the right (x = z Wᵀ, u = r Vᵀ, y = u Bᵀ,
 // y = r Mᵀ, q = r Qᵀ): made per call or per task (see CallOperands; in a
 // thread arena: at the tiny sizes, allocating them cost more than
-// transposing), they let every
-// per-chunk product read B untransposed (what the SIMD product takes).
+// transposing), they let every per-chunk product read B untransposed (what
+// the SIMD product takes).
 template <typename T>
 struct Operands {
   const T *z, *W, *V, *B, *a, *M, *Q;
