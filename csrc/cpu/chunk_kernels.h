@@ -88,14 +88,21 @@ std::array<WeightCopy<T>, 5> weight_copies(const ComputeInputs& in, const Head& 
            {plan == Plan::kQuadratic && head.Q.defined() ? &head.Q : nullptr, &op.Qt}}};
 }
 
+// The elements the copies take in the arena.
+template <typename T>
+int64_t copy_elems(const std::array<WeightCopy<T>, 5>& copies) {
+  int64_t total = 0;
+  for (const WeightCopy<T>& w : copies)
+    if (w.t != nullptr) total += padded_elems(w.t->numel());
+  return total;
+}
+
 template <typename T>
 Operands<T> operands(const ComputeInputs& in, const Head& head, Plan plan, ChainWeights chain) {
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
   Operands<T> op{ptr(in.z), ptr(in.W), ptr(in.V), ptr(in.B), ptr(in.a), ptr(head.M), ptr(head.Q)};
   const auto copies = weight_copies<T>(in, head, plan, chain, op);
-  int64_t total = 0;
-  for (const WeightCopy<T>& w : copies)
-    if (w.t != nullptr) total += padded_elems(w.t->numel());
+  const int64_t total = copy_elems(copies);
   if (total == 0) return op;
   T* next = aligned_block<T>(op.arena, total);
   for (const WeightCopy<T>& w : copies) {
@@ -120,10 +127,8 @@ class CallOperands {
   CallOperands(const ComputeInputs& in, const Head& head, Plan plan, ChainWeights chain)
       : in_(in), head_(head), plan_(plan), chain_(chain) {
     Operands<T> probe{};
-    int64_t bytes = 0;
-    for (const WeightCopy<T>& w : weight_copies<T>(in, head, plan, chain, probe))
-      if (w.t != nullptr) bytes += int64_t(sizeof(T)) * padded_elems(w.t->numel());
-    if (size_t(bytes) > kPerTaskCopyBytes) shared_.emplace(operands<T>(in, head, plan, chain));
+    const int64_t elems = copy_elems(weight_copies<T>(in, head, plan, chain, probe));
+    if (sizeof(T) * size_t(elems) > kPerTaskCopyBytes) shared_.emplace(operands<T>(in, head, plan, chain));
   }
   // The operands of a task, called on its thread: `own` holds the thread's
   // copies where it makes them.
