@@ -4,11 +4,13 @@
 // sequential inside the kernels' own parallelism.
 #pragma once
 
+#include "elementwise.h"
 #include "kernel_set.h"
 #include "portability.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -67,6 +69,11 @@ inline int (*mkl_set_num_threads_local())(int) {
 
 inline bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
 
+// What gemm_rm stores: the whole product; relu of it (torch.relu: NaN stays
+// NaN); or, for a square C, only the elements on or above the diagonal
+// (those below may be left as they were, or written).
+enum class GemmOutput { kFull, kRelu, kUpper };
+
 // Row-major C(MxN) = op(A)(MxK) * op(B)(KxN) + beta * C, beta 0 or 1:
 // float32 with B untransposed on the SIMD kernels' product where they run
 // (simd_kernels.h says why), else BLAS. BLAS is column-major, so it computes
@@ -74,14 +81,27 @@ inline bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
 template <typename T>
 void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
              const T* A, int64_t lda, const T* B, int64_t ldb, T beta, T* C,
-             int64_t ldc) {
+             int64_t ldc, GemmOutput out = GemmOutput::kFull) {
   if (M == 0 || N == 0) return;
+  TORCH_INTERNAL_ASSERT(out != GemmOutput::kUpper || M == N, "gemm_rm: kUpper needs a square C");
   if constexpr (std::is_same_v<T, float>) {
     const SimdKernels* simd = trans_b ? nullptr : float32_simd_kernels();
     if (simd != nullptr) {
-      simd->gemm(trans_a, M, N, K, A, lda, B, ldb, beta != 0.f, C, ldc);
+      simd->gemm({trans_a, beta != 0.f, out == GemmOutput::kRelu, out == GemmOutput::kUpper}, M,
+                 N, K, A, lda, B, ldb, C, ldc);
       return;
     }
+  }
+  if (out == GemmOutput::kUpper) {
+    // Blocks of kUpperBlock rows from their diagonal on: about half the work.
+    constexpr int64_t kUpperBlock = 32;
+    for (int64_t b0 = 0; b0 < M; b0 += kUpperBlock) {
+      const int64_t rows = std::min(kUpperBlock, M - b0);
+      const T* Ab = trans_a ? A + b0 : A + b0 * lda;
+      gemm_rm<T>(trans_a, trans_b, rows, N - b0, K, Ab, lda, trans_b ? B + b0 * ldb : B + b0, ldb,
+                 beta, C + b0 * ldc + b0, ldc);
+    }
+    return;
   }
   auto blas = fortran_gemm<T>();
   if (K > 0 && blas != nullptr && fits_int(M) && fits_int(N) && fits_int(K) &&
@@ -91,21 +111,23 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
     const int la = int(ldb), lb = int(lda), lc = int(ldc);
     const T one = T(1);
     blas(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
-    return;
-  }
-  for (int64_t i = 0; i < M; ++i) {
-    T* c = C + i * ldc;
-    for (int64_t j = 0; j < N; ++j) c[j] = beta == T(0) ? T(0) : beta * c[j];
-    for (int64_t p = 0; p < K; ++p) {
-      const T av = trans_a ? A[p * lda + i] : A[i * lda + p];
-      if (trans_b) {
-        for (int64_t j = 0; j < N; ++j) c[j] += av * B[j * ldb + p];
-      } else {
-        const T* b = B + p * ldb;
-        for (int64_t j = 0; j < N; ++j) c[j] += av * b[j];
+  } else {
+    for (int64_t i = 0; i < M; ++i) {
+      T* c = C + i * ldc;
+      for (int64_t j = 0; j < N; ++j) c[j] = beta == T(0) ? T(0) : beta * c[j];
+      for (int64_t p = 0; p < K; ++p) {
+        const T av = trans_a ? A[p * lda + i] : A[i * lda + p];
+        if (trans_b) {
+          for (int64_t j = 0; j < N; ++j) c[j] += av * B[j * ldb + p];
+        } else {
+          const T* b = B + p * ldb;
+          for (int64_t j = 0; j < N; ++j) c[j] += av * b[j];
+        }
       }
     }
   }
+  if (out == GemmOutput::kRelu)
+    for (int64_t i = 0; i < M; ++i) relu_inplace(C + i * ldc, N);
 }
 
 // MKL on one thread while the guard lives (see parallel_for_sequential_blas).

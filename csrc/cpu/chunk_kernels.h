@@ -22,22 +22,24 @@ namespace torchext {
 namespace cpu {
 
 // Per-thread buffers for one chunk of `rows` rows, uninitialised; only those
-// the plan uses get space (u: direct; y: direct and folded).
+// the plan uses get space (u: direct; y: direct and folded; gr, the Gram's
+// g ⊙ r: folded and quadratic).
 template <typename T>
 struct ChunkScratch {
   ThreadArena<struct ChunkBuffersTag> arena;
-  T *r, *q, *u, *y, *p, *f;
+  T *r, *q, *u, *y, *p, *gr, *f;
   ChunkScratch(const Dims& d, Plan plan, int64_t rows) {
     const int64_t nr = padded_elems(rows * d.k),
                   nu = plan == Plan::kDirect ? padded_elems(rows * d.m) : 0,
                   ny = plan == Plan::kQuadratic ? 0 : padded_elems(rows * d.ell),
-                  nf = padded_elems(rows);
-    r = aligned_block<T>(arena, 3 * nr + nu + ny + nf);
+                  ng = plan == Plan::kDirect ? 0 : nr, nf = padded_elems(rows);
+    r = aligned_block<T>(arena, 3 * nr + nu + ny + ng + nf);
     q = r + nr;
     p = q + nr;
     u = p + nr;
     y = u + nu;
-    f = y + ny;
+    gr = y + ny;
+    f = gr + ng;
   }
 };
 
@@ -153,8 +155,7 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
                    const T* zc, int64_t n, bool save, T* f, T* r, T* q,
                    ChunkScratch<T>& s) {
   const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
-  gemm_rm<T>(false, false, n, k, d, zc, d, op.Wt, k, T(0), r, k);
-  relu_inplace(r, n * k);
+  gemm_rm<T>(false, false, n, k, d, zc, d, op.Wt, k, T(0), r, k, GemmOutput::kRelu);
   T* y = s.y;
   switch (plan) {
     case Plan::kDirect: {
@@ -187,10 +188,6 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
   }
 }
 
-
-// Gram blocks: only blocks on or above the diagonal are multiplied (about
-// half the work of a full product), the rest is mirrored at the end.
-inline constexpr int64_t kGramBlock = 32;
 
 // What every backward chunk of one call shares.
 template <typename T>
@@ -250,7 +247,7 @@ void direct_chain_chunk(const BackwardCall<T>& call, const PartitionSlots<T>& su
 
 // One chunk of the backward, rows [r0, r0 + n): r and q (saved, or
 // recomputed), p = ∂(Σ g f)/∂x by the plan's route, then dz, and dW and the
-// Gram (upper block triangle only) into the partition's sums.
+// Gram (upper triangle only) into the partition's sums.
 template <typename T>
 void backward_chunk(const BackwardCall<T>& call, const PartitionSlots<T>& sums, int64_t r0,
                     int64_t n, const T* gc, bool first, ChunkScratch<T>& s) {
@@ -263,28 +260,22 @@ void backward_chunk(const BackwardCall<T>& call, const PartitionSlots<T>& sums, 
   const T* r = recompute ? s.r : call.r_saved + r0 * k;
   const T* q = recompute ? s.q : call.q_saved + r0 * k;
   if (recompute && direct) {  // the direct chain needs r only
-    gemm_rm<T>(false, false, n, k, d, zc, d, op.Wt, k, T(0), s.r, k);
-    relu_inplace(s.r, n * k);
+    gemm_rm<T>(false, false, n, k, d, zc, d, op.Wt, k, T(0), s.r, k, GemmOutput::kRelu);
   } else if (recompute) {
     forward_chunk(call.dims, call.plan, op, zc, n, /*save=*/call.need_p, s.f, s.r, s.q, s);
   }
   T* p = s.p;
   if (direct) {
     direct_chain_chunk(call, sums, n, gc, r, q, first, s);
-  } else if (call.need_p) {  // p = 2 g q ⊙ 1[r > 0]
-    relu_grad_rows(n, k, gc, q, r, p);
+  } else {  // p = 2 g q ⊙ 1[r > 0], and the Gram's g ⊙ r
+    relu_grads(n, k, gc, q, r, call.need_p ? p : nullptr, call.use_gram ? s.gr : nullptr);
   }
   if (call.need_p) {
     if (sums.gW) gemm_rm<T>(true, false, k, d, n, p, k, zc, d, beta, sums.gW, d);
     if (call.gz) gemm_rm<T>(false, false, n, d, k, p, k, op.W, d, T(0), call.gz + r0 * d, d);
   }
-  if (call.use_gram) {  // G += (g ⊙ r)ᵀ r, upper block triangle only
-    scale_rows(n, k, gc, r, p);
-    for (int64_t b0 = 0; b0 < k; b0 += kGramBlock) {
-      const int64_t bn = std::min(kGramBlock, k - b0);
-      gemm_rm<T>(true, false, bn, k - b0, n, p + b0, k, r + b0, k, beta, sums.G + b0 * k + b0, k);
-    }
-  }
+  if (call.use_gram)  // G += (g ⊙ r)ᵀ r, upper triangle only (mirrored at the end)
+    gemm_rm<T>(true, false, k, k, n, s.gr, k, r, k, beta, sums.G, k, GemmOutput::kUpper);
 }
 
 }  // namespace cpu

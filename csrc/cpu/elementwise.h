@@ -1,10 +1,12 @@
 // The elementwise steps of the per-chunk algebra: ReLU and its derivative,
-// row and column scalings, and the rows' dot products.
+// a column scaling, and the rows' dot products.
 #pragma once
 
+#include "kernel_set.h"
 #include "portability.h"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace torchext {
 namespace cpu {
@@ -24,17 +26,27 @@ void relu_inplace(T* __restrict__ x, int64_t n) {
 
 // p = (2 g_i q_ij) where not r_ij <= 0, else 0: ReLU's derivative as torch's
 // threshold_backward — a select, so a NaN upstream stays out of inactive
-// units, and a NaN unit (r NaN) passes its gradient through.
+// units, and a NaN unit (r NaN) passes its gradient through; and gr = g_i r_ij
+// (the Gram's left operand). Either output may be null. One pass, on the
+// SIMD kernels where they run.
 template <typename T>
-void relu_grad_rows(int64_t n, int64_t k, const T* __restrict__ g,
-                    const T* __restrict__ q, const T* __restrict__ r,
-                    T* __restrict__ p) {
+void relu_grads(int64_t n, int64_t k, const T* __restrict__ g, const T* __restrict__ q,
+                const T* __restrict__ r, T* __restrict__ p, T* __restrict__ gr) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (const SimdKernels* simd = float32_simd_kernels()) {
+      simd->relu_grads(n, k, g, q, r, p, gr);
+      return;
+    }
+  }
   for (int64_t i = 0; i < n; ++i) {
     const T s = T(2) * g[i];
-    for (int64_t j = 0; j < k; ++j) {
-      const T v = s * q[i * k + j];
-      p[i * k + j] = r[i * k + j] <= T(0) ? T(0) : v;
-    }
+    if (p != nullptr)
+      for (int64_t j = 0; j < k; ++j) {
+        const T v = s * q[i * k + j];
+        p[i * k + j] = r[i * k + j] <= T(0) ? T(0) : v;
+      }
+    if (gr != nullptr)
+      for (int64_t j = 0; j < k; ++j) gr[i * k + j] = g[i] * r[i * k + j];
   }
 }
 
@@ -42,16 +54,6 @@ void relu_grad_rows(int64_t n, int64_t k, const T* __restrict__ g,
 template <typename T>
 void relu_grad_inplace(int64_t n, const T* __restrict__ r, T* __restrict__ p) {
   for (int64_t i = 0; i < n; ++i) p[i] = r[i] <= T(0) ? T(0) : p[i];
-}
-
-// out_ij = g_i x_ij
-template <typename T>
-void scale_rows(int64_t n, int64_t k, const T* __restrict__ g,
-                const T* __restrict__ x, T* __restrict__ out) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T s = g[i];
-    for (int64_t j = 0; j < k; ++j) out[i * k + j] = s * x[i * k + j];
-  }
 }
 
 // y_ij *= a_j

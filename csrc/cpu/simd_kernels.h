@@ -66,18 +66,30 @@ struct NarrowBuffers {
   float *dW, *gram;                 // null in a forward
 };
 
+// How a product op(A) B is taken and stored.
+struct GemmOptions {
+  bool trans_a = false;     // op(A) = Aᵀ (A is K × M, row stride lda), else A (M × K)
+  bool accumulate = false;  // add C's old value
+  bool relu = false;        // store relu of the result (torch.relu: NaN stays NaN)
+  bool upper = false;       // C square: only its elements on or above the diagonal are
+                            // needed (those below may be left as they were, or written)
+};
+
 struct SimdKernels {
   const char* name;
   int64_t lanes;  // floats per vector
-  // Row-major C (M × N) = op(A) B, plus C's old value when accumulate. op(A)
-  // = A (M × K, row stride lda) or, when trans_a, Aᵀ (A is K × M). Every
-  // element of C is the same sum over K whatever M and N (blocks of 256 in
-  // order), so results do not depend on how the work is split.
-  void (*gemm)(bool trans_a, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-               const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc);
+  // Row-major C (M × N) = op(A) B (see GemmOptions). Every element of C is
+  // the same sum over K whatever M and N (blocks of 256 in order), so results
+  // do not depend on how the work is split.
+  void (*gemm)(const GemmOptions& o, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+               const float* B, int64_t ldb, float* C, int64_t ldc);
   // T = Xᵀ: X is rows × cols (row stride ldx), T cols × rows (row stride ldt).
   void (*transpose)(int64_t rows, int64_t cols, const float* X, int64_t ldx, float* T,
                     int64_t ldt);
+  // For n rows of k (row-major, contiguous): p = 2 g_i q where not r <= 0,
+  // else 0 (torch's threshold_backward), and gr = g_i r; either may be null.
+  void (*relu_grads)(int64_t n, int64_t k, const float* g, const float* q, const float* r,
+                     float* p, float* gr);
   // f for rows [0, n) of z (n × d); r and q (n × k) too when given.
   void (*narrow_forward)(const NarrowWeights& w, const float* z, int64_t n, float* f, float* r,
                          float* q, const NarrowBuffers& b);

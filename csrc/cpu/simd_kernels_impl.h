@@ -5,8 +5,8 @@
 //
 // Matrix product: C in register tiles of kGemmRows rows × kGemmVecs vectors,
 // each step one broadcast of A per row and kGemmVecs loads of B; K in blocks
-// of 256 summed into C in order, a panel of B staying in L1 while the row
-// tiles stream past it.
+// of 256 summed into C in order, a column panel of B copied into a contiguous
+// buffer that stays in L1 while the row tiles stream past it.
 //
 // Narrow chain: a block of kNarrowBlock samples is held feature-major, so a
 // vector holds one feature of kLanes samples and no per-sample horizontal
@@ -27,10 +27,15 @@ static_assert(8 % V::kChainRows == 0 && 8 % V::kOuterRows == 0, "tiles divide Kp
 // ---- matrix product ----
 
 // C[t][0 .. NV·L) for t < MR: A's element (t, p) is A[t·a_row + p·a_inner].
-// Masked: the columns past the panel's are masked off (loads 0, stores skip).
+// B: the packed panel (whole vectors, zero past the last column). Masked: C's
+// columns past the panel's are masked off (loads 0, stores skip). Stored: the
+// sum plus C's old value when st.add, relu'd when st.relu.
+struct Store {
+  bool add, relu;
+};
 template <int MR, int NV, bool Masked>
 TX void tile(const float* A, int64_t a_row, int64_t a_inner, const float* B, int64_t ldb,
-             int64_t K, const M (&mask)[V::kGemmVecs], bool accumulate, float* C, int64_t ldc) {
+             int64_t K, const M (&mask)[V::kGemmVecs], Store st, float* C, int64_t ldc) {
   R c[MR][NV];
 #pragma GCC unroll 8
   for (int t = 0; t < MR; ++t)
@@ -40,7 +45,7 @@ TX void tile(const float* A, int64_t a_row, int64_t a_inner, const float* B, int
     const float* b = B + p * ldb;
     R bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = Masked ? V::load_first(mask[v], b + v * L) : V::load(b + v * L);
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + v * L);
     const float* a = A + p * a_inner;
 #pragma GCC unroll 8
     for (int t = 0; t < MR; ++t) {
@@ -54,76 +59,65 @@ TX void tile(const float* A, int64_t a_row, int64_t a_inner, const float* B, int
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       float* out = C + t * ldc + v * L;
+      if (st.add) c[t][v] = V::add(c[t][v], Masked ? V::load_first(mask[v], out) : V::load(out));
+      if (st.relu) c[t][v] = V::relu(c[t][v]);
       if (Masked) {
-        if (accumulate) c[t][v] = V::add(c[t][v], V::load_first(mask[v], out));
         V::store_first(out, mask[v], c[t][v]);
       } else {
-        if (accumulate) c[t][v] = V::add(c[t][v], V::load(out));
         V::store(out, c[t][v]);
       }
     }
   }
 }
 
-// One panel of NV vectors of columns, all rows: kGemmRows-row tiles, then 4, 2, 1.
+// A tile of `rows` rows, 1 <= rows <= kGemmRows (a run-time count to a template's).
+template <int NV, bool Masked, int MR = V::kGemmRows>
+TX void tile_rows(int rows, const float* A, int64_t a_row, int64_t a_inner, const float* B,
+                  int64_t ldb, int64_t K, const M (&mask)[V::kGemmVecs], Store st, float* C,
+                  int64_t ldc) {
+  if constexpr (MR > 1) {
+    if (rows < MR) {
+      tile_rows<NV, Masked, MR - 1>(rows, A, a_row, a_inner, B, ldb, K, mask, st, C, ldc);
+      return;
+    }
+  }
+  tile<MR, NV, Masked>(A, a_row, a_inner, B, ldb, K, mask, st, C, ldc);
+}
+
+// One panel of NV vectors of columns, all rows: kGemmRows-row tiles. A tile
+// of fewer than 4 rows has too few accumulators to hide the FMA latency, so a
+// remainder under 4 rows is merged with the last whole tile and the two split
+// in halves (6 + 2 = 4 + 4, 6 + 1 = 4 + 3, 8 + 3 = 6 + 5).
 template <int NV, bool Masked>
 TX void panel(int64_t Mrows, const float* A, int64_t a_row, int64_t a_inner, const float* B,
-              int64_t ldb, int64_t K, const M (&mask)[V::kGemmVecs], bool acc, float* C,
+              int64_t ldb, int64_t K, const M (&mask)[V::kGemmVecs], Store st, float* C,
               int64_t ldc) {
   constexpr int MR = V::kGemmRows;
+  const int64_t rest = Mrows % MR;
+  const int64_t whole = Mrows / MR - (rest > 0 && rest < 4 && Mrows > MR ? 1 : 0);
   int64_t i = 0;
-  for (; i + MR <= Mrows; i += MR)
-    tile<MR, NV, Masked>(A + i * a_row, a_row, a_inner, B, ldb, K, mask, acc, C + i * ldc, ldc);
-  if (i + 4 <= Mrows) {
-    tile<4, NV, Masked>(A + i * a_row, a_row, a_inner, B, ldb, K, mask, acc, C + i * ldc, ldc);
-    i += 4;
+  for (; i < whole * MR; i += MR)
+    tile<MR, NV, Masked>(A + i * a_row, a_row, a_inner, B, ldb, K, mask, st, C + i * ldc, ldc);
+  for (int64_t left = Mrows - i; left > 0;) {
+    const int rows = int(left > MR ? (left + 1) / 2 : left);
+    tile_rows<NV, Masked>(rows, A + i * a_row, a_row, a_inner, B, ldb, K, mask, st, C + i * ldc, ldc);
+    i += rows;
+    left -= rows;
   }
-  if (i + 2 <= Mrows) {
-    tile<2, NV, Masked>(A + i * a_row, a_row, a_inner, B, ldb, K, mask, acc, C + i * ldc, ldc);
-    i += 2;
-  }
-  if (i < Mrows) tile<1, NV, Masked>(A + i * a_row, a_row, a_inner, B, ldb, K, mask, acc, C + i * ldc, ldc);
 }
 
 // A ragged last panel of `vecs` vectors (1 <= vecs <= NV), masked.
 template <int NV>
 TX void ragged_panel(int vecs, int64_t Mrows, const float* A, int64_t a_row, int64_t a_inner,
                      const float* B, int64_t ldb, int64_t K, const M (&mask)[V::kGemmVecs],
-                     bool acc, float* C, int64_t ldc) {
+                     Store st, float* C, int64_t ldc) {
   if constexpr (NV > 1) {
     if (vecs < NV) {
-      ragged_panel<NV - 1>(vecs, Mrows, A, a_row, a_inner, B, ldb, K, mask, acc, C, ldc);
+      ragged_panel<NV - 1>(vecs, Mrows, A, a_row, a_inner, B, ldb, K, mask, st, C, ldc);
       return;
     }
   }
-  panel<NV, true>(Mrows, A, a_row, a_inner, B, ldb, K, mask, acc, C, ldc);
-}
-
-TX void gemm(bool trans_a, int64_t Mrows, int64_t N, int64_t K, const float* A, int64_t lda,
-             const float* B, int64_t ldb, bool accumulate, float* C, int64_t ldc) {
-  if (Mrows <= 0 || N <= 0) return;
-  constexpr int NV = V::kGemmVecs;
-  constexpr int64_t kPanel = NV * L;
-  constexpr int64_t kDepth = 256;
-  const int64_t a_row = trans_a ? 1 : lda, a_inner = trans_a ? lda : 1;
-  int64_t p = 0;
-  do {
-    const int64_t depth = std::min(kDepth, K - p);
-    const bool acc = accumulate || p > 0;
-    const float* Ap = A + p * a_inner;
-    const float* Bp = B + p * ldb;
-    for (int64_t j = 0; j < N; j += kPanel) {
-      const int64_t cols = std::min(kPanel, N - j);
-      M mask[NV];
-      for (int v = 0; v < NV; ++v) mask[v] = V::first(cols - v * L);
-      if (cols == kPanel)
-        panel<NV, false>(Mrows, Ap, a_row, a_inner, Bp + j, ldb, depth, mask, acc, C + j, ldc);
-      else
-        ragged_panel<NV>(int((cols + L - 1) / L), Mrows, Ap, a_row, a_inner, Bp + j, ldb, depth,
-                         mask, acc, C + j, ldc);
-    }
-    p += depth;
-  } while (p < K);
+  panel<NV, true>(Mrows, A, a_row, a_inner, B, ldb, K, mask, st, C, ldc);
 }
 
 // kLanes × kLanes tiles transposed in registers.
@@ -150,6 +144,85 @@ TX void transpose(int64_t rows, int64_t cols, const float* X, int64_t ldx, float
       for (int c = 0; c < L; ++c)
         if (c < nj) V::store_first(T + (j + c) * ldt + i, in_rows, t[c]);
     }
+  }
+}
+
+// B's rows [0, depth) of columns [0, cols) into a kPanel-wide contiguous
+// panel, zero past cols: the tiles then read it with plain loads from L1
+// (B's own rows are often a power-of-two stride apart, which maps them to a
+// few L1 sets that a panel overflows).
+TX void pack_panel(const float* B, int64_t ldb, int64_t depth, int64_t cols, bool next_panel,
+                   float* out) {
+  constexpr int NV = V::kGemmVecs;
+  constexpr int64_t kPanel = NV * L;
+  M mask[NV];
+  for (int v = 0; v < NV; ++v) mask[v] = V::first(cols - v * L);
+  for (int64_t p = 0; p < depth; ++p) {
+    const float* b = B + p * ldb;
+    float* o = out + p * kPanel;
+    // The next panel's part of this row: B is often fresh from memory, and
+    // a column panel's rows are too far apart for the hardware prefetchers.
+    if (next_panel)
+      for (int64_t line = 0; line < kPanel; line += 16) __builtin_prefetch(b + kPanel + line);
+    if (cols == kPanel) {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) V::store(o + v * L, V::load(b + v * L));
+    } else {
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) V::store(o + v * L, V::load_first(mask[v], b + v * L));
+    }
+  }
+}
+
+TX void gemm(const GemmOptions& o, int64_t Mrows, int64_t N, int64_t K, const float* A,
+             int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  if (Mrows <= 0 || N <= 0) return;
+  constexpr int NV = V::kGemmVecs;
+  constexpr int64_t kPanel = NV * L;
+  constexpr int64_t kDepth = 256;
+  alignas(64) float packed[kDepth * kPanel];
+  const int64_t a_row = o.trans_a ? 1 : lda, a_inner = o.trans_a ? lda : 1;
+  int64_t p = 0;
+  do {
+    const int64_t depth = std::min(kDepth, K - p);
+    const Store st{o.accumulate || p > 0, o.relu && p + depth >= K};
+    const float* Ap = A + p * a_inner;
+    for (int64_t j = 0; j < N; j += kPanel) {
+      const int64_t cols = std::min(kPanel, N - j);
+      // upper: rows past the panel's last column are below the diagonal
+      const int64_t rows = o.upper ? std::min(Mrows, j + cols) : Mrows;
+      pack_panel(B + p * ldb + j, ldb, depth, cols, j + kPanel < N, packed);
+      M mask[NV];
+      for (int v = 0; v < NV; ++v) mask[v] = V::first(cols - v * L);
+      if (cols == kPanel)
+        panel<NV, false>(rows, Ap, a_row, a_inner, packed, kPanel, depth, mask, st, C + j, ldc);
+      else
+        ragged_panel<NV>(int((cols + L - 1) / L), rows, Ap, a_row, a_inner, packed, kPanel, depth,
+                         mask, st, C + j, ldc);
+    }
+    p += depth;
+  } while (p < K);
+}
+
+// Rows of k: p = 2 g q where not r <= 0 (else 0), and gr = g r (each where
+// not null), in one pass (see store_relu_grad for the select).
+TX void relu_grads(int64_t n, int64_t k, const float* g, const float* q, const float* r, float* p,
+                   float* gr) {
+  const M tail = V::first(k % L);
+  for (int64_t i = 0; i < n; ++i) {
+    const R gv = V::set1(g[i]), g2 = V::add(gv, gv);
+    const int64_t o = i * k;
+    int64_t j = 0;
+    for (; j + L <= k; j += L) {
+      const R rv = V::load(r + o + j);
+      if (p != nullptr) V::store(p + o + j, V::where_active(rv, V::mul(g2, V::load(q + o + j))));
+      if (gr != nullptr) V::store(gr + o + j, V::mul(gv, rv));
+    }
+    if (j == k) continue;
+    const R rv = V::load_first(tail, r + o + j);
+    if (p != nullptr)
+      V::store_first(p + o + j, tail, V::where_active(rv, V::mul(g2, V::load_first(tail, q + o + j))));
+    if (gr != nullptr) V::store_first(gr + o + j, tail, V::mul(gv, rv));
   }
 }
 
@@ -402,7 +475,8 @@ TX float fma_loop(int64_t iters) {
 }
 
 inline const SimdKernels* table(const char* name) {
-  static const SimdKernels t{name, L, gemm, transpose, narrow_forward, narrow_backward, fma_loop};
+  static const SimdKernels t{name, L, gemm, transpose, relu_grads, narrow_forward, narrow_backward,
+                             fma_loop};
   return &t;
 }
 

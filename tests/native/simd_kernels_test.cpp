@@ -43,37 +43,42 @@ void expect_close(const char* set, const std::string& what, double got, double w
     std::printf("FAIL %s %s: got %.9g, want %.9g (scale %.3g)\n", set, what.c_str(), got, want, scale);
 }
 
+// relu: every element's sum, then relu; upper (square C only): the elements
+// on or above the diagonal (those below are unspecified).
 void test_gemm(const SimdKernels& k) {
-  const int64_t sizes[] = {1, 2, 3, 5, 7, 13, 17, 31, 33, 47};
-  for (bool trans_a : {false, true})
-    for (bool accumulate : {false, true})
-      for (int64_t M : sizes)
-        for (int64_t N : sizes)
-          for (int64_t K : {int64_t(1), int64_t(6), int64_t(37), int64_t(300)}) {
-            if ((M * 7 + N * 3 + K) % 3 != 0 && K != 300) continue;  // a third of the grid, all of K = 300
-            const int64_t lda = (trans_a ? M : K) + 3, ldb = N + 5, ldc = N + 2;
-            const std::vector<float> A = randn((trans_a ? K : M) * lda), B = randn(K * ldb);
-            std::vector<float> C = randn(M * ldc), C0 = C;
-            k.gemm(trans_a, M, N, K, A.data(), lda, B.data(), ldb, accumulate, C.data(), ldc);
-            for (int64_t i = 0; i < M; ++i)
-              for (int64_t j = 0; j < ldc; ++j) {
-                const std::string at = "gemm M=" + std::to_string(M) + " N=" + std::to_string(N) +
-                                       " K=" + std::to_string(K) + (trans_a ? " Aᵀ" : "") +
-                                       (accumulate ? " +=" : "") + " (" + std::to_string(i) + "," +
-                                       std::to_string(j) + ")";
-                if (j >= N) {  // the padding past each row is not touched
-                  expect_close(k.name, at + " padding", C[i * ldc + j], C0[i * ldc + j], 0);
-                  continue;
-                }
-                double want = accumulate ? C0[i * ldc + j] : 0.0, scale = std::fabs(want);
-                for (int64_t p = 0; p < K; ++p) {
-                  const double a = trans_a ? A[p * lda + i] : A[i * lda + p];
-                  want += a * B[p * ldb + j];
-                  scale += std::fabs(a * B[p * ldb + j]);
-                }
-                expect_close(k.name, at, C[i * ldc + j], want, scale);
+  // (10, 11, 19: the 8 + 2, 8 + 3 row splits of the widest tiles)
+  const int64_t sizes[] = {1, 2, 3, 5, 7, 10, 11, 13, 17, 19, 31, 33, 47};
+  for (int variant = 0; variant < 12; ++variant)
+    for (int64_t M : sizes)
+      for (int64_t N : sizes)
+        for (int64_t K : {int64_t(1), int64_t(6), int64_t(37), int64_t(300)}) {
+          const GemmOptions o{(variant & 1) != 0, (variant & 2) != 0, variant >= 4 && variant < 8, variant >= 8};
+          if (o.upper ? M != N : (M * 7 + N * 3 + K) % 3 != 0 && K != 300) continue;  // a third of the grid, all of K = 300
+          const int64_t lda = (o.trans_a ? M : K) + 3, ldb = N + 5, ldc = N + 2;
+          const std::vector<float> A = randn((o.trans_a ? K : M) * lda), B = randn(K * ldb);
+          std::vector<float> C = randn(M * ldc), C0 = C;
+          k.gemm(o, M, N, K, A.data(), lda, B.data(), ldb, C.data(), ldc);
+          for (int64_t i = 0; i < M; ++i)
+            for (int64_t j = 0; j < ldc; ++j) {
+              const std::string at = "gemm M=" + std::to_string(M) + " N=" + std::to_string(N) +
+                                     " K=" + std::to_string(K) + (o.trans_a ? " Aᵀ" : "") +
+                                     (o.accumulate ? " +=" : "") + (o.relu ? " relu" : "") +
+                                     (o.upper ? " upper" : "") + " (" + std::to_string(i) + "," +
+                                     std::to_string(j) + ")";
+              if (j >= N) {  // the padding past each row is not touched
+                expect_close(k.name, at + " padding", C[i * ldc + j], C0[i * ldc + j], 0);
+                continue;
               }
-          }
+              if (o.upper && i > j) continue;
+              double want = o.accumulate ? C0[i * ldc + j] : 0.0, scale = std::fabs(want);
+              for (int64_t p = 0; p < K; ++p) {
+                const double a = o.trans_a ? A[p * lda + i] : A[i * lda + p];
+                want += a * B[p * ldb + j];
+                scale += std::fabs(a * B[p * ldb + j]);
+              }
+              expect_close(k.name, at, C[i * ldc + j], o.relu ? std::max(want, 0.0) : want, scale);
+            }
+        }
 }
 
 void test_transpose(const SimdKernels& k) {
@@ -98,6 +103,35 @@ struct Aligned {
   float* get() { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t{63}); }
   std::vector<float> raw;
 };
+
+// Exactly the generic loop's values (the same two roundings per element), with
+// zeros, negatives, infinities and NaN in r, q and g; either output alone.
+void test_relu_grads(const SimdKernels& k) {
+  const float specials[] = {0.f, -0.f, -1.5f, INFINITY, -INFINITY, NAN};
+  for (int64_t n : {1, 3})
+    for (int64_t width : {1, 5, 8, 13, 16, 17, 33}) {
+      std::vector<float> q = randn(n * width), r = randn(n * width), g = randn(n);
+      for (int64_t e = 0; e < n * width; e += 3) r[e] = specials[e % 6], q[(e + 1) % (n * width)] = specials[(e + 2) % 6];
+      g[0] = n > 1 ? NAN : g[0];
+      for (int outputs = 1; outputs < 4; ++outputs) {
+        std::vector<float> p(n * width, 7.f), gr(n * width, 7.f);
+        k.relu_grads(n, width, g.data(), q.data(), r.data(), outputs & 1 ? p.data() : nullptr,
+                     outputs & 2 ? gr.data() : nullptr);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < width; ++j) {
+            const int64_t e = i * width + j;
+            const float want_p = outputs & 1 ? (r[e] <= 0.f ? 0.f : (2.f * g[i]) * q[e]) : 7.f;
+            const float want_gr = outputs & 2 ? g[i] * r[e] : 7.f;
+            const bool same = (std::isnan(p[e]) ? std::isnan(want_p) : p[e] == want_p) &&
+                              (std::isnan(gr[e]) ? std::isnan(want_gr) : gr[e] == want_gr);
+            if (!same && ++failures <= 20)
+              std::printf("FAIL %s relu_grads n=%lld k=%lld (%lld,%lld): p %g want %g, gr %g want %g\n", k.name,
+                          static_cast<long long>(n), static_cast<long long>(width), static_cast<long long>(i),
+                          static_cast<long long>(j), p[e], want_p, gr[e], want_gr);
+          }
+      }
+    }
+}
 
 void test_narrow(const SimdKernels& k) {
   for (int64_t d : {1, 3, 16, 17, 40})
@@ -198,7 +232,7 @@ void test_products_agree_bitwise(const std::vector<const SimdKernels*>& sets) {
         std::vector<float> first;
         for (const SimdKernels* k : sets) {
           std::vector<float> C(static_cast<size_t>(M * N));
-          k->gemm(false, M, N, K, A.data(), K, B.data(), N, false, C.data(), N);
+          k->gemm({}, M, N, K, A.data(), K, B.data(), N, C.data(), N);
           if (first.empty()) first = C;
           else if (std::memcmp(first.data(), C.data(), sizeof(float) * C.size()) != 0 && ++failures <= 20)
             std::printf("FAIL %s and %s products differ (M=%lld N=%lld K=%lld)\n", sets[0]->name, k->name,
@@ -230,9 +264,10 @@ int main() {
     const int before = failures;
     test_gemm(*k);
     test_transpose(*k);
+    test_relu_grads(*k);
     test_narrow(*k);
     std::printf("%s (%lld lanes): %s\n", k->name, static_cast<long long>(k->lanes),
-                failures == before ? "gemm, transpose and narrow chain match float64" : "FAILED");
+                failures == before ? "gemm, transpose, relu_grads and narrow chain match float64" : "FAILED");
     ++tested;
     runnable.push_back(k);
   }
