@@ -151,12 +151,10 @@ TX void transpose(int64_t rows, int64_t cols, const float* X, int64_t ldx, float
 // panel, zero past cols: the tiles then read it with plain loads from L1
 // (B's own rows are often a power-of-two stride apart, which maps them to a
 // few L1 sets that a panel overflows).
-TX void pack_panel(const float* B, int64_t ldb, int64_t depth, int64_t cols, bool next_panel,
-                   float* out) {
+TX void pack_panel(const float* B, int64_t ldb, int64_t depth, int64_t cols,
+                   const M (&mask)[V::kGemmVecs], bool next_panel, float* out) {
   constexpr int NV = V::kGemmVecs;
   constexpr int64_t kPanel = NV * L;
-  M mask[NV];
-  for (int v = 0; v < NV; ++v) mask[v] = V::first(cols - v * L);
   for (int64_t p = 0; p < depth; ++p) {
     const float* b = B + p * ldb;
     float* o = out + p * kPanel;
@@ -191,9 +189,9 @@ TX void gemm(const GemmOptions& o, int64_t Mrows, int64_t N, int64_t K, const fl
       const int64_t cols = std::min(kPanel, N - j);
       // upper: rows past the panel's last column are below the diagonal
       const int64_t rows = o.upper ? std::min(Mrows, j + cols) : Mrows;
-      pack_panel(B + p * ldb + j, ldb, depth, cols, j + kPanel < N, packed);
       M mask[NV];
       for (int v = 0; v < NV; ++v) mask[v] = V::first(cols - v * L);
+      pack_panel(B + p * ldb + j, ldb, depth, cols, mask, j + kPanel < N, packed);
       if (cols == kPanel)
         panel<NV, false>(rows, Ap, a_row, a_inner, packed, kPanel, depth, mask, st, C + j, ldc);
       else
@@ -204,24 +202,26 @@ TX void gemm(const GemmOptions& o, int64_t Mrows, int64_t N, int64_t K, const fl
   } while (p < K);
 }
 
-// Rows of k: p = 2 g q where not r <= 0 (else 0), and gr = g r (each where
-// not null), in one pass (see store_relu_grad for the select).
+// p = 2 g q where not r <= 0, else 0: threshold_backward's select, so a NaN
+// unit passes its gradient and a NaN g stays out of inactive units.
+TX inline R relu_grad_of(R g, R r, R q) { return V::where_active(r, V::mul(V::add(g, g), q)); }
+
+// Rows of k: p (relu_grad_of) and gr = g r, each where not null, in one pass.
 TX void relu_grads(int64_t n, int64_t k, const float* g, const float* q, const float* r, float* p,
                    float* gr) {
   const M tail = V::first(k % L);
   for (int64_t i = 0; i < n; ++i) {
-    const R gv = V::set1(g[i]), g2 = V::add(gv, gv);
+    const R gv = V::set1(g[i]);
     const int64_t o = i * k;
     int64_t j = 0;
     for (; j + L <= k; j += L) {
       const R rv = V::load(r + o + j);
-      if (p != nullptr) V::store(p + o + j, V::where_active(rv, V::mul(g2, V::load(q + o + j))));
+      if (p != nullptr) V::store(p + o + j, relu_grad_of(gv, rv, V::load(q + o + j)));
       if (gr != nullptr) V::store(gr + o + j, V::mul(gv, rv));
     }
     if (j == k) continue;
     const R rv = V::load_first(tail, r + o + j);
-    if (p != nullptr)
-      V::store_first(p + o + j, tail, V::where_active(rv, V::mul(g2, V::load_first(tail, q + o + j))));
+    if (p != nullptr) V::store_first(p + o + j, tail, relu_grad_of(gv, rv, V::load_first(tail, q + o + j)));
     if (gr != nullptr) V::store_first(gr + o + j, tail, V::mul(gv, rv));
   }
 }
@@ -280,11 +280,9 @@ TX void store_transposed(const float* T, int64_t cols, int64_t ns, float* X, int
   }
 }
 
-// One vector of samples of p = 2 g q where not r <= 0 (else 0), and of g r:
-// threshold_backward's select, so a NaN unit passes its gradient and a NaN g
-// stays out of inactive units.
+// One vector of samples of p (relu_grad_of) and of g r.
 TX inline void store_relu_grad(R g, R r, R q, float* p, float* gr) {
-  V::store(p, V::where_active(r, V::mul(V::add(g, g), q)));
+  V::store(p, relu_grad_of(g, r, q));
   V::store(gr, V::mul(g, r));
 }
 
