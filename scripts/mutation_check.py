@@ -27,11 +27,11 @@ STALE_TEST = "tests/test_plans.py::test_buffers_never_show_stale_memory"
 MUTATIONS = {
     # ReLU's derivative dropped from each plan's backward.
     "relu-mask-direct": ("csrc/cpu/elementwise.h",
-                         "  for (int64_t i = 0; i < n; ++i) p[i] = r[i] <= T(0) ? T(0) : p[i];",
-                         "  for (int64_t i = 0; i < n; ++i) p[i] = p[i];", CORE_TESTS),
+                         "p[i * ldp + j] = r[i * k + j] <= T(0) ? T(0) : p[i * ldp + j];",
+                         "p[i * ldp + j] = p[i * ldp + j];", CORE_TESTS),
     "relu-mask-folded-quadratic": ("csrc/cpu/elementwise.h",
-                                   "        p[i * k + j] = r[i * k + j] <= T(0) ? T(0) : v;",
-                                   "        p[i * k + j] = v;", CORE_TESTS),
+                                   "        p[i * ldo + j] = r[i * k + j] <= T(0) ? T(0) : v;",
+                                   "        p[i * ldo + j] = v;", CORE_TESTS),
     # (the SIMD kernels' one select: the narrow kernels' and the chunks' relu_grads)
     "relu-mask-simd-kernels": ("csrc/cpu/simd_kernels_impl.h",
                                "{ return V::where_active(r, V::mul(V::add(g, g), q)); }",

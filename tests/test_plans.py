@@ -34,6 +34,9 @@ PLAN_SHAPES = {
     # (under 8 MiB) or its own allocation (over)
     "shared-weight-copies": ((40,), 8, 8, 600, 800),
     "shared-weight-copies-large": ((40,), 8, 8, 1100, 2100),
+    # rows of k = 64 are a multiple of 256 bytes (float32 and float64): p and
+    # g ⊙ r get a padded row stride (spread_stride in chunk_kernels.h)
+    "padded-rows": ((300,), 40, 64, 12, 9),
 }
 
 
@@ -211,7 +214,7 @@ def test_module_plan_argument():
 # poisoned, a slot that were only ever added to, or never written, shows as NaN.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("plan", PLANS)
-@pytest.mark.parametrize("shape", ["ell>k", "many-chunks", "many-chunks-kept", "ell<k"])
+@pytest.mark.parametrize("shape", ["ell>k", "many-chunks", "many-chunks-kept", "ell<k", "padded-rows"])
 def test_buffers_never_show_stale_memory(shape, plan, dtype):
     import itertools
 

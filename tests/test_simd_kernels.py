@@ -104,6 +104,9 @@ AGREE_CASES = [
     (((1,), 16, 16, 16, 16), "direct", 11),
     (((13,), 1, 3, 2, 1), "direct", 12),
     (((515,), 70, 64, 64, 64), "direct", 13),
+    # float32 rows of k = 64 are 256 bytes: p and g ⊙ r on a padded row stride
+    (((300,), 40, 64, 20, 30), "quadratic", 14),
+    (((300,), 40, 64, 20, 30), "folded", 15),
 ]
 
 

@@ -21,22 +21,35 @@
 namespace torchext {
 namespace cpu {
 
+// Rows of k elements ldp apart: k plus one cache line where k's rows are a
+// multiple of 256 bytes. The backward's transposed-A products walk p and
+// g ⊙ r down their columns; rows a multiple of 256 bytes apart fall in at
+// most a quarter of L1's sets (64 sets of 64-byte lines), which such a walk
+// overflows, while an odd number of lines apart they cycle through all of them.
+template <typename T>
+int64_t spread_stride(int64_t k) {
+  constexpr int64_t line = 64 / int64_t(sizeof(T));
+  return k > 0 && (k * int64_t(sizeof(T))) % 256 == 0 ? k + line : k;
+}
+
 // Per-thread buffers for one chunk of `rows` rows, uninitialised; only those
 // the plan uses get space (u: direct; y: direct and folded; gr, the Gram's
-// g ⊙ r: folded and quadratic).
+// g ⊙ r: folded and quadratic). p and gr have rows ldp apart, the others
+// are contiguous.
 template <typename T>
 struct ChunkScratch {
   ThreadArena<struct ChunkBuffersTag> arena;
   T *r, *q, *u, *y, *p, *gr, *f;
-  ChunkScratch(const Dims& d, Plan plan, int64_t rows) {
-    const int64_t nr = padded_elems(rows * d.k),
+  int64_t ldp;
+  ChunkScratch(const Dims& d, Plan plan, int64_t rows) : ldp(spread_stride<T>(d.k)) {
+    const int64_t nr = padded_elems(rows * d.k), np = padded_elems(rows * ldp),
                   nu = plan == Plan::kDirect ? padded_elems(rows * d.m) : 0,
                   ny = plan == Plan::kQuadratic ? 0 : padded_elems(rows * d.ell),
-                  ng = plan == Plan::kDirect ? 0 : nr, nf = padded_elems(rows);
-    r = aligned_block<T>(arena, 3 * nr + nu + ny + ng + nf);
+                  ng = plan == Plan::kDirect ? 0 : np, nf = padded_elems(rows);
+    r = aligned_block<T>(arena, 2 * nr + np + nu + ny + ng + nf);
     q = r + nr;
     p = q + nr;
-    u = p + nr;
+    u = p + np;
     y = u + nu;
     gr = y + ny;
     f = gr + ng;
@@ -241,8 +254,8 @@ void direct_chain_chunk(const BackwardCall<T>& call, const PartitionSlots<T>& su
   gemm_rm<T>(false, false, n, m, ell, y, ell, op.B, m, T(0), u, m);  // u becomes gu
   if (sums.gV) gemm_rm<T>(true, false, m, k, n, u, m, r, k, beta, sums.gV, k);
   if (!call.need_p) return;
-  gemm_rm<T>(false, false, n, k, m, u, m, op.V, k, T(0), s.p, k);  // gr
-  relu_grad_inplace(n * k, r, s.p);
+  gemm_rm<T>(false, false, n, k, m, u, m, op.V, k, T(0), s.p, s.ldp);  // gr
+  relu_grad_inplace(n, k, r, s.p, s.ldp);
 }
 
 // One chunk of the backward, rows [r0, r0 + n): r and q (saved, or
@@ -268,14 +281,14 @@ void backward_chunk(const BackwardCall<T>& call, const PartitionSlots<T>& sums, 
   if (direct) {
     direct_chain_chunk(call, sums, n, gc, r, q, first, s);
   } else {  // p = 2 g q ⊙ 1[r > 0], and the Gram's g ⊙ r
-    relu_grads(n, k, gc, q, r, call.need_p ? p : nullptr, call.use_gram ? s.gr : nullptr);
+    relu_grads(n, k, gc, q, r, call.need_p ? p : nullptr, call.use_gram ? s.gr : nullptr, s.ldp);
   }
   if (call.need_p) {
-    if (sums.gW) gemm_rm<T>(true, false, k, d, n, p, k, zc, d, beta, sums.gW, d);
-    if (call.gz) gemm_rm<T>(false, false, n, d, k, p, k, op.W, d, T(0), call.gz + r0 * d, d);
+    if (sums.gW) gemm_rm<T>(true, false, k, d, n, p, s.ldp, zc, d, beta, sums.gW, d);
+    if (call.gz) gemm_rm<T>(false, false, n, d, k, p, s.ldp, op.W, d, T(0), call.gz + r0 * d, d);
   }
   if (call.use_gram)  // G += (g ⊙ r)ᵀ r, upper triangle only (mirrored at the end)
-    gemm_rm<T>(true, false, k, k, n, s.gr, k, r, k, beta, sums.G, k, GemmOutput::kUpper);
+    gemm_rm<T>(true, false, k, k, n, s.gr, s.ldp, r, k, beta, sums.G, k, GemmOutput::kUpper);
 }
 
 }  // namespace cpu

@@ -27,14 +27,15 @@ void relu_inplace(T* __restrict__ x, int64_t n) {
 // p = (2 g_i q_ij) where not r_ij <= 0, else 0: ReLU's derivative as torch's
 // threshold_backward — a select, so a NaN upstream stays out of inactive
 // units, and a NaN unit (r NaN) passes its gradient through; and gr = g_i r_ij
-// (the Gram's left operand). Either output may be null. One pass, on the
-// SIMD kernels where they run.
+// (the Gram's left operand). Either output may be null. q and r are rows of
+// k; p and gr rows ldo apart (see ChunkScratch::ldp). One pass, on the SIMD
+// kernels where they run.
 template <typename T>
 void relu_grads(int64_t n, int64_t k, const T* __restrict__ g, const T* __restrict__ q,
-                const T* __restrict__ r, T* __restrict__ p, T* __restrict__ gr) {
+                const T* __restrict__ r, T* __restrict__ p, T* __restrict__ gr, int64_t ldo) {
   if constexpr (std::is_same_v<T, float>) {
     if (const SimdKernels* simd = float32_simd_kernels()) {
-      simd->relu_grads(n, k, g, q, r, p, gr);
+      simd->relu_grads(n, k, g, q, r, p, gr, ldo);
       return;
     }
   }
@@ -43,17 +44,20 @@ void relu_grads(int64_t n, int64_t k, const T* __restrict__ g, const T* __restri
     if (p != nullptr)
       for (int64_t j = 0; j < k; ++j) {
         const T v = s * q[i * k + j];
-        p[i * k + j] = r[i * k + j] <= T(0) ? T(0) : v;
+        p[i * ldo + j] = r[i * k + j] <= T(0) ? T(0) : v;
       }
     if (gr != nullptr)
-      for (int64_t j = 0; j < k; ++j) gr[i * k + j] = g[i] * r[i * k + j];
+      for (int64_t j = 0; j < k; ++j) gr[i * ldo + j] = g[i] * r[i * k + j];
   }
 }
 
-// p = p where not r <= 0, else 0 (threshold_backward on a ready gradient).
+// p = p where not r <= 0, else 0 (threshold_backward on a ready gradient):
+// n rows of k, r's contiguous, p's ldp apart.
 template <typename T>
-void relu_grad_inplace(int64_t n, const T* __restrict__ r, T* __restrict__ p) {
-  for (int64_t i = 0; i < n; ++i) p[i] = r[i] <= T(0) ? T(0) : p[i];
+void relu_grad_inplace(int64_t n, int64_t k, const T* __restrict__ r, T* __restrict__ p,
+                       int64_t ldp) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < k; ++j) p[i * ldp + j] = r[i * k + j] <= T(0) ? T(0) : p[i * ldp + j];
 }
 
 // y_ij *= a_j

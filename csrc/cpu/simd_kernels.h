@@ -86,10 +86,11 @@ struct SimdKernels {
   // T = Xᵀ: X is rows × cols (row stride ldx), T cols × rows (row stride ldt).
   void (*transpose)(int64_t rows, int64_t cols, const float* X, int64_t ldx, float* T,
                     int64_t ldt);
-  // For n rows of k (row-major, contiguous): p = 2 g_i q where not r <= 0,
-  // else 0 (torch's threshold_backward), and gr = g_i r; either may be null.
+  // For n rows of k (q and r row-major, contiguous; p and gr rows ldo >= k
+  // apart): p = 2 g_i q where not r <= 0, else 0 (torch's threshold_backward),
+  // and gr = g_i r; either may be null.
   void (*relu_grads)(int64_t n, int64_t k, const float* g, const float* q, const float* r,
-                     float* p, float* gr);
+                     float* p, float* gr, int64_t ldo);
   // f for rows [0, n) of z (n × d); r and q (n × k) too when given.
   void (*narrow_forward)(const NarrowWeights& w, const float* z, int64_t n, float* f, float* r,
                          float* q, const NarrowBuffers& b);

@@ -206,23 +206,24 @@ TX void gemm(const GemmOptions& o, int64_t Mrows, int64_t N, int64_t K, const fl
 // unit passes its gradient and a NaN g stays out of inactive units.
 TX inline R relu_grad_of(R g, R r, R q) { return V::where_active(r, V::mul(V::add(g, g), q)); }
 
-// Rows of k: p (relu_grad_of) and gr = g r, each where not null, in one pass.
+// p (relu_grad_of) and gr = g r, each where not null, in one pass: q and r
+// rows of k, p and gr rows ldo apart.
 TX void relu_grads(int64_t n, int64_t k, const float* g, const float* q, const float* r, float* p,
-                   float* gr) {
+                   float* gr, int64_t ldo) {
   const M tail = V::first(k % L);
   for (int64_t i = 0; i < n; ++i) {
     const R gv = V::set1(g[i]);
-    const int64_t o = i * k;
+    const int64_t in = i * k, out = i * ldo;
     int64_t j = 0;
     for (; j + L <= k; j += L) {
-      const R rv = V::load(r + o + j);
-      if (p != nullptr) V::store(p + o + j, relu_grad_of(gv, rv, V::load(q + o + j)));
-      if (gr != nullptr) V::store(gr + o + j, V::mul(gv, rv));
+      const R rv = V::load(r + in + j);
+      if (p != nullptr) V::store(p + out + j, relu_grad_of(gv, rv, V::load(q + in + j)));
+      if (gr != nullptr) V::store(gr + out + j, V::mul(gv, rv));
     }
     if (j == k) continue;
-    const R rv = V::load_first(tail, r + o + j);
-    if (p != nullptr) V::store_first(p + o + j, tail, relu_grad_of(gv, rv, V::load_first(tail, q + o + j)));
-    if (gr != nullptr) V::store_first(gr + o + j, tail, V::mul(gv, rv));
+    const R rv = V::load_first(tail, r + in + j);
+    if (p != nullptr) V::store_first(p + out + j, tail, relu_grad_of(gv, rv, V::load_first(tail, q + in + j)));
+    if (gr != nullptr) V::store_first(gr + out + j, tail, V::mul(gv, rv));
   }
 }
 

@@ -164,25 +164,33 @@ class PartitionSums {
     return {slot(kSlotW), slot(kSlotV), slot(kSlotB), slot(kSlotA), slot(kSlotGram)};
   }
 
-  // Each element summed in partition order, on raw pointers: at the small
-  // sizes that split a batch, an add_ per partial cost more than the sums.
+  // Each element summed in partition order, on raw pointers (at the small
+  // sizes that split a batch, an add_ per partial cost more than the sums);
+  // the slots' elements as one range, split across the threads.
   void reduce() {
     if (partials_.size() < 2) return;
+    std::array<int64_t, kSlots + 1> start{};  // slot i: elements [start[i], start[i + 1]) of the range
+    for (int i = 0; i < kSlots; ++i)
+      start[i + 1] = start[i] + (total_[i].defined() ? total_[i].numel() : 0);
+    std::array<T*, kSlots> out{};
+    std::vector<std::array<const T*, kSlots>> in(partials_.size());
     for (int i = 0; i < kSlots; ++i) {
       if (!total_[i].defined()) continue;
-      T* out = total_[i].template mutable_data_ptr<T>();
-      parallel_for_sequential_blas(0, total_[i].numel(), kReduceGrain, [&](int64_t e0, int64_t e1) {
-        for (size_t p = 1; p < partials_.size(); ++p) {
-          const T* in = partials_[p][i].template const_data_ptr<T>();
-          for (int64_t e = e0; e < e1; ++e) out[e] += in[e];
-        }
-      });
+      out[i] = total_[i].template mutable_data_ptr<T>();
+      for (size_t p = 1; p < partials_.size(); ++p) in[p][i] = partials_[p][i].template const_data_ptr<T>();
     }
+    parallel_for_sequential_blas(0, start[kSlots], kReduceGrain, [&](int64_t e0, int64_t e1) {
+      for (int i = 0; i < kSlots; ++i) {
+        const int64_t b = std::max(e0, start[i]) - start[i], e = std::min(e1, start[i + 1]) - start[i];
+        for (size_t p = 1; p < partials_.size(); ++p)
+          for (int64_t x = b; x < e; ++x) out[i][x] += in[p][i][x];
+      }
+    });
   }
 
  private:
   enum Slot { kSlotW, kSlotV, kSlotB, kSlotA, kSlotGram, kSlots };
-  static constexpr int64_t kReduceGrain = int64_t{1} << 15;
+  static constexpr int64_t kReduceGrain = int64_t{1} << 14;
   std::array<at::Tensor, kSlots> total_;
   std::vector<std::array<at::Tensor, kSlots>> partials_;
 };

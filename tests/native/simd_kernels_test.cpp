@@ -105,32 +105,37 @@ struct Aligned {
 };
 
 // Exactly the generic loop's values (the same two roundings per element), with
-// zeros, negatives, infinities and NaN in r, q and g; either output alone.
+// zeros, negatives, infinities and NaN in r, q and g; either output alone;
+// outputs with rows wider than k, whose padding stays untouched.
 void test_relu_grads(const SimdKernels& k) {
   const float specials[] = {0.f, -0.f, -1.5f, INFINITY, -INFINITY, NAN};
   for (int64_t n : {1, 3})
-    for (int64_t width : {1, 5, 8, 13, 16, 17, 33}) {
-      std::vector<float> q = randn(n * width), r = randn(n * width), g = randn(n);
-      for (int64_t e = 0; e < n * width; e += 3) r[e] = specials[e % 6], q[(e + 1) % (n * width)] = specials[(e + 2) % 6];
-      g[0] = n > 1 ? NAN : g[0];
-      for (int outputs = 1; outputs < 4; ++outputs) {
-        std::vector<float> p(n * width, 7.f), gr(n * width, 7.f);
-        k.relu_grads(n, width, g.data(), q.data(), r.data(), outputs & 1 ? p.data() : nullptr,
-                     outputs & 2 ? gr.data() : nullptr);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < width; ++j) {
-            const int64_t e = i * width + j;
-            const float want_p = outputs & 1 ? (r[e] <= 0.f ? 0.f : (2.f * g[i]) * q[e]) : 7.f;
-            const float want_gr = outputs & 2 ? g[i] * r[e] : 7.f;
-            const bool same = (std::isnan(p[e]) ? std::isnan(want_p) : p[e] == want_p) &&
-                              (std::isnan(gr[e]) ? std::isnan(want_gr) : gr[e] == want_gr);
-            if (!same && ++failures <= 20)
-              std::printf("FAIL %s relu_grads n=%lld k=%lld (%lld,%lld): p %g want %g, gr %g want %g\n", k.name,
-                          static_cast<long long>(n), static_cast<long long>(width), static_cast<long long>(i),
-                          static_cast<long long>(j), p[e], want_p, gr[e], want_gr);
-          }
+    for (int64_t width : {1, 5, 8, 13, 16, 17, 33})
+      for (int64_t pad : {0, 3, 16}) {
+        const int64_t ldo = width + pad;
+        std::vector<float> q = randn(n * width), r = randn(n * width), g = randn(n);
+        for (int64_t e = 0; e < n * width; e += 3) r[e] = specials[e % 6], q[(e + 1) % (n * width)] = specials[(e + 2) % 6];
+        g[0] = n > 1 ? NAN : g[0];
+        for (int outputs = 1; outputs < 4; ++outputs) {
+          std::vector<float> p(n * ldo, 7.f), gr(n * ldo, 7.f);
+          k.relu_grads(n, width, g.data(), q.data(), r.data(), outputs & 1 ? p.data() : nullptr,
+                       outputs & 2 ? gr.data() : nullptr, ldo);
+          for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < ldo; ++j) {
+              const int64_t e = i * width + j, o = i * ldo + j;
+              const bool live = j < width;
+              const float want_p = live && outputs & 1 ? (r[e] <= 0.f ? 0.f : (2.f * g[i]) * q[e]) : 7.f;
+              const float want_gr = live && outputs & 2 ? g[i] * r[e] : 7.f;
+              const bool same = (std::isnan(p[o]) ? std::isnan(want_p) : p[o] == want_p) &&
+                                (std::isnan(gr[o]) ? std::isnan(want_gr) : gr[o] == want_gr);
+              if (!same && ++failures <= 20)
+                std::printf("FAIL %s relu_grads n=%lld k=%lld ldo=%lld (%lld,%lld): p %g want %g, gr %g want %g\n",
+                            k.name, static_cast<long long>(n), static_cast<long long>(width),
+                            static_cast<long long>(ldo), static_cast<long long>(i), static_cast<long long>(j),
+                            p[o], want_p, gr[o], want_gr);
+            }
+        }
       }
-    }
 }
 
 void test_narrow(const SimdKernels& k) {
