@@ -75,8 +75,8 @@ inline bool fits_int(int64_t v) { return v <= std::numeric_limits<int>::max(); }
 enum class GemmOutput { kFull, kRelu, kUpper };
 
 // Row-major C(MxN) = op(A)(MxK) * op(B)(KxN) + beta * C, beta 0 or 1:
-// float32 with B untransposed on the SIMD kernels' product where they run
-// (simd_kernels.h says why), else BLAS. BLAS is column-major, so it computes
+// float32 on the SIMD kernels' product where they run (simd_kernels.h says
+// why), else BLAS. BLAS is column-major, so it computes
 // C^T = op(B)^T op(A)^T. Degenerate sizes never reach BLAS.
 template <typename T>
 void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
@@ -85,10 +85,9 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
   if (M == 0 || N == 0) return;
   TORCH_INTERNAL_ASSERT(out != GemmOutput::kUpper || M == N, "gemm_rm: kUpper needs a square C");
   if constexpr (std::is_same_v<T, float>) {
-    const SimdKernels* simd = trans_b ? nullptr : float32_simd_kernels();
-    if (simd != nullptr) {
-      simd->gemm({trans_a, beta != 0.f, out == GemmOutput::kRelu, out == GemmOutput::kUpper}, M,
-                 N, K, A, lda, B, ldb, C, ldc);
+    if (const SimdKernels* simd = float32_simd_kernels()) {
+      simd->gemm({trans_a, beta != 0.f, out == GemmOutput::kRelu, out == GemmOutput::kUpper, trans_b},
+                 M, N, K, A, lda, B, ldb, C, ldc);
       return;
     }
   }

@@ -13,10 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
-#include <array>
 #include <cstdint>
-#include <optional>
-#include <type_traits>
 
 namespace torchext {
 namespace cpu {
@@ -56,110 +53,18 @@ struct ChunkScratch {
   }
 };
 
-// The operands' pointers, and row-major transposes (Wt = Wᵀ, ...) of the
-// weights the chain multiplies by on the right (x = z Wᵀ, u = r Vᵀ, y = u Bᵀ,
-// y = r Mᵀ, q = r Qᵀ): made per call or per task (see CallOperands; in a
-// thread arena: at the tiny sizes, allocating them cost more than
-// transposing), they let every per-chunk product read B untransposed (what
-// the SIMD product takes).
+// The operands' pointers. The chain multiplies by the weights on the right
+// (x = z Wᵀ, u = r Vᵀ, y = u Bᵀ, y = r Mᵀ, q = r Qᵀ), reading them transposed.
 template <typename T>
 struct Operands {
   const T *z, *W, *V, *B, *a, *M, *Q;
-  const T *Wt = nullptr, *Vt = nullptr, *Bt = nullptr, *Mt = nullptr, *Qt = nullptr;
-  ThreadArena<struct WeightCopiesTag> arena;  // holds Wt .. Qt
 };
 
-// Which of W, V and B the chain multiplies by (M and Q: whenever the head has them).
-struct ChainWeights {
-  bool W, V, B;
-};
-
-// T = Xᵀ for a contiguous rows × cols X.
 template <typename T>
-void transpose_into(const T* X, int64_t rows, int64_t cols, T* out) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (const SimdKernels* simd = float32_simd_kernels()) {
-      simd->transpose(rows, cols, X, cols, out, rows);
-      return;
-    }
-  }
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = X[i * cols + j];
-}
-
-// The weights operands() copies transposed, and where it stores each.
-template <typename T>
-struct WeightCopy {
-  const at::Tensor* t;
-  const T** out;
-};
-template <typename T>
-std::array<WeightCopy<T>, 5> weight_copies(const ComputeInputs& in, const Head& head, Plan plan,
-                                           ChainWeights chain, Operands<T>& op) {
-  return {{{chain.W ? &in.W : nullptr, &op.Wt},
-           {chain.V ? &in.V : nullptr, &op.Vt},
-           {chain.B ? &in.B : nullptr, &op.Bt},
-           {plan == Plan::kFolded && head.M.defined() ? &head.M : nullptr, &op.Mt},
-           {plan == Plan::kQuadratic && head.Q.defined() ? &head.Q : nullptr, &op.Qt}}};
-}
-
-// The elements the copies take in the arena.
-template <typename T>
-int64_t copy_elems(const std::array<WeightCopy<T>, 5>& copies) {
-  int64_t total = 0;
-  for (const WeightCopy<T>& w : copies)
-    if (w.t != nullptr) total += padded_elems(w.t->numel());
-  return total;
-}
-
-template <typename T>
-Operands<T> operands(const ComputeInputs& in, const Head& head, Plan plan, ChainWeights chain) {
+Operands<T> operands(const ComputeInputs& in, const Head& head) {
   auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
-  Operands<T> op{ptr(in.z), ptr(in.W), ptr(in.V), ptr(in.B), ptr(in.a), ptr(head.M), ptr(head.Q)};
-  const auto copies = weight_copies<T>(in, head, plan, chain, op);
-  const int64_t total = copy_elems(copies);
-  if (total == 0) return op;
-  T* next = aligned_block<T>(op.arena, total);
-  for (const WeightCopy<T>& w : copies) {
-    if (w.t == nullptr) continue;
-    TORCH_INTERNAL_ASSERT(w.t->is_contiguous() && w.t->dim() == 2);
-    transpose_into(w.t->template const_data_ptr<T>(), w.t->size(0), w.t->size(1), next);
-    *w.out = next;
-    next += padded_elems(w.t->numel());
-  }
-  return op;
+  return {ptr(in.z), ptr(in.W), ptr(in.V), ptr(in.B), ptr(in.a), ptr(head.M), ptr(head.Q)};
 }
-
-// The operands of one call, for its parallel tasks: each task's thread makes
-// its own transposed weights when they are small (a copy that the calling
-// thread rewrites on every call costs another core about as much to read as
-// a small chunk's products), else the call makes one shared copy (large
-// weights: memory and time once, not per thread).
-inline constexpr size_t kPerTaskCopyBytes = size_t{1} << 20;
-template <typename T>
-class CallOperands {
- public:
-  CallOperands(const ComputeInputs& in, const Head& head, Plan plan, ChainWeights chain)
-      : in_(in), head_(head), plan_(plan), chain_(chain) {
-    Operands<T> probe{};
-    const int64_t elems = copy_elems(weight_copies<T>(in, head, plan, chain, probe));
-    if (sizeof(T) * size_t(elems) > kPerTaskCopyBytes) shared_.emplace(operands<T>(in, head, plan, chain));
-  }
-  // The operands of a task, called on its thread: `own` holds the thread's
-  // copies where it makes them.
-  const Operands<T>& for_task(std::optional<Operands<T>>& own) const {
-    if (shared_) return *shared_;
-    own.emplace(operands<T>(in_, head_, plan_, chain_));
-    return *own;
-  }
-
- private:
-  const ComputeInputs& in_;
-  const Head& head_;
-  Plan plan_;
-  ChainWeights chain_;
-  std::optional<Operands<T>> shared_;
-};
 
 // One chunk of the forward: r = relu(z Wᵀ), then the plan's head gives f and,
 // when save, q = Mᵀ diag(a) M r in the plan's association order.
@@ -168,7 +73,7 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
                    const T* zc, int64_t n, bool save, T* f, T* r, T* q,
                    ChunkScratch<T>& s) {
   const int64_t d = dims.d, k = dims.k, m = dims.m, ell = dims.ell;
-  gemm_rm<T>(false, false, n, k, d, zc, d, op.Wt, k, T(0), r, k, GemmOutput::kRelu);
+  gemm_rm<T>(false, true, n, k, d, zc, d, op.W, d, T(0), r, k, GemmOutput::kRelu);
   T* y = s.y;
   switch (plan) {
     case Plan::kDirect: {
@@ -176,8 +81,8 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
       const bool keep_y = save && direct_saves_y(dims);
       T* yd = keep_y ? q : y;
       const int64_t ldy = keep_y ? k : ell;
-      gemm_rm<T>(false, false, n, m, k, r, k, op.Vt, m, T(0), s.u, m);
-      gemm_rm<T>(false, false, n, ell, m, s.u, m, op.Bt, ell, T(0), yd, ldy);
+      gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), s.u, m);
+      gemm_rm<T>(false, true, n, ell, m, s.u, m, op.B, m, T(0), yd, ldy);
       row_dots(n, ell, ldy, yd, yd, op.a, f);
       if (keep_y) {
         for (int64_t i = 0; i < n; ++i) std::fill(q + i * k + ell, q + (i + 1) * k, T(0));
@@ -187,7 +92,7 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
       break;
     }
     case Plan::kFolded:
-      gemm_rm<T>(false, false, n, ell, k, r, k, op.Mt, ell, T(0), y, ell);
+      gemm_rm<T>(false, true, n, ell, k, r, k, op.M, k, T(0), y, ell);
       row_dots(n, ell, ell, y, y, op.a, f);
       if (save) {  // q = Mᵀ (a ⊙ y)
         scale_cols(n, ell, op.a, y);
@@ -195,7 +100,7 @@ void forward_chunk(const Dims& dims, Plan plan, const Operands<T>& op,
       }
       break;
     case Plan::kQuadratic:
-      gemm_rm<T>(false, false, n, k, k, r, k, op.Qt, k, T(0), q, k);
+      gemm_rm<T>(false, true, n, k, k, r, k, op.Q, k, T(0), q, k);
       row_dots<T>(n, k, k, r, q, nullptr, f);
       break;
   }
@@ -236,8 +141,8 @@ void direct_chain_chunk(const BackwardCall<T>& call, const PartitionSlots<T>& su
   const Operands<T>& op = call.op;
   T* u = s.u;
   T* y = s.y;
-  if (!call.saved_y || sums.gB) gemm_rm<T>(false, false, n, m, k, r, k, op.Vt, m, T(0), u, m);
-  if (!call.saved_y) gemm_rm<T>(false, false, n, ell, m, u, m, op.Bt, ell, T(0), y, ell);
+  if (!call.saved_y || sums.gB) gemm_rm<T>(false, true, n, m, k, r, k, op.V, k, T(0), u, m);
+  if (!call.saved_y) gemm_rm<T>(false, true, n, ell, m, u, m, op.B, m, T(0), y, ell);
   const T* y_in = call.saved_y ? q : y;
   const int64_t ld_in = call.saved_y ? k : ell;
   if (T* gA = sums.gA) {
@@ -273,7 +178,7 @@ void backward_chunk(const BackwardCall<T>& call, const PartitionSlots<T>& sums, 
   const T* r = recompute ? s.r : call.r_saved + r0 * k;
   const T* q = recompute ? s.q : call.q_saved + r0 * k;
   if (recompute && direct) {  // the direct chain needs r only
-    gemm_rm<T>(false, false, n, k, d, zc, d, op.Wt, k, T(0), s.r, k, GemmOutput::kRelu);
+    gemm_rm<T>(false, true, n, k, d, zc, d, op.W, d, T(0), s.r, k, GemmOutput::kRelu);
   } else if (recompute) {
     forward_chunk(call.dims, call.plan, op, zc, n, /*save=*/call.need_p, s.f, s.r, s.q, s);
   }

@@ -73,19 +73,17 @@ struct GemmOptions {
   bool relu = false;        // store relu of the result (torch.relu: NaN stays NaN)
   bool upper = false;       // C square: only its elements on or above the diagonal are
                             // needed (those below may be left as they were, or written)
+  bool trans_b = false;     // B is given transposed (N × K, row stride ldb), else K × N
 };
 
 struct SimdKernels {
   const char* name;
   int64_t lanes;  // floats per vector
-  // Row-major C (M × N) = op(A) B (see GemmOptions). Every element of C is
+  // Row-major C (M × N) = op(A) op(B) (see GemmOptions). Every element of C is
   // the same sum over K whatever M and N (blocks of 256 in order), so results
   // do not depend on how the work is split.
   void (*gemm)(const GemmOptions& o, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                const float* B, int64_t ldb, float* C, int64_t ldc);
-  // T = Xᵀ: X is rows × cols (row stride ldx), T cols × rows (row stride ldt).
-  void (*transpose)(int64_t rows, int64_t cols, const float* X, int64_t ldx, float* T,
-                    int64_t ldt);
   // For n rows of k (q and r row-major, contiguous; p and gr rows ldo >= k
   // apart): p = 2 g_i q where not r <= 0, else 0 (torch's threshold_backward),
   // and gr = g_i r; either may be null.

@@ -150,11 +150,18 @@ TX void transpose(int64_t rows, int64_t cols, const float* X, int64_t ldx, float
 // B's rows [0, depth) of columns [0, cols) into a kPanel-wide contiguous
 // panel, zero past cols: the tiles then read it with plain loads from L1
 // (B's own rows are often a power-of-two stride apart, which maps them to a
-// few L1 sets that a panel overflows).
-TX void pack_panel(const float* B, int64_t ldb, int64_t depth, int64_t cols,
+// few L1 sets that a panel overflows). trans_b: B is given transposed, and
+// its rows [0, cols) are transposed into the panel (the weights the chain
+// multiplies by on the right need no transposed copy).
+TX void pack_panel(const float* B, int64_t ldb, bool trans_b, int64_t depth, int64_t cols,
                    const M (&mask)[V::kGemmVecs], bool next_panel, float* out) {
   constexpr int NV = V::kGemmVecs;
   constexpr int64_t kPanel = NV * L;
+  if (trans_b) {
+    if (cols < kPanel) std::fill(out, out + depth * kPanel, 0.f);
+    transpose(cols, depth, B, ldb, out, kPanel);
+    return;
+  }
   for (int64_t p = 0; p < depth; ++p) {
     const float* b = B + p * ldb;
     float* o = out + p * kPanel;
@@ -191,7 +198,8 @@ TX void gemm(const GemmOptions& o, int64_t Mrows, int64_t N, int64_t K, const fl
       const int64_t rows = o.upper ? std::min(Mrows, j + cols) : Mrows;
       M mask[NV];
       for (int v = 0; v < NV; ++v) mask[v] = V::first(cols - v * L);
-      pack_panel(B + p * ldb + j, ldb, depth, cols, mask, j + kPanel < N, packed);
+      const float* Bp = o.trans_b ? B + j * ldb + p : B + p * ldb + j;
+      pack_panel(Bp, ldb, o.trans_b, depth, cols, mask, j + kPanel < N, packed);
       if (cols == kPanel)
         panel<NV, false>(rows, Ap, a_row, a_inner, packed, kPanel, depth, mask, st, C + j, ldc);
       else
@@ -474,7 +482,7 @@ TX float fma_loop(int64_t iters) {
 }
 
 inline const SimdKernels* table(const char* name) {
-  static const SimdKernels t{name, L, gemm, transpose, relu_grads, narrow_forward, narrow_backward,
+  static const SimdKernels t{name, L, gemm, relu_grads, narrow_forward, narrow_backward,
                              fma_loop};
   return &t;
 }

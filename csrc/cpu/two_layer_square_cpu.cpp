@@ -95,7 +95,6 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
                   ForwardOutputs& out) {
   const BatchPlan bp = cpu_batch_plan(dims, plan, /*training=*/false);
   const Head head = fold_head(in, plan, &cpu_mm);
-  const bool direct = plan == Plan::kDirect;
   const bool save = out.r.size(0) == dims.N;
   T* f = out.f.mutable_data_ptr<T>();
   if (save) {
@@ -105,13 +104,9 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
   T* r_saved = save ? out.r.mutable_data_ptr<T>() : nullptr;
   T* q_saved = save ? out.q.mutable_data_ptr<T>() : nullptr;
   const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, in, head);
-  // (The narrow kernels take W and Q from `narrow`; only Q, at most 32 × 32, is still copied.)
-  const CallOperands<T> call_operands(in, head, plan,
-                                      narrow ? ChainWeights{} : ChainWeights{true, direct, direct});
+  const Operands<T> op = operands<T>(in, head);
   // No reduction across samples here, so chunks are the unit of parallelism.
   parallel_for_sequential_blas(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::optional<Operands<T>> own;
-    const Operands<T>& op = call_operands.for_task(own);
     ThreadBuffers<T> buffers(narrow, dims, plan, std::min(bp.chunk_rows, dims.N),
                              /*accumulate=*/false);
     for (int64_t c = c0; c < c1; ++c) {
@@ -240,13 +235,8 @@ void backward_impl(const Dims& dims, const ComputeInputs& in, const at::Tensor& 
   at::Tensor gram = use_gram ? uninitialized({dims.k, dims.k}, in.z.options()) : at::Tensor();
   PartitionSums<T> sums(bp, mask, gram, bufs);
   const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, in, head);
-  const CallOperands<T> call_operands(
-      in, head, plan,
-      narrow ? ChainWeights{}
-             : ChainWeights{recompute, direct && (!saved_y || mask[kB]), direct && !saved_y});
+  const Operands<T> op = operands<T>(in, head);
   parallel_for_sequential_blas(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
-    std::optional<Operands<T>> own;
-    const Operands<T>& op = call_operands.for_task(own);
     const BackwardCall<T> call{dims, plan, op,
                                recompute ? nullptr : r_saved.const_data_ptr<T>(),
                                recompute ? nullptr : q_saved.const_data_ptr<T>(), recompute,
