@@ -14,8 +14,8 @@ from conftest import make_inputs
 
 SHAPES = [((5000,), 24, 40, 12, 9), ((3001,), 8, 8, 8, 8), ((700,), 64, 64, 32, 48),
           ((300,), 24, 32, 96, 80),  # a small batch split by its work per sample
-          ((40,), 8, 8, 600, 800),  # transposed weights shared by the tasks (over 1 MiB)
-          ((40,), 8, 8, 1100, 2100)]  # (and over the 8 MiB a thread keeps)
+          ((40,), 8, 8, 600, 800),  # wide V and B, read transposed by many panels
+          ((40,), 8, 8, 1100, 2100)]  # (and buffers over the 8 MiB a thread keeps)
 PLANS = ["direct", "folded", "quadratic"]
 
 

@@ -29,11 +29,10 @@ PLAN_SHAPES = {
     # direct: a chunk's buffers exceed what a thread keeps across calls (8 MiB);
     # 9 chunks of 256 rows (a batch of fewer would be split into smaller ones)
     "oversized-scratch": ((2100,), 4, 4, 8200, 4),
-    # transposed weights over 1 MiB: one copy shared by the tasks (under it,
-    # each task's thread makes its own), in the calling thread's kept arena
-    # (under 8 MiB) or its own allocation (over)
-    "shared-weight-copies": ((40,), 8, 8, 600, 800),
-    "shared-weight-copies-large": ((40,), 8, 8, 1100, 2100),
+    # wide V and B, read transposed by many column panels; the direct
+    # chain's buffers under and over the 8 MiB a thread keeps across calls
+    "wide-head": ((40,), 8, 8, 600, 800),
+    "wide-head-large": ((40,), 8, 8, 1100, 2100),
     # rows of k = 64 are a multiple of 256 bytes (float32 and float64): p and
     # g ⊙ r get a padded row stride (spread_stride in chunk_kernels.h)
     "padded-rows": ((300,), 40, 64, 12, 9),

@@ -1,6 +1,5 @@
 // The per-chunk algebra of each plan on the CPU: a chunk's buffers, the
-// operands (with the transposes the products read), and one chunk of the
-// forward and of the backward.
+// operands' pointers, and one chunk of the forward and of the backward.
 #pragma once
 
 #include "../buffers.h"
@@ -62,7 +61,11 @@ struct Operands {
 
 template <typename T>
 Operands<T> operands(const ComputeInputs& in, const Head& head) {
-  auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<T>() : nullptr; };
+  // (the products take each weight's row length as its stride)
+  auto ptr = [](const at::Tensor& t) {
+    TORCH_INTERNAL_ASSERT(!t.defined() || t.is_contiguous());
+    return t.defined() ? t.const_data_ptr<T>() : nullptr;
+  };
   return {ptr(in.z), ptr(in.W), ptr(in.V), ptr(in.B), ptr(in.a), ptr(head.M), ptr(head.Q)};
 }
 

@@ -59,7 +59,7 @@ at::Tensor cpu_mm(const at::Tensor& a, const at::Tensor& b) {
   TORCH_INTERNAL_ASSERT(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0));
   at::Tensor out = uninitialized({a.size(0), b.size(1)}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "torchext_cpu_mm", [&] {
-    blocked_mm<scalar_t>(GemmOperand<scalar_t>(a), GemmOperand<scalar_t>(b.contiguous()), a.size(0), b.size(1),
+    blocked_mm<scalar_t>(GemmOperand<scalar_t>(a), GemmOperand<scalar_t>(b), a.size(0), b.size(1),
                          a.size(1), out.mutable_data_ptr<scalar_t>());
   });
   return out;
