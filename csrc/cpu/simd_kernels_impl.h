@@ -158,7 +158,8 @@ TX void pack_panel(const float* B, int64_t ldb, bool trans_b, int64_t depth, int
   constexpr int NV = V::kGemmVecs;
   constexpr int64_t kPanel = NV * L;
   if (trans_b) {
-    for (int64_t p = 0; cols < kPanel && p < depth; ++p) std::fill(out + p * kPanel + cols, out + (p + 1) * kPanel, 0.f);
+    for (int64_t p = 0; cols < kPanel && p < depth; ++p)
+      std::fill(out + p * kPanel + cols, out + (p + 1) * kPanel, 0.f);
     transpose(cols, depth, B, ldb, out, kPanel);
     return;
   }
