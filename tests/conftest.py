@@ -118,7 +118,7 @@ def eager_outputs(inputs, g):
     """f and all five gradients from the eager reference, in the inputs' dtype."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     f = torchext.reference.two_layer_square(*leaves)
-    return f, list(torch.autograd.grad(f, leaves, g.to(f.dtype)))
+    return f, list(torch.autograd.grad(f, leaves, g.to(device=f.device, dtype=f.dtype)))
 
 
 def python_calls_in_torchext(fn):
