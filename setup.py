@@ -161,7 +161,9 @@ def make_extension():
         "csrc/cpu/simd_neon.cpp",
     ]
     # No -std here: cpp_extension picks the standard the installed torch needs (C++17 or C++20).
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0: Python's own CFLAGS, which setuptools passes on, carry -g; debug info
+    # for torch's headers makes the objects many times larger and the build slower.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fno-trapping-math: lets gcc vectorise the NaN-exact select loops (we never
     # rely on floating-point exceptions); results are unchanged.
     cxx = opt + [f"-DPy_LIMITED_API={PY_LIMITED_API}", "-fno-trapping-math", "-fdiagnostics-color=always"]

@@ -1,6 +1,8 @@
 #include "buffers.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <atomic>
 #include <limits>

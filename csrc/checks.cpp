@@ -2,7 +2,7 @@
 
 #include "buffers.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <sstream>
 #include <string>

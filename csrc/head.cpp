@@ -1,6 +1,7 @@
 #include "head.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
 
 namespace torchext {
 

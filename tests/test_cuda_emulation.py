@@ -34,6 +34,9 @@ def build_and_run(source, tmp_path):
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-4000:] + run.stderr[-2000:]
 
 
+# Neither torch nor torchext is in these programs: CI runs them in one stage,
+# not again under each torch and CPU kernel set.
+pytestmark = pytest.mark.standalone
 needs_compiler = pytest.mark.skipif(shutil.which(CXX) is None, reason="needs a C++20 compiler")
 
 

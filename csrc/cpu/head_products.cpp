@@ -3,7 +3,7 @@
 #include "../buffers.h"
 #include "blas.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 
 #include <algorithm>

@@ -12,7 +12,7 @@
 #include "kernel_set.h"
 #include "narrow_kernels.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

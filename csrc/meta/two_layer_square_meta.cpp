@@ -5,7 +5,8 @@
 #include "../checks.h"
 #include "../plan.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 namespace torchext {
