@@ -1,5 +1,6 @@
 #include "head.h"
 
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/mm.h>
 

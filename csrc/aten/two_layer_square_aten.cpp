@@ -7,6 +7,7 @@
 
 #include "../head.h"
 
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
