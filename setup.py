@@ -161,12 +161,15 @@ def make_extension():
         "csrc/cpu/simd_neon.cpp",
     ]
     # No -std here: cpp_extension picks the standard the installed torch needs (C++17 or C++20).
-    # -g0: Python's own CFLAGS, which setuptools passes on, carry -g; debug info
-    # for torch's headers makes the objects many times larger and the build slower.
-    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+    opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fno-trapping-math: lets gcc vectorise the NaN-exact select loops (we never
     # rely on floating-point exceptions); results are unchanged.
     cxx = opt + [f"-DPy_LIMITED_API={PY_LIMITED_API}", "-fno-trapping-math", "-fdiagnostics-color=always"]
+    if not debug:
+        # Python's own CFLAGS, which setuptools passes to the C++ compiler, carry
+        # -g: debug info for torch's headers makes the objects many times larger
+        # and the build slower. (nvcc gets no Python CFLAGS, and has no -g0.)
+        cxx.append("-g0")
     if sys.platform == "win32":
         # MSVC spells the same choices its own way (untested: CI builds on Linux only).
         cxx = (["/Od", "/Zi"] if debug else ["/O2"]) + [f"/DPy_LIMITED_API={PY_LIMITED_API}"]
@@ -197,7 +200,7 @@ def make_extension():
     else:
         sources.append("csrc/cuda/cuda_not_built.cpp")
         ext_cls = cpp_extension.CppExtension
-    say(f"optimisation: {'-O0 -g (DEBUG=1)' if debug else '-O3'}; parallel jobs: {os.environ.get('MAX_JOBS', 'ninja default')}")
+    say(f"optimisation: {'-O0 -g (DEBUG=1)' if debug else '-O3 -g0'}; parallel jobs: {os.environ.get('MAX_JOBS', 'ninja default')}")
     write_build_info(build_cuda, archs)
 
     extra = {"cxx": cxx}

@@ -7,7 +7,6 @@
 
 #include "../head.h"
 
-#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
@@ -21,7 +20,7 @@ namespace torchext {
 // ReLU's derivative as torch's threshold_backward(grad, r, 0): a select, so a
 // NaN upstream stays out of inactive units, and a NaN unit passes its gradient.
 static at::Tensor relu_backward(const at::Tensor& grad, const at::Tensor& r) {
-  return at::where(r <= 0, at::zeros({}, grad.options()), grad);
+  return at::where(r.le(0), at::zeros({}, grad.options()), grad);
 }
 
 namespace {
@@ -38,7 +37,7 @@ ChunkOutputs forward_chunk(const Dims& dims, const ComputeInputs& in, const Head
   switch (plan) {
     case Plan::kDirect: {
       const at::Tensor y = at::mm(at::mm(out.r, in.V.t()), in.B.t());
-      out.f = at::mv(y * y, in.a);
+      out.f = at::mv(y.mul(y), in.a);
       if (want_q) {  // the q slot: y, or zeros (see Plan)
         out.q = at::zeros_like(out.r);
         if (direct_saves_y(dims)) out.q.narrow(1, 0, dims.ell).copy_(y);
@@ -47,13 +46,13 @@ ChunkOutputs forward_chunk(const Dims& dims, const ComputeInputs& in, const Head
     }
     case Plan::kFolded: {
       const at::Tensor y = at::mm(out.r, head.M.t());
-      out.f = at::mv(y * y, in.a);
-      if (want_q) out.q = at::mm(y * in.a, head.M);
+      out.f = at::mv(y.mul(y), in.a);
+      if (want_q) out.q = at::mm(y.mul(in.a), head.M);
       break;
     }
     case Plan::kQuadratic:
       out.q = at::mm(out.r, head.Q.t());
-      out.f = (out.r * out.q).sum(1);
+      out.f = out.r.mul(out.q).sum(1);
       break;
   }
   return out;
@@ -112,8 +111,8 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
       const bool saved_y = !recompute && direct_saves_y(dims);
       const at::Tensor u = saved_y && !mask[kB] ? at::Tensor() : at::mm(r, in.V.t());
       const at::Tensor y = saved_y ? q.narrow(1, 0, dims.ell) : at::mm(u, in.B.t());
-      if (mask[kA]) bufs.acc[kA].addmv_((y * y).t(), gc.squeeze(1));
-      const at::Tensor e = 2 * gc * in.a * y;
+      if (mask[kA]) bufs.acc[kA].addmv_(y.mul(y).t(), gc.squeeze(1));
+      const at::Tensor e = gc.mul(2).mul(in.a).mul(y);
       if (mask[kB]) bufs.acc[kB].addmm_(e.t(), u);
       if (mask[kV] || need_p) {
         const at::Tensor gu = at::mm(e, in.B);
@@ -121,8 +120,8 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
         if (need_p) p = relu_backward(at::mm(gu, in.V), r);
       }
     } else {
-      if (need_p) p = relu_backward(2 * gc * q, r);
-      if (use_gram) G.addmm_((r * gc).t(), r);
+      if (need_p) p = relu_backward(gc.mul(2).mul(q), r);
+      if (use_gram) G.addmm_(r.mul(gc).t(), r);
     }
     if (need_p) {
       if (mask[kW]) bufs.acc[kW].addmm_(p.t(), zc);
