@@ -53,8 +53,8 @@ MUTATIONS = {
                        ["tests/test_correctness.py"]),
     # ∂A with the wrong sign (the Gram route and the direct chain).
     "wrong-sign-dA-gram": ("csrc/head.cpp",
-                           "  if (mask[kA]) bufs.acc[kA] = (MG * M).sum(1);",
-                           "  if (mask[kA]) bufs.acc[kA] = -(MG * M).sum(1);", CORE_TESTS),
+                           "  if (mask[kA]) bufs.acc[kA] = MG.mul(M).sum(1);",
+                           "  if (mask[kA]) bufs.acc[kA] = MG.mul(M).sum(1).neg();", CORE_TESTS),
     "wrong-sign-dA-direct": ("csrc/cpu/chunk_kernels.h",
                              "        gA[j] += gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
                              "        gA[j] -= gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
@@ -71,8 +71,12 @@ MUTATIONS = {
     # it: the calling thread, and every torch op it runs later, would be left
     # on one OpenMP thread.
     "blas-guard-outside-parallel-for": ("csrc/cpu/blas.h",
-                                        "  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {\n    const SequentialBlas sequential_blas;\n",
-                                        "  const SequentialBlas sequential_blas;\n  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {\n",
+                                        "  at::parallel_for(0, threads, 1, [&](int64_t own, int64_t own_end) {\n"
+                                        "    // [own, own_end): this call's own tasks (all of them where it runs alone)\n"
+                                        "    const SequentialBlas sequential_blas;\n",
+                                        "  const SequentialBlas sequential_blas;\n"
+                                        "  at::parallel_for(0, threads, 1, [&](int64_t own, int64_t own_end) {\n"
+                                        "    // [own, own_end): this call's own tasks (all of them where it runs alone)\n",
                                         ["tests/test_determinism.py::test_kernels_use_every_thread_and_leave_torchs_threads_alone[direct]"]),
 }
 

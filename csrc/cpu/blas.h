@@ -1,7 +1,8 @@
 // The BLAS binding of the CPU kernels: the BLAS library torch links, through
 // its Fortran symbols; gemm_rm, the row-major product every per-chunk step
-// runs on (the SIMD kernels' product where they run); and the guard that keeps BLAS
-// sequential inside the kernels' own parallelism.
+// runs on (the SIMD kernels' product where they run); the guard that keeps BLAS
+// sequential inside the kernels' own parallelism; and parallel_tasks, that
+// parallelism.
 #pragma once
 
 #include "elementwise.h"
@@ -11,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -129,7 +131,7 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
     for (int64_t i = 0; i < M; ++i) relu_inplace(C + i * ldc, N);
 }
 
-// MKL on one thread while the guard lives (see parallel_for_sequential_blas).
+// MKL on one thread while the guard lives (see parallel_tasks).
 class SequentialBlas {
  public:
   SequentialBlas() : set_(mkl_set_num_threads_local()) {
@@ -146,20 +148,40 @@ class SequentialBlas {
   int previous_ = 0;
 };
 
-// at::parallel_for with BLAS sequential inside every task. Our parallelism is
-// the batch plan's (chunks, partitions); inside an OpenMP region MKL is
-// sequential anyway, and this also covers a single task run on the calling
-// thread, where MKL would otherwise fork threads for every small product (and
-// change how a product is split with the machine's thread count). The guard
-// is inside the body, never around the call: a thread's first parallel_for
-// sets its OpenMP thread count from MKL's (at::init_num_threads), so a guard
-// around it would leave the thread, and every torch op it runs later, on one
-// thread (tests/test_determinism.py checks).
-template <typename F>
-void parallel_for_sequential_blas(int64_t begin, int64_t end, int64_t grain, const F& f) {
-  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+// The one way the CPU kernels run in parallel: `tasks` independent tasks
+// (chunks, partitions, blocks of a product) on torch's intra-op threads.
+// body(claim) runs once for each range of [0, threads) that at::parallel_for
+// hands out (once per thread under OpenMP; the whole range where it runs
+// inline); claim() returns that range's own tasks first, then whichever of
+// the rest no one has taken, then -1. So on a shared or virtual machine, where
+// one core often runs slower for a while, the others take its share instead
+// of waiting for it at the join, as they would with the tasks dealt out in
+// equal shares up front. A task writes only its own outputs, so which thread
+// runs it never changes a result.
+//
+// BLAS is sequential inside: our parallelism is the tasks; inside an OpenMP
+// region MKL is sequential anyway, and this also covers the body run on the
+// calling thread alone, where MKL would otherwise fork threads for every
+// small product (and change how a product is split with the machine's thread
+// count). The guard is inside the body, never around the parallel_for: a
+// thread's first parallel_for sets its OpenMP thread count from MKL's
+// (at::init_num_threads), so a guard around it would leave the thread, and
+// every torch op it runs later, on one thread (tests/test_determinism.py
+// checks).
+template <typename Body>
+void parallel_tasks(int64_t tasks, const Body& body) {
+  if (tasks <= 0) return;
+  const int64_t threads = std::min<int64_t>(tasks, at::get_num_threads());
+  std::atomic<int64_t> next{threads};  // tasks [0, threads) are the threads' own
+  at::parallel_for(0, threads, 1, [&](int64_t own, int64_t own_end) {
+    // [own, own_end): this call's own tasks (all of them where it runs alone)
     const SequentialBlas sequential_blas;
-    f(b, e);
+    const auto claim = [&]() -> int64_t {
+      if (own < own_end) return own++;
+      const int64_t task = next.fetch_add(1, std::memory_order_relaxed);
+      return task < tasks ? task : -1;
+    };
+    body(claim);
   });
 }
 

@@ -42,13 +42,17 @@ constexpr int64_t kMatmulBlockRows = 64;
 template <typename T>
 void blocked_mm(const GemmOperand<T>& a, const GemmOperand<T>& b, int64_t M, int64_t N,
                 int64_t K, T* c) {
-  const int64_t blocks = (M + kMatmulBlockRows - 1) / kMatmulBlockRows;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, kMatmulBlockRows * N * K));
-  parallel_for_sequential_blas(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t i0 = blk * kMatmulBlockRows;
-      const int64_t rows = std::min(kMatmulBlockRows, M - i0);
-      gemm_rm<T>(a.trans, b.trans, rows, N, K, a.row(i0), a.ld, b.row(0), b.ld, T(0), c + i0 * N, N);
+  // A task: whole blocks, about 2^18 multiply-adds in all (or one block,
+  // where a block has more).
+  const int64_t per_block = std::max<int64_t>(1, kMatmulBlockRows * N * K);
+  const int64_t task_rows = kMatmulBlockRows * std::max<int64_t>(1, (int64_t{1} << 18) / per_block);
+  parallel_tasks((M + task_rows - 1) / task_rows, [&](const auto& claim) {
+    for (int64_t task; (task = claim()) >= 0;) {
+      const int64_t end = std::min(M, (task + 1) * task_rows);
+      for (int64_t i0 = task * task_rows; i0 < end; i0 += kMatmulBlockRows) {
+        const int64_t rows = std::min(kMatmulBlockRows, M - i0);
+        gemm_rm<T>(a.trans, b.trans, rows, N, K, a.row(i0), a.ld, b.row(0), b.ld, T(0), c + i0 * N, N);
+      }
     }
   });
 }

@@ -2,7 +2,8 @@
 // whose working set stays in cache while the per-chunk algebra
 // (chunk_kernels.h) runs on it; chunks (forward) or partitions of chunks
 // (backward, each with its own partial weight gradients, summed in a fixed
-// order) run in parallel. Registers the CPU kernels of every op.
+// order) are the parallel tasks (parallel_tasks, blas.h). Registers the CPU
+// kernels of every op.
 #include "../head.h"
 #include "../kernel_frames.h"
 #include "batch_plan_cpu.h"
@@ -105,11 +106,11 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
   T* q_saved = save ? out.q.mutable_data_ptr<T>() : nullptr;
   const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, in, head);
   const Operands<T> op = operands<T>(in, head);
-  // No reduction across samples here, so chunks are the unit of parallelism.
-  parallel_for_sequential_blas(0, bp.num_chunks, 1, [&](int64_t c0, int64_t c1) {
+  // No reduction across samples here, so chunks are the tasks.
+  parallel_tasks(bp.num_chunks, [&](const auto& claim) {
     ThreadBuffers<T> buffers(narrow, dims, plan, std::min(bp.chunk_rows, dims.N),
                              /*accumulate=*/false);
-    for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t c; (c = claim()) >= 0;) {
       const int64_t r0 = c * bp.chunk_rows;
       const int64_t n = std::min(bp.chunk_rows, dims.N - r0);
       if constexpr (std::is_same_v<T, float>) {
@@ -161,7 +162,7 @@ class PartitionSums {
 
   // Each element summed in partition order, on raw pointers (at the small
   // sizes that split a batch, an add_ per partial cost more than the sums);
-  // the slots' elements as one range, split across the threads.
+  // the slots' elements as one range, in tasks of kReduceGrain elements.
   void reduce() {
     if (partials_.size() < 2) return;
     std::array<int64_t, kSlots + 1> start{};  // slot i: elements [start[i], start[i + 1]) of the range
@@ -174,11 +175,15 @@ class PartitionSums {
       out[i] = total_[i].template mutable_data_ptr<T>();
       for (size_t p = 1; p < partials_.size(); ++p) in[p][i] = partials_[p][i].template const_data_ptr<T>();
     }
-    parallel_for_sequential_blas(0, start[kSlots], kReduceGrain, [&](int64_t e0, int64_t e1) {
-      for (int i = 0; i < kSlots; ++i) {
-        const int64_t b = std::max(e0, start[i]) - start[i], e = std::min(e1, start[i + 1]) - start[i];
-        for (size_t p = 1; p < partials_.size(); ++p)
-          for (int64_t x = b; x < e; ++x) out[i][x] += in[p][i][x];
+    const int64_t total = start[kSlots];
+    parallel_tasks((total + kReduceGrain - 1) / kReduceGrain, [&](const auto& claim) {
+      for (int64_t task; (task = claim()) >= 0;) {
+        const int64_t e0 = task * kReduceGrain, e1 = std::min(total, e0 + kReduceGrain);
+        for (int i = 0; i < kSlots; ++i) {
+          const int64_t b = std::max(e0, start[i]) - start[i], e = std::min(e1, start[i + 1]) - start[i];
+          for (size_t p = 1; p < partials_.size(); ++p)
+            for (int64_t x = b; x < e; ++x) out[i][x] += in[p][i][x];
+        }
       }
     });
   }
@@ -236,7 +241,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in, const at::Tensor& 
   PartitionSums<T> sums(bp, mask, gram, bufs);
   const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, in, head);
   const Operands<T> op = operands<T>(in, head);
-  parallel_for_sequential_blas(0, bp.partitions, 1, [&](int64_t p0, int64_t p1) {
+  parallel_tasks(bp.partitions, [&](const auto& claim) {
     const BackwardCall<T> call{dims, plan, op,
                                recompute ? nullptr : r_saved.const_data_ptr<T>(),
                                recompute ? nullptr : q_saved.const_data_ptr<T>(), recompute,
@@ -245,7 +250,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in, const at::Tensor& 
     const int64_t rows = std::min(bp.chunk_rows, dims.N);
     ThreadBuffers<T> buffers(narrow, dims, plan, rows, /*accumulate=*/true);
     const ChunkGrad<T> chunk_grad(grad, rows);
-    for (int64_t part = p0; part < p1; ++part)
+    for (int64_t part; (part = claim()) >= 0;)
       backward_partition(call, bp, part, sums.slots(part), chunk_grad, narrow, buffers);
   });
   sums.reduce();
