@@ -185,5 +185,14 @@ void parallel_tasks(int64_t tasks, const Body& body) {
   });
 }
 
+// parallel_tasks over [0, n) in tasks of `grain` elements: f(begin, end) for
+// each.
+template <typename F>
+void parallel_ranges(int64_t n, int64_t grain, const F& f) {
+  parallel_tasks((n + grain - 1) / grain, [&](const auto& claim) {
+    for (int64_t task; (task = claim()) >= 0;) f(task * grain, std::min(n, (task + 1) * grain));
+  });
+}
+
 }  // namespace cpu
 }  // namespace torchext

@@ -46,13 +46,10 @@ void blocked_mm(const GemmOperand<T>& a, const GemmOperand<T>& b, int64_t M, int
   // where a block has more).
   const int64_t per_block = std::max<int64_t>(1, kMatmulBlockRows * N * K);
   const int64_t task_rows = kMatmulBlockRows * std::max<int64_t>(1, (int64_t{1} << 18) / per_block);
-  parallel_tasks((M + task_rows - 1) / task_rows, [&](const auto& claim) {
-    for (int64_t task; (task = claim()) >= 0;) {
-      const int64_t end = std::min(M, (task + 1) * task_rows);
-      for (int64_t i0 = task * task_rows; i0 < end; i0 += kMatmulBlockRows) {
-        const int64_t rows = std::min(kMatmulBlockRows, M - i0);
-        gemm_rm<T>(a.trans, b.trans, rows, N, K, a.row(i0), a.ld, b.row(0), b.ld, T(0), c + i0 * N, N);
-      }
+  parallel_ranges(M, task_rows, [&](int64_t begin, int64_t end) {
+    for (int64_t i0 = begin; i0 < end; i0 += kMatmulBlockRows) {
+      const int64_t rows = std::min(kMatmulBlockRows, end - i0);
+      gemm_rm<T>(a.trans, b.trans, rows, N, K, a.row(i0), a.ld, b.row(0), b.ld, T(0), c + i0 * N, N);
     }
   });
 }

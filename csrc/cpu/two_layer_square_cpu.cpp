@@ -175,15 +175,11 @@ class PartitionSums {
       out[i] = total_[i].template mutable_data_ptr<T>();
       for (size_t p = 1; p < partials_.size(); ++p) in[p][i] = partials_[p][i].template const_data_ptr<T>();
     }
-    const int64_t total = start[kSlots];
-    parallel_tasks((total + kReduceGrain - 1) / kReduceGrain, [&](const auto& claim) {
-      for (int64_t task; (task = claim()) >= 0;) {
-        const int64_t e0 = task * kReduceGrain, e1 = std::min(total, e0 + kReduceGrain);
-        for (int i = 0; i < kSlots; ++i) {
-          const int64_t b = std::max(e0, start[i]) - start[i], e = std::min(e1, start[i + 1]) - start[i];
-          for (size_t p = 1; p < partials_.size(); ++p)
-            for (int64_t x = b; x < e; ++x) out[i][x] += in[p][i][x];
-        }
+    parallel_ranges(start[kSlots], kReduceGrain, [&](int64_t e0, int64_t e1) {
+      for (int i = 0; i < kSlots; ++i) {
+        const int64_t b = std::max(e0, start[i]) - start[i], e = std::min(e1, start[i + 1]) - start[i];
+        for (size_t p = 1; p < partials_.size(); ++p)
+          for (int64_t x = b; x < e; ++x) out[i][x] += in[p][i][x];
       }
     });
   }
