@@ -25,11 +25,23 @@ at::Tensor aten_mm(const at::Tensor& a, const at::Tensor& b);
 
 Head fold_head(const ComputeInputs& in, Plan plan, Matmul mm = &aten_mm);
 
+// What the weight gradients from the Gram need of the head, made before the
+// pass over the batch that sums the Gram, so that only products follow it
+// (the per-element work here runs while ATen's code is still in cache; right
+// after the pass, the first elementwise op costs several times its own
+// work): Ma = 2 diag(a) M where dV or dB is requested, M where dA is (M from
+// the head where it has one, else B V). Empty where none is.
+struct GramFactors {
+  at::Tensor Ma, M;
+};
+GramFactors gram_factors(const ComputeInputs& in, const Head& head, const OutputMask& mask,
+                         Matmul mm = &aten_mm);
+
 // dV, dB and dA from the Gram G = Σ_n g_n r_n r_nᵀ (k, k), stored in the
-// buffers (replacing them): with D = 2 diag(a) M G, dV = Bᵀ D, dB = D Vᵀ,
-// dA_i = (M G Mᵀ)_ii.
-void add_grads_from_gram(const ComputeInputs& in, const at::Tensor& M,
-                         const at::Tensor& G, const OutputMask& mask,
-                         GradBuffers& bufs, Matmul mm = &aten_mm);
+// buffers (replacing them): with D = Ma G = 2 diag(a) M G, dV = Bᵀ D,
+// dB = D Vᵀ, dA_i = (M G Mᵀ)_ii.
+void add_grads_from_gram(const ComputeInputs& in, const GramFactors& factors,
+                         const at::Tensor& G, const OutputMask& mask, GradBuffers& bufs,
+                         Matmul mm = &aten_mm);
 
 }  // namespace torchext

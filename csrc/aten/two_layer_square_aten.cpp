@@ -85,6 +85,7 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
   const bool recompute = !r_all.defined();
   const Head head = recompute ? fold_head(in, plan) : Head{};
   at::Tensor G = use_gram ? at::zeros({dims.k, dims.k}, in.z.options()) : at::Tensor();
+  const GramFactors factors = use_gram ? gram_factors(in, head, mask) : GramFactors{};
   // The buffers come uninitialised (allocate_grad_buffers); these loops add
   // into them.
   for (int i : {kW, kV, kB, kA})
@@ -132,8 +133,7 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
     }
   }
   if (use_gram) {
-    add_grads_from_gram(in, head.M.defined() ? head.M : fold_head(in, Plan::kFolded).M, G,
-                        mask, bufs);
+    add_grads_from_gram(in, factors, G, mask, bufs);
   }
 }
 

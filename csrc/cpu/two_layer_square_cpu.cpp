@@ -234,6 +234,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in, const at::Tensor& 
   if (mask[kZ]) advise_huge_pages(bufs.acc[kZ]);
   const bool use_gram = (mask[kV] || mask[kB] || mask[kA]) && !direct;
   at::Tensor gram = use_gram ? uninitialized({dims.k, dims.k}, in.z.options()) : at::Tensor();
+  const GramFactors factors = use_gram ? gram_factors(in, head, mask, &cpu_mm) : GramFactors{};
   PartitionSums<T> sums(bp, mask, gram, bufs);
   const std::optional<NarrowWeights> narrow = narrow_weights<T>(dims, plan, in, head);
   const Operands<T> op = operands<T>(in, head);
@@ -255,8 +256,7 @@ void backward_impl(const Dims& dims, const ComputeInputs& in, const at::Tensor& 
     T* G = gram.mutable_data_ptr<T>();
     for (int64_t i = 0; i < k; ++i)
       for (int64_t j = 0; j < i; ++j) G[i * k + j] = G[j * k + i];
-    add_grads_from_gram(in, head.M.defined() ? head.M : fold_head(in, Plan::kFolded, &cpu_mm).M,
-                        gram, mask, bufs, &cpu_mm);
+    add_grads_from_gram(in, factors, gram, mask, bufs, &cpu_mm);
   }
 }
 

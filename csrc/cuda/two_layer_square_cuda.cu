@@ -259,7 +259,7 @@ void quadratic_backward_fused(const Dims& dims, const ComputeInputs& in, const a
   if (dW_parts.defined()) launch_sums(dW_parts, plan.partitions, dims.k, dims.d, false, bufs.acc[kW]);
   if (gram.defined()) {
     launch_sums(gram_parts, plan.partitions, dims.k, dims.k, true, gram);
-    add_grads_from_gram(in, fold_head(in, Plan::kFolded).M, gram, mask, bufs);
+    add_grads_from_gram(in, gram_factors(in, Head{}, mask), gram, mask, bufs);
   }
 }
 
