@@ -22,21 +22,27 @@ GramFactors gram_factors(const ComputeInputs& in, const Head& head, const Output
   GramFactors f;
   if (!(mask[kV] || mask[kB] || mask[kA])) return f;
   const at::Tensor M = head.M.defined() ? head.M : mm(in.B, in.V);
-  // a + a is 2a exactly, in one op (a scalar factor adds a conversion of it).
-  if (mask[kV] || mask[kB]) f.Ma = M.mul(in.a.add(in.a).unsqueeze(1));
-  if (mask[kA]) f.M = M;
+  if (mask[kA]) {
+    f.M = M;
+  } else {  // (a + a is 2a exactly, in one op: a scalar factor adds a conversion of it)
+    f.Ma = M.mul(in.a.add(in.a).unsqueeze(1));
+  }
   return f;
 }
 
 void add_grads_from_gram(const ComputeInputs& in, const GramFactors& factors,
                          const at::Tensor& G, const OutputMask& mask, GradBuffers& bufs,
                          Matmul mm) {
-  if (mask[kV] || mask[kB]) {
-    const at::Tensor D = mm(factors.Ma, G);
-    if (mask[kV]) bufs.acc[kV] = mm(in.B.t(), D);
-    if (mask[kB]) bufs.acc[kB] = mm(D, in.V.t());
+  at::Tensor D;
+  if (mask[kA]) {  // M G, which dA needs, gives D too
+    const at::Tensor MG = mm(factors.M, G);
+    bufs.acc[kA] = MG.mul(factors.M).sum(1);
+    if (mask[kV] || mask[kB]) D = MG.mul(in.a.add(in.a).unsqueeze(1));
+  } else if (mask[kV] || mask[kB]) {
+    D = mm(factors.Ma, G);
   }
-  if (mask[kA]) bufs.acc[kA] = mm(factors.M, G).mul(factors.M).sum(1);
+  if (mask[kV]) bufs.acc[kV] = mm(in.B.t(), D);
+  if (mask[kB]) bufs.acc[kB] = mm(D, in.V.t());
 }
 
 }  // namespace torchext

@@ -26,11 +26,13 @@ at::Tensor aten_mm(const at::Tensor& a, const at::Tensor& b);
 Head fold_head(const ComputeInputs& in, Plan plan, Matmul mm = &aten_mm);
 
 // What the weight gradients from the Gram need of the head, made before the
-// pass over the batch that sums the Gram, so that only products follow it
-// (the per-element work here runs while ATen's code is still in cache; right
-// after the pass, the first elementwise op costs several times its own
-// work): Ma = 2 diag(a) M where dV or dB is requested, M where dA is (M from
-// the head where it has one, else B V). Empty where none is.
+// pass over the batch that sums the Gram (on the CPU and ATen backends; CUDA
+// queues it after the pass, on the same stream), so that only products follow
+// the pass where dA is not requested: right after the pass, the first
+// elementwise op costs several times its own work (ATen's code is out of
+// cache). Ma = 2 diag(a) M where dV or dB is requested without dA; M where dA
+// is (M G, which dA needs, then gives D too). M is the head's where it has
+// one, else B V. Empty where none of dV, dB, dA is requested.
 struct GramFactors {
   at::Tensor Ma, M;
 };

@@ -53,8 +53,8 @@ MUTATIONS = {
                        ["tests/test_correctness.py"]),
     # ∂A with the wrong sign (the Gram route and the direct chain).
     "wrong-sign-dA-gram": ("csrc/head.cpp",
-                           "  if (mask[kA]) bufs.acc[kA] = MG.mul(M).sum(1);",
-                           "  if (mask[kA]) bufs.acc[kA] = MG.mul(M).sum(1).neg();", CORE_TESTS),
+                           "    bufs.acc[kA] = MG.mul(factors.M).sum(1);",
+                           "    bufs.acc[kA] = MG.mul(factors.M).sum(1).neg();", CORE_TESTS),
     "wrong-sign-dA-direct": ("csrc/cpu/chunk_kernels.h",
                              "        gA[j] += gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
                              "        gA[j] -= gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);",
