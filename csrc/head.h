@@ -25,14 +25,14 @@ at::Tensor aten_mm(const at::Tensor& a, const at::Tensor& b);
 
 Head fold_head(const ComputeInputs& in, Plan plan, Matmul mm = &aten_mm);
 
-// What the weight gradients from the Gram need of the head, made before the
-// pass over the batch that sums the Gram (on the CPU and ATen backends; CUDA
-// queues it after the pass, on the same stream), so that only products follow
-// the pass where dA is not requested: right after the pass, the first
-// elementwise op costs several times its own work (ATen's code is out of
-// cache). Ma = 2 diag(a) M where dV or dB is requested without dA; M where dA
-// is (M G, which dA needs, then gives D too). M is the head's where it has
-// one, else B V. Empty where none of dV, dB, dA is requested.
+// What the weight gradients from the Gram need of the head: Ma = 2 diag(a) M
+// where dV or dB is requested without dA, M where dA is (M G, which dA needs,
+// then gives D too); M is the head's where it has one, else B V. Made before
+// the pass over the batch that sums the Gram (CPU, ATen; CUDA queues it after
+// the pass, on the same stream), so that without dA only products follow the
+// pass: right after it, the first elementwise op costs several times its own
+// work (ATen's code is out of cache). Empty where none of dV, dB, dA is
+// requested.
 struct GramFactors {
   at::Tensor Ma, M;
 };
@@ -40,8 +40,8 @@ GramFactors gram_factors(const ComputeInputs& in, const Head& head, const Output
                          Matmul mm = &aten_mm);
 
 // dV, dB and dA from the Gram G = Σ_n g_n r_n r_nᵀ (k, k), stored in the
-// buffers (replacing them): with D = Ma G = 2 diag(a) M G, dV = Bᵀ D,
-// dB = D Vᵀ, dA_i = (M G Mᵀ)_ii.
+// buffers (replacing them): with D = 2 diag(a) M G (Ma G, or from M G where
+// dA is requested), dV = Bᵀ D, dB = D Vᵀ, dA_i = (M G Mᵀ)_ii.
 void add_grads_from_gram(const ComputeInputs& in, const GramFactors& factors,
                          const at::Tensor& G, const OutputMask& mask, GradBuffers& bufs,
                          Matmul mm = &aten_mm);

@@ -22,9 +22,10 @@ PlanCost plan_cost(int64_t d_, int64_t k_, int64_t m_, int64_t ell_, Plan plan,
                    bool training) {
   const double d = double(d_), k = double(k_), m = double(m_), ell = double(ell_);
   // Per-call products: M = B V, Q = Mᵀ diag(a) M, and in the backward the
-  // products with the Gram (Ma G or M G, Bᵀ D, D Vᵀ; see gram_factors). They also cost a fixed handful
-  // of extra op launches (about a million multiply-adds' worth of time on a
-  // CPU core), which decides the smallest problems in favour of direct.
+  // products with the Gram (Ma G or M G, Bᵀ D, D Vᵀ; see gram_factors). They
+  // also cost a fixed handful of extra op launches (about a million
+  // multiply-adds' worth of time on a CPU core), which decides the smallest
+  // problems in favour of direct.
   const double fold = ell * m * k + (training ? 1e6 : 2.5e5);
   switch (plan) {
     case Plan::kDirect:
