@@ -17,6 +17,12 @@ Head fold_head(const ComputeInputs& in, Plan plan, Matmul mm) {
   return head;
 }
 
+namespace {
+// 2a as a column (ell, 1), to scale the rows of M or M G: a + a is 2a
+// exactly, in one op (a scalar factor adds a conversion of it).
+at::Tensor twice_a_column(const ComputeInputs& in) { return in.a.add(in.a).unsqueeze(1); }
+}  // namespace
+
 GramFactors gram_factors(const ComputeInputs& in, const Head& head, const OutputMask& mask,
                          Matmul mm) {
   GramFactors f;
@@ -24,8 +30,8 @@ GramFactors gram_factors(const ComputeInputs& in, const Head& head, const Output
   const at::Tensor M = head.M.defined() ? head.M : mm(in.B, in.V);
   if (mask[kA]) {
     f.M = M;
-  } else {  // (a + a is 2a exactly, in one op: a scalar factor adds a conversion of it)
-    f.Ma = M.mul(in.a.add(in.a).unsqueeze(1));
+  } else {
+    f.Ma = M.mul(twice_a_column(in));
   }
   return f;
 }
@@ -37,7 +43,7 @@ void add_grads_from_gram(const ComputeInputs& in, const GramFactors& factors,
   if (mask[kA]) {  // M G, which dA needs, gives D too
     const at::Tensor MG = mm(factors.M, G);
     bufs.acc[kA] = MG.mul(factors.M).sum(1);
-    if (mask[kV] || mask[kB]) D = MG.mul(in.a.add(in.a).unsqueeze(1));
+    if (mask[kV] || mask[kB]) D = MG.mul(twice_a_column(in));
   } else if (mask[kV] || mask[kB]) {
     D = mm(factors.Ma, G);
   }
