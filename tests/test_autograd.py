@@ -450,6 +450,71 @@ def test_forward_ad_dual_tensors_in_eager(case):
     assert_all_match(torch.autograd.grad(f, inputs, g), grads_ref, "d")
 
 
+@pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small")))
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_forward_over_reverse_with_dual_tensors_in_eager(case, create_graph):
+    # A backward inside a dual level: the gradients carry tangents (the
+    # Hessian times the inputs' tangents), which the fused backward must pass on.
+    import torch.autograd.forward_ad as fwAD
+
+    inputs = case.inputs(requires_grad=True)
+    tangents = draws(case, inputs)
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+
+    def gradients(fn, xs):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(t, dt.to(t.dtype)) for t, dt in zip(xs, tangents)]
+            grads = torch.autograd.grad(fn(*duals).sum(), xs, create_graph=create_graph)
+            return [fwAD.unpack_dual(g) for g in grads]
+
+    got = gradients(lambda *a: torchext.two_layer_square(*a, plan=case.plan), inputs)
+    want = gradients(REF, leaves)
+    for name, (g, t), (g_ref, t_ref) in zip(NAMES, got, want):
+        assert_matches(g, g_ref, torch.float64, f"d{name}")
+        assert t is not None, f"d{name} lost its tangent"
+        assert_matches(t, t_ref, torch.float64, f"tangent of d{name}")
+
+
+def test_dual_gradient_into_a_plain_eager_graph_raises_clearly():
+    # f from the C++ node (no dual level then), a dual incoming gradient later:
+    # the node cannot carry its tangent, and says so rather than dropping it.
+    import torch.autograd.forward_ad as fwAD
+
+    inputs = Case("primes").inputs(requires_grad=True)
+    f = torchext.two_layer_square(*inputs)
+    with fwAD.dual_level():
+        g = fwAD.make_dual(torch.ones_like(f), torch.ones_like(f))
+        with pytest.raises(RuntimeError, match="forward-mode AD through its backward"):
+            torch.autograd.grad(f, inputs, g)
+
+
+def test_forward_ad_tangent_under_autocast_has_fs_dtype():
+    import torch.autograd.forward_ad as fwAD
+
+    inputs = Case("primes", dtype=torch.float32).inputs()
+    tangent = torch.randn_like(inputs[0])
+    low = [t.bfloat16() for t in inputs]
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(low[0], tangent.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f, f_dot = fwAD.unpack_dual(torchext.two_layer_square(dual, *low[1:]))
+    assert f.dtype == f_dot.dtype == torch.float32
+    _, want = torch.func.jvp(REF, tuple(t.float() for t in low), (tangent.bfloat16().float(), *[torch.zeros_like(t) for t in inputs[1:]]))
+    torch.testing.assert_close(f_dot, want, rtol=1e-4, atol=1e-4)
+
+
+def test_double_backward_and_jvp_with_zero_input_width():
+    z, W = torch.randn(3, 0, dtype=torch.float64), torch.randn(2, 0, dtype=torch.float64)
+    V = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    B, A = torch.randn(2, 4, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    gV, = torch.autograd.grad(torchext.two_layer_square(z, W, V, B, A).sum(), V, create_graph=True)
+    ggV, = torch.autograd.grad(gV.sum(), V)
+    assert torch.equal(ggV, torch.zeros_like(V))
+    f, f_dot = torch.func.jvp(torchext.two_layer_square, (z, W, V.detach(), B, A),
+                              (z, W, torch.ones_like(V), B, A))
+    assert f.shape == f_dot.shape == (3,) and not f_dot.any()
+
+
 @pytest.mark.parametrize("face,case", face_cases(FUNC_FACES, ("primes", "saved-small")))
 def test_is_grads_batched_gives_one_jacobian_row_per_sample(face, case):
     inputs = case.inputs()

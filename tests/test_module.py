@@ -33,6 +33,16 @@ def test_user_A_and_B_are_kept():
         torchext.TwoLayerSquareNet(4, -1, 2, 3)
 
 
+def test_given_A_and_B_set_the_modules_dtype():
+    # Without dtype=, a float64 A and B (from numpy, say) make W and V float64 too.
+    A, B = torch.rand(3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    net = torchext.TwoLayerSquareNet(4, 5, 2, 3, A=A, B=B)
+    assert {t.dtype for t in net.state_dict().values()} == {torch.float64}
+    assert net(torch.randn(6, 4, dtype=torch.float64)).dtype == torch.float64
+    net32 = torchext.TwoLayerSquareNet(4, 5, 2, 3, A=A, B=B, dtype=torch.float32)
+    assert {t.dtype for t in net32.state_dict().values()} == {torch.float32}
+
+
 def test_forward_matches_reference_and_shapes():
     net = torchext.TwoLayerSquareNet(6, 5, 4, 3, dtype=torch.float64)
     z = torch.randn(2, 7, 6, dtype=torch.float64)

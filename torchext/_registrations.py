@@ -79,7 +79,9 @@ def call_backward(grad, z, W, V, B, A, saved, mask):
     mode too). saved: the planned forward's (r, q, state), or None."""
     grad, z, W, V, B, A = common_dtype(grad, z, W, V, B, A)
     r, q, state = (None, None, None) if saved is None else saved
-    if _torch_private.functorch_transforms_active():
+    # Dual tensors may reach the backward (forward over reverse) under torch.func
+    # and inside a dual level: only the Function carries their tangents.
+    if _torch_private.functorch_transforms_active() or _torch_private.forward_ad_active():
         return FusedBackwardWithJvp.apply(grad, z, W, V, B, A, r, q, state, *mask)
     return call_op(fused_backward, grad, z, W, V, B, A, r, q, state, mask)
 
@@ -107,6 +109,7 @@ def setup_planned_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(z, W, V, B, A, r, q, state)
     ctx.save_for_forward(z, W, V, B, A)
+    ctx.f_dtype = output[0].dtype  # float32 under autocast, whatever the inputs
 
 
 def planned_backward(ctx, grad, *_not_differentiable):
@@ -143,14 +146,14 @@ def double_backward(g, z, W, V, B, A, cotangents, needs):
     autograd does.
     """
     d = z.shape[-1]
-    z2 = z.reshape(-1, d)
+    z2 = z.reshape(z.shape[:-1].numel(), d)  # (not -1: d may be 0)
     g1 = g.reshape(-1, 1)
     a = A.reshape(-1)
     # A gradient that was not requested (or not used) has a zero cotangent.
     cz, cW, cV, cB, cA = (
         torch.zeros_like(t) if c is None else c for c, t in zip(cotangents, (z, W, V, B, A))
     )
-    cz = cz.reshape(-1, d)
+    cz = cz.reshape(z2.shape)
     cA = cA.reshape(-1)
 
     x = z2 @ W.T
@@ -216,8 +219,12 @@ class PlannedForwardWithJvp(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, *tangents):
         # f's tangent; r, q and state are not differentiable.
-        z, W, V, B, A = ctx.saved_tensors[:5]
-        return tangent_of_f(z, W, V, B, A, tangents[:5]), None, None, None
+        # As the op ran: under autocast, on float32 casts of the inputs, and
+        # with autocast off inside (it would run these products in low precision).
+        z = ctx.saved_tensors[0]
+        cast = [None if t is None else t.to(ctx.f_dtype) for t in (*ctx.saved_tensors[:5], *tangents[:5])]
+        with torch.autocast(z.device.type, enabled=False):
+            return tangent_of_f(*cast[:5], cast[5:]), None, None, None
 
     # The op's rule, applying this Function (see forward_vmap).
     vmap = staticmethod(lambda info, in_dims, *args: planned_forward_vmap(

@@ -16,7 +16,8 @@ class TwoLayerSquareNet(nn.Module):
     Parameters ``W`` (k, d) and ``V`` (m, k) are trained. ``B`` (ell, m) and ``A``
     (1, ell) are fixed buffers, as in the problem statement, unless
     ``trainable_AB=True`` makes them Parameters. Pass your own ``A``/``B``
-    (copied; ``A`` may be (ell,) or (1, ell)) or get the random initialisation:
+    (copied; ``A`` may be (ell,) or (1, ell); without ``dtype``/``device`` they
+    set the module's) or get the random initialisation:
 
     * ``W`` ~ N(0, 2/d)   (He: relu(W z) keeps E r² ≈ |z|²/d),
     * ``V`` ~ N(0, 1/k),  ``B`` ~ N(0, 1/m)   (keep each layer's output scale),
@@ -55,6 +56,13 @@ class TwoLayerSquareNet(nn.Module):
         if plan not in PLANS:
             raise ValueError(f"TwoLayerSquareNet: plan must be one of {PLANS}; got {plan!r}")
         self.plan = plan
+        # Without dtype or device, a given A or B sets them for the whole
+        # module (W and V too), so that its tensors always run together.
+        given = [t for t in (A, B) if isinstance(t, torch.Tensor)]
+        if dtype is None and given and given[0].is_floating_point():
+            dtype = given[0].dtype
+        if device is None and given:
+            device = given[0].device
         factory = {"device": device, "dtype": dtype}
         self.W = nn.Parameter(torch.empty(k, d, **factory))
         self.V = nn.Parameter(torch.empty(m, k, **factory))

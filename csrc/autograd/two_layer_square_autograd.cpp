@@ -80,6 +80,12 @@ struct FusedTwoLayerSquare : public torch::autograd::Function<FusedTwoLayerSquar
     bool any = false;
     for (int i = 0; i < kNumInputs; ++i) any |= mask[i] = ctx->needs_input_grad(i);
     if (!grads[0].defined() || !any) return out;
+    // A dual gradient (forward over reverse, a dual level opened after this
+    // forward): this node cannot carry its tangent; the Python route can.
+    TORCH_CHECK(!grads[0]._fw_grad(/*level=*/0).defined(),
+                "two_layer_square: forward-mode AD through its backward needs the forward "
+                "to run inside the torch.autograd.forward_ad.dual_level() (or under torch.func); "
+                "this f was computed outside it");
     // (Under autocast the op was cast on entry, torchext/_registrations.py:
     // the saved inputs, f and its gradient share one dtype.)
     auto call = [&] {
