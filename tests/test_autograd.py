@@ -503,6 +503,13 @@ def test_forward_ad_tangent_under_autocast_has_fs_dtype():
     torch.testing.assert_close(f_dot, want, rtol=1e-4, atol=1e-4)
 
 
+def test_jvp_on_meta_tensors():
+    # (meta has no autocast: the jvp must not try to turn it off there)
+    meta = [torch.empty(s, device="meta") for s in ((5, 3), (4, 3), (2, 4), (3, 2), (3,))]
+    f, f_dot = torch.func.jvp(torchext.two_layer_square, tuple(meta), tuple(meta))
+    assert f.shape == f_dot.shape == (5,) and f_dot.device.type == "meta"
+
+
 def test_double_backward_and_jvp_with_zero_input_width():
     z, W = torch.randn(3, 0, dtype=torch.float64), torch.randn(2, 0, dtype=torch.float64)
     V = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)

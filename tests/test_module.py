@@ -41,6 +41,11 @@ def test_given_A_and_B_set_the_modules_dtype():
     assert net(torch.randn(6, 4, dtype=torch.float64)).dtype == torch.float64
     net32 = torchext.TwoLayerSquareNet(4, 5, 2, 3, A=A, B=B, dtype=torch.float32)
     assert {t.dtype for t in net32.state_dict().values()} == {torch.float32}
+    # an integer A leaves the choice to B; of two floating dtypes the wider wins
+    for A2 in (torch.ones(3, dtype=torch.long), A.float()):
+        net = torchext.TwoLayerSquareNet(4, 5, 2, 3, A=A2, B=B)
+        assert {t.dtype for t in net.state_dict().values()} == {torch.float64}
+        net(torch.randn(6, 4, dtype=torch.float64))
 
 
 def test_forward_matches_reference_and_shapes():

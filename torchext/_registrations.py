@@ -8,6 +8,8 @@ Custom ops cannot carry forward-mode derivatives, so forward mode (jvp,
 jacfwd, hessian, dual tensors) needs autograd.Functions: the two here add a
 jvp to the planned forward op and to the backward ops, and nothing else
 (their vmap rules are the ops' own)."""
+import contextlib
+
 import torch
 
 from . import _library  # noqa: F401  (loads the operators)
@@ -221,9 +223,11 @@ class PlannedForwardWithJvp(torch.autograd.Function):
         # f's tangent; r, q and state are not differentiable.
         # As the op ran: under autocast, on float32 casts of the inputs, and
         # with autocast off inside (it would run these products in low precision).
-        z = ctx.saved_tensors[0]
+        device = ctx.saved_tensors[0].device.type
         cast = [None if t is None else t.to(ctx.f_dtype) for t in (*ctx.saved_tensors[:5], *tangents[:5])]
-        with torch.autocast(z.device.type, enabled=False):
+        # (a device without autocast, meta say, cannot even name it to turn it off)
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
+                else contextlib.nullcontext():
             return tangent_of_f(*cast[:5], cast[5:]), None, None, None
 
     # The op's rule, applying this Function (see forward_vmap).

@@ -56,11 +56,14 @@ class TwoLayerSquareNet(nn.Module):
         if plan not in PLANS:
             raise ValueError(f"TwoLayerSquareNet: plan must be one of {PLANS}; got {plan!r}")
         self.plan = plan
+        factory_dtype = dtype
         # Without dtype or device, a given A or B sets them for the whole
-        # module (W and V too), so that its tensors always run together.
+        # module (W and V too), so that its tensors always run together (the
+        # wider of two floating dtypes; the first one's device).
         given = [t for t in (A, B) if isinstance(t, torch.Tensor)]
-        if dtype is None and given and given[0].is_floating_point():
-            dtype = given[0].dtype
+        for t in given:
+            if t.is_floating_point() and factory_dtype is None:
+                dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
         if device is None and given:
             device = given[0].device
         factory = {"device": device, "dtype": dtype}
