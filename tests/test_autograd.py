@@ -499,7 +499,8 @@ def test_forward_ad_tangent_under_autocast_has_fs_dtype():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             f, f_dot = fwAD.unpack_dual(torchext.two_layer_square(dual, *low[1:]))
     assert f.dtype == f_dot.dtype == torch.float32
-    _, want = torch.func.jvp(REF, tuple(t.float() for t in low), (tangent.bfloat16().float(), *[torch.zeros_like(t) for t in inputs[1:]]))
+    zeros = [torch.zeros_like(t) for t in inputs[1:]]
+    _, want = torch.func.jvp(REF, tuple(t.float() for t in low), (tangent.bfloat16().float(), *zeros))
     torch.testing.assert_close(f_dot, want, rtol=1e-4, atol=1e-4)
 
 

@@ -1,6 +1,7 @@
 """`TwoLayerSquareNet`: the drop-in nn.Module around the fused operator."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -56,14 +57,13 @@ class TwoLayerSquareNet(nn.Module):
         if plan not in PLANS:
             raise ValueError(f"TwoLayerSquareNet: plan must be one of {PLANS}; got {plan!r}")
         self.plan = plan
-        factory_dtype = dtype
         # Without dtype or device, a given A or B sets them for the whole
         # module (W and V too), so that its tensors always run together (the
         # wider of two floating dtypes; the first one's device).
         given = [t for t in (A, B) if isinstance(t, torch.Tensor)]
-        for t in given:
-            if t.is_floating_point() and factory_dtype is None:
-                dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+        floating = [t.dtype for t in given if t.is_floating_point()]
+        if dtype is None:
+            dtype = functools.reduce(torch.promote_types, floating) if floating else torch.get_default_dtype()
         if device is None and given:
             device = given[0].device
         factory = {"device": device, "dtype": dtype}
@@ -88,8 +88,7 @@ class TwoLayerSquareNet(nn.Module):
         if tuple(value.shape) != shape and tuple(value.shape) != alt_shape:
             want = str(shape) + (f" or {alt_shape}" if alt_shape else "")
             raise ValueError(f"TwoLayerSquareNet: {name} must have shape {want}; got {tuple(value.shape)}")
-        dtype = factory["dtype"] or (value.dtype if value.is_floating_point() else torch.get_default_dtype())
-        return value.detach().to(device=factory["device"] or value.device, dtype=dtype).clone()
+        return value.detach().to(**factory).clone()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
