@@ -86,9 +86,10 @@ BackwardResult internal_backward(const at::Tensor& grad, const at::Tensor& z,
                                  const at::Tensor& B, const at::Tensor& A,
                                  const at::Tensor& r, const at::Tensor& q,
                                  const at::Tensor& state, std::array<bool, 5> mask) {
-  const Dims dims = concrete(check_backward_args(grad, z, W, V, B, A));
+  const SymDims sym_dims = check_backward_args(grad, z, W, V, B, A);
   const SavedState saved = read_state(state);
-  check_saved(dims, z, saved, r, q);
+  check_saved(sym_dims, z, saved, r, q);
+  const Dims dims = concrete(sym_dims);
   return run_backward<Kernel>(dims, grad, z, W, V, B, A, saved.saved ? r : at::Tensor(),
                               saved.saved ? q : at::Tensor(), saved.resolved(dims), mask);
 }

@@ -58,13 +58,13 @@ SavedState read_state(const at::Tensor& state) {
   return {size(1), size(2) == 1};
 }
 
-void check_saved(const Dims& dims, const at::Tensor& z, const SavedState& state,
+void check_saved(const SymDims& dims, const at::Tensor& z, const SavedState& state,
                  const at::Tensor& r, const at::Tensor& q) {
   if (!state.saved) return;
   const auto cdt = compute_dtype(z.scalar_type());
   for (const auto* t : {&r, &q}) {
     const char* name = t == &r ? "r" : "q";
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == dims.N && t->size(1) == dims.k,
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->sym_size(0) == dims.N && t->sym_size(1) == dims.k,
                       kOp, ": saved ", name, " must have shape (N, k) = (", dims.N,
                       ", ", dims.k, "), as the state says its forward saved it; got ",
                       shape_str(t->sym_sizes()));

@@ -126,8 +126,9 @@ at::Tensor make_state(const SavedState& state, const at::TensorOptions& z_option
 // Raises ValueError on a tensor that make_state did not make.
 SavedState read_state(const at::Tensor& state);
 // The saved r and q match the state: (N, k) each when saved (N = the
-// backward's batch), compute dtype, z's device; ignored otherwise.
-void check_saved(const Dims& dims, const at::Tensor& z, const SavedState& state,
+// backward's batch), compute dtype, z's device; ignored otherwise. On
+// SymInts, so the Meta kernel checks what the real kernels check.
+void check_saved(const SymDims& dims, const at::Tensor& z, const SavedState& state,
                  const at::Tensor& r, const at::Tensor& q);
 
 // How a call splits the batch. Depends on the sizes only, never on the thread

@@ -179,6 +179,10 @@ def test_backward_runs_the_plan_its_forward_ran():
         assert auto_state.shape == (0, ("direct", "folded", "quadratic").index(TESTING._plan(40, 3, 61, 64, 3)), 1)
         with pytest.raises(ValueError, match="saved r must have shape"):
             OPS._two_layer_square_backward(g[:20], z[:20], W, V, B, A, r, q, state, [True] * 5)
+        # The Meta kernel (fake tensors, torch.compile) refuses them too.
+        meta = [t.to("meta") for t in (g, z, W, V, B, A, r, q, state)]
+        with pytest.raises(ValueError, match="saved q must have shape"):
+            OPS._two_layer_square_backward(*meta[:7], meta[7][:, :2], meta[8], [True] * 5)
         with pytest.raises(ValueError, match="state must be"):
             OPS._two_layer_square_backward(g, z, W, V, B, A, r, q, torch.empty(0, 5, 1), [True] * 5)
 

@@ -68,7 +68,8 @@ BackwardResult backward_internal_meta(
     const at::Tensor& V, const at::Tensor& B, const at::Tensor& A,
     const at::Tensor& r, const at::Tensor& q, const at::Tensor& state,
     std::array<bool, 5> output_mask) {
-  read_state(state);
+  const SymDims dims = check_backward_args(grad, z, W, V, B, A);
+  check_saved(dims, z, read_state(state), r, q);
   return two_layer_square_backward_meta(grad, z, W, V, B, A, output_mask);
 }
 
