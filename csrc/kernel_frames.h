@@ -8,9 +8,17 @@
 #include "plan.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 namespace torchext {
+
+// Autocast off for the ATen ops a kernel calls inside (the products of the
+// head and of the ATen path): the kernels work in the compute dtype they
+// chose, and a backward() run inside an autocast block runs the backward op
+// with autocast on, which would cast those products down (and mix dtypes in
+// their in-place accumulations).
+using NoAutocast = c10::impl::ExcludeDispatchKeyGuard;
 
 // Forward kernel: void(const Dims&, const ComputeInputs&, Plan, ForwardOutputs&).
 // run_forward checks, brings the inputs to the compute dtype, resolves the
@@ -21,6 +29,7 @@ template <auto Kernel>
 ForwardResult run_forward(const at::Tensor& z, const at::Tensor& W, const at::Tensor& V,
                           const at::Tensor& B, const at::Tensor& A,
                           c10::string_view plan_name, bool save, bool training) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const Dims dims = concrete(check_forward_args(z, W, V, B, A));
   check_plan_name(plan_name);
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
@@ -68,6 +77,7 @@ BackwardResult run_backward(const Dims& dims, const at::Tensor& grad, const at::
                             const at::Tensor& W, const at::Tensor& V, const at::Tensor& B,
                             const at::Tensor& A, const at::Tensor& r, const at::Tensor& q,
                             Plan plan, const OutputMask& mask) {
+  const NoAutocast no_autocast(c10::autocast_dispatch_keyset);
   const ComputeInputs in = to_compute_inputs(dims, z, W, V, B, A);
   GradBuffers bufs = allocate_grad_buffers(dims, in, mask);
   bool any = false;

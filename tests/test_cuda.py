@@ -47,6 +47,27 @@ def test_autocast_cuda(dtype):
     assert ((f.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("plan", ["direct", "folded", "quadratic"])
+@pytest.mark.parametrize("shape", ["wide", "primes"])
+def test_backward_inside_autocast_cuda(shape, plan):
+    # backward() inside the autocast block: the backward's own products stay
+    # in float32 (they raised on mixed dtypes, or lost precision, when
+    # autocast reached them), so the gradients equal those of a backward()
+    # run outside it.
+    inputs = make_inputs(SHAPES[shape], torch.float32, "cuda", seed=4)
+    grads = []
+    for inside in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            f = torchext.two_layer_square(*leaves, plan=plan)
+            if inside:
+                grads.append(torch.autograd.grad(f.sum(), leaves))
+        if not inside:
+            grads.append(torch.autograd.grad(f.sum(), leaves))
+    for name, got, want in zip("zWVBA", grads[1], grads[0]):
+        assert got.dtype == torch.float32 and torch.equal(got, want), name
+
+
 @pytest.mark.parametrize("case", cases(shapes=("saved", "chunk-and-tail"), dtypes=(torch.float32, torch.float64)))
 def test_every_plan_on_cuda_matches_float64(case):
     # f and every gradient on the GPU against the float64 reference on the CPU.

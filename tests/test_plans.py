@@ -201,6 +201,37 @@ def test_generic_aten_path_matches(plan):
                 assert_matches(gr, ref, torch.float64, f"{shape} d{name}")
 
 
+@pytest.mark.parametrize("plan", PLANS)
+def test_aten_path_ignores_an_enclosing_autocast(plan):
+    # backward() inside an autocast block runs the backward op with autocast
+    # on: the ATen products inside (what the CUDA backend runs) must not be
+    # cast down, which made the recomputing backward raise on mixed dtypes
+    # and the others lose precision. Results equal those outside autocast.
+    for shape in ["many-chunks", "many-chunks-kept"]:
+        inputs = make_inputs(PLAN_SHAPES[shape], torch.float32, seed=8)
+        g = torch.randn(PLAN_SHAPES[shape][0])
+        want_f, *state = TESTING._two_layer_square_forward_aten(*inputs, plan, True)
+        want = TESTING._two_layer_square_backward_aten(g, *inputs, *state, [True] * 5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            f, *state = TESTING._two_layer_square_forward_aten(*inputs, plan, True)
+            grads = TESTING._two_layer_square_backward_aten(g, *inputs, *state, [True] * 5)
+        assert torch.equal(f, want_f), shape
+        for name, got, ref in zip(NAMES, grads, want):
+            assert got.dtype == torch.float32 and torch.equal(got, ref), f"{shape} d{name}"
+        # and the CPU kernels, through the public function
+        grads = []
+        for inside in (False, True):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = (torchext.two_layer_square(*leaves, plan=plan) * g).sum()
+                if inside:
+                    grads.append(torch.autograd.grad(loss, leaves))
+            if not inside:
+                grads.append(torch.autograd.grad(loss, leaves))
+        for name, got, ref in zip(NAMES, *grads):
+            assert got.dtype == torch.float32 and torch.equal(got, ref), f"{shape} public d{name}"
+
+
 def test_module_plan_argument():
     net = torchext.TwoLayerSquareNet(6, 5, 4, 3, plan="quadratic", dtype=torch.float64)
     assert "plan='quadratic'" in repr(net)
