@@ -417,8 +417,13 @@ def test_forward_mode_on_the_function_raises_clearly():
     # TwoLayerSquare has no jvp (Dynamo could not trace it if it had): forward
     # mode through it is refused by PyTorch with a clear error, never wrong.
     z, W, V, B, A = Case("primes").inputs()
+    jvp_of_W = lambda W: torch.func.jvp(  # noqa: E731
+        lambda W: torchext.TwoLayerSquare.apply(z, W, V, B, A), (W,), (torch.ones_like(W),))
     with pytest.raises(NotImplementedError, match="jvp"):
-        torch.func.jvp(lambda W: torchext.TwoLayerSquare.apply(z, W, V, B, A), (W,), (torch.ones_like(W),))
+        jvp_of_W(W)
+    # ...also under torch.compile, where the traced Function gave a zero tangent
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.compile(jvp_of_W, backend="aot_eager")(W)
 
 
 @pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small")) + cases(shapes=("primes",), values=("kinks",)))
@@ -431,6 +436,44 @@ def test_forward_mode_jvp_jacfwd_hessian(case):
     # forward over reverse: the backward's own forward-mode derivative
     assert_all_match(torch.func.hessian(summed(fn), ALL)(*inputs),
                      torch.func.hessian(summed(REF), ALL)(*inputs), "H")
+
+
+@pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small"), plans=("auto",)))
+def test_forward_mode_under_another_level(case):
+    # jvp(jvp), jacfwd(jacfwd), jacrev(jacfwd), jacrev(hessian): an outer level
+    # does not differentiate a Function's jvp (zeros, or an error under an
+    # outer grad); these go through differentiable torch ops instead.
+    z, W, V, B, A = case.inputs()
+    func = torch.func
+    d2 = {}
+    for name, fn in (("ext", torchext.two_layer_square), ("ref", REF)):
+        of_W = lambda W_: fn(z, W_, V, B, A).sum()  # noqa: E731
+        of_VB = lambda V_, B_: fn(z, W, V_, B_, A).sum()  # noqa: E731
+        tW = torch.ones_like(W)
+        d2[name] = (
+            func.jacfwd(func.jacfwd(of_W))(W),
+            func.jvp(lambda W_: func.jvp(of_W, (W_,), (tW,))[1], (W,), (tW,))[1],
+            func.jacrev(func.jacfwd(of_W))(W),
+            func.jacrev(func.hessian(of_VB, argnums=0), argnums=1)(V, B),
+        )
+    assert d2["ref"][0].abs().max() > 0
+    assert_all_match(d2["ext"], d2["ref"], "second/third-order derivative ")
+
+
+@pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small"), plans=("auto",)))
+def test_forward_mode_and_torch_func_under_compile(case):
+    # Dynamo traces the op under jvp (custom ops have no forward mode: the
+    # tangent would be zero) and cannot trace the Functions' rules under
+    # torch.func: these compile the differentiable torch ops.
+    inputs = case.inputs()
+    tangents = tuple(draws(case, inputs))
+    jvp_of = lambda fn: lambda *a: torch.func.jvp(fn, a, tangents)[1]  # noqa: E731
+    got = torch.compile(jvp_of(torchext.two_layer_square), backend="aot_eager", fullgraph=True)(*inputs)
+    assert_matches(got, jvp_of(REF)(*inputs), torch.float64, "jvp")
+    per_sample = lambda fn: torch.func.vmap(torch.func.grad(summed(fn), argnums=1), in_dims=OVER_Z)  # noqa: E731
+    zb = inputs[0].unsqueeze(0).expand(2, *inputs[0].shape)
+    got = torch.compile(per_sample(torchext.two_layer_square), backend="aot_eager")(zb, *inputs[1:])
+    assert_matches(got, per_sample(REF)(zb, *inputs[1:]), torch.float64, "per-sample dW")
 
 
 @pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small")))

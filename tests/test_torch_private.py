@@ -28,6 +28,25 @@ def test_forward_ad_active():
     assert not _torch_private.forward_ad_active()
 
 
+def test_forward_mode_under_another_level():
+    seen = []
+
+    def probe(x):
+        seen.append(_torch_private.forward_mode_under_another_level())
+        return (x ** 3).sum()
+
+    x = torch.ones(3)
+    func = torch.func
+    probe(x)
+    func.jvp(probe, (x,), (x,))
+    func.hessian(probe)(x)  # jacfwd(jacrev): the jvp level is outermost
+    func.jacrev(func.jacrev(probe))(x)
+    func.jacfwd(func.jacfwd(probe))(x)
+    func.jacrev(func.jacfwd(probe))(x)
+    func.jacrev(func.hessian(probe))(x)
+    assert seen == [False, False, False, False, True, True, True]
+
+
 def test_below_autograd_records_nothing():
     x = torch.ones(3, requires_grad=True)
     assert (x * 2).grad_fn is not None

@@ -35,3 +35,25 @@ def forward_ad_active() -> bool:
     tensors around the call goes through an autograd.Function that defines
     jvp, not through the C++ node."""
     return _forward_ad._current_level >= 0
+
+
+def forward_mode_under_another_level() -> bool:
+    """A forward-mode level of torch.func (jvp, jacfwd, hessian's outer
+    level) has another differentiating level (jvp or grad) outside it, as in
+    jacfwd(jacfwd(f)), jvp(jvp(f)), jacrev(jacfwd(f)) or jacrev(hessian(f)).
+
+    Why: the tangent an autograd.Function's jvp returns is not differentiated
+    by an outer level (torch gives zeros there, or refuses the Function under
+    an outer grad), so torchext computes these through differentiable torch
+    ops instead. The functorch interpreter stack, outermost first."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    differentiating = (TransformType.Grad, TransformType.Jvp)
+    outer = False
+    for interpreter in retrieve_all_functorch_interpreters():
+        kind = interpreter.key()
+        if kind == TransformType.Jvp and outer:
+            return True
+        outer = outer or kind in differentiating
+    return False

@@ -1,7 +1,7 @@
 """The public autograd face: `TwoLayerSquare` and the functional `two_layer_square`."""
 import torch
 
-from . import _registrations, _torch_private
+from . import _registrations, _torch_private, reference
 
 _ops = torch.ops.torchext
 _NAMES = ("z", "W", "V", "B", "A")
@@ -33,6 +33,11 @@ class TwoLayerSquare(torch.autograd.Function):
     @staticmethod
     def forward(z, W, V, B, A):
         _check_tensors((z, W, V, B, A))
+        if torch.compiler.is_compiling() and _torch_private.forward_ad_active():
+            # Eager PyTorch refuses forward mode through a Function without
+            # jvp; a traced one would give a zero tangent instead.
+            raise NotImplementedError(
+                "TwoLayerSquare has no jvp (forward mode): use torchext.two_layer_square")
         return _registrations.call_op(_ops.two_layer_square, z, W, V, B, A)
 
     setup_context = staticmethod(_registrations.setup_context)
@@ -56,11 +61,20 @@ def two_layer_square(z, W, V, B, A, *, plan="auto"):
     if plan not in PLANS:
         raise ValueError(f"two_layer_square: plan must be one of {PLANS}; got {plan!r}")
     compiling = torch.compiler.is_compiling()
-    if not compiling and not _torch_private.functorch_transforms_active() \
-            and not _torch_private.forward_ad_active():
+    transforms = _torch_private.functorch_transforms_active()
+    forward_mode = _torch_private.forward_ad_active()
+    if not compiling and not transforms and not forward_mode:
         # Plain eager, no dual tensors: one C++ autograd node (see
         # csrc/autograd/two_layer_square_autograd.cpp), no Python in forward or backward.
         return _ops._two_layer_square_autograd(z, W, V, B, A, plan)
+    if (compiling and (transforms or forward_mode)) or \
+            (transforms and _torch_private.forward_mode_under_another_level()):
+        # Where neither the ops nor the Functions give every derivative: the
+        # ops carry no forward mode (Dynamo traces the op under jvp, and its
+        # tangent would be zero), Dynamo cannot trace the Functions' rules
+        # under torch.func, and a Function's jvp is not differentiated by an
+        # outer level. Differentiable torch ops give them all.
+        return reference.two_layer_square(z, W, V, B, A)
     # The planned forward saves r and q for its backward. torch.export records
     # an inference graph: nothing saved, so the plan is resolved when the
     # exported program runs, and a dynamic batch stays dynamic.
