@@ -439,10 +439,11 @@ def test_forward_mode_jvp_jacfwd_hessian(case):
 
 
 @pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small"), plans=("auto",)))
-def test_forward_mode_under_another_level(case):
-    # jvp(jvp), jacfwd(jacfwd), jacrev(jacfwd), jacrev(hessian): an outer level
-    # does not differentiate a Function's jvp (zeros, or an error under an
-    # outer grad); these go through differentiable torch ops instead.
+def test_forward_mode_nested(case):
+    # jvp(jvp) and jacfwd(jacfwd): an outer forward level does not
+    # differentiate a Function's jvp (zeros); jacrev(hessian): torch refuses
+    # the Function between two grad levels. These go through differentiable
+    # torch ops instead; jacrev(jacfwd) stays on the Functions.
     z, W, V, B, A = case.inputs()
     func = torch.func
     d2 = {}
@@ -458,6 +459,36 @@ def test_forward_mode_under_another_level(case):
         )
     assert d2["ref"][0].abs().max() > 0
     assert_all_match(d2["ext"], d2["ref"], "second/third-order derivative ")
+
+
+def test_forward_mode_nesting_the_functions_serve_stays_fused():
+    # One forward level over or under grad levels: the planned forward op
+    # and its Function's rules, not the eager composition.
+    z, W, V, B, A = Case("saved-small").inputs()
+    of_W = lambda W_: torchext.two_layer_square(z, W_, V, B, A).sum()  # noqa: E731
+    for name, compose in (("hessian", torch.func.hessian),
+                          ("jacrev(jacfwd)", lambda f: torch.func.jacrev(torch.func.jacfwd(f)))):
+        calls = python_calls_in_torchext(lambda: compose(of_W)(W))
+        assert "setup_planned_context" in calls and "_eager_composition" not in calls, name
+
+
+def test_eager_composition_route_keeps_the_ops_checks_and_dtype_policy():
+    z, W, V, B, A = Case("primes").inputs()
+    twice = lambda fn: torch.func.jacfwd(torch.func.jacfwd(fn))  # noqa: E731
+    with pytest.raises(ValueError, match="A must have shape"):
+        twice(lambda W_: torchext.two_layer_square(z, W_, V, B, A.reshape(-1, 1)).sum())(W)
+    with pytest.raises(TypeError, match="z must be a floating-point tensor"):
+        twice(lambda W_: torchext.two_layer_square(z.long(), W_, V, B, A).sum())(W)
+    # Under autocast, f in float32 from float32 arithmetic, as the ops give it.
+    z, W, V, B, A = (t.float() for t in (z, W, V, B, A))
+    tangent = torch.ones_like(W)
+    jvp2 = lambda fn: torch.func.jvp(  # noqa: E731
+        lambda W_: torch.func.jvp(lambda W2: fn(z, W2, V, B, A), (W_,), (tangent,))[1], (W,), (tangent,))
+    want = jvp2(torchext.two_layer_square)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = jvp2(torchext.two_layer_square)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small"), plans=("auto",)))

@@ -28,23 +28,24 @@ def test_forward_ad_active():
     assert not _torch_private.forward_ad_active()
 
 
-def test_forward_mode_under_another_level():
+def test_forward_mode_nested_unsupported():
     seen = []
 
     def probe(x):
-        seen.append(_torch_private.forward_mode_under_another_level())
+        seen.append(_torch_private.forward_mode_nested_unsupported())
         return (x ** 3).sum()
 
     x = torch.ones(3)
     func = torch.func
     probe(x)
     func.jvp(probe, (x,), (x,))
-    func.hessian(probe)(x)  # jacfwd(jacrev): the jvp level is outermost
+    func.hessian(probe)(x)  # jacfwd(jacrev)
     func.jacrev(func.jacrev(probe))(x)
-    func.jacfwd(func.jacfwd(probe))(x)
     func.jacrev(func.jacfwd(probe))(x)
+    func.jacrev(func.jacrev(func.jacfwd(probe)))(x)
+    func.jacfwd(func.jacfwd(probe))(x)
     func.jacrev(func.hessian(probe))(x)
-    assert seen == [False, False, False, False, True, True, True]
+    assert seen == [False, False, False, False, False, False, True, True]
 
 
 def test_below_autograd_records_nothing():

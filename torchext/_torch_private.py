@@ -37,23 +37,30 @@ def forward_ad_active() -> bool:
     return _forward_ad._current_level >= 0
 
 
-def forward_mode_under_another_level() -> bool:
-    """A forward-mode level of torch.func (jvp, jacfwd, hessian's outer
-    level) has another differentiating level (jvp or grad) outside it, as in
-    jacfwd(jacfwd(f)), jvp(jvp(f)), jacrev(jacfwd(f)) or jacrev(hessian(f)).
+def forward_mode_nested_unsupported() -> bool:
+    """The functorch stack nests forward mode where an autograd.Function's jvp
+    cannot serve it: a forward-mode level (jvp, jacfwd) inside another
+    (jacfwd(jacfwd(f)), jvp(jvp(f))), or between two grad levels
+    (jacrev(hessian(f))).
 
-    Why: the tangent an autograd.Function's jvp returns is not differentiated
-    by an outer level (torch gives zeros there, or refuses the Function under
-    an outer grad), so torchext computes these through differentiable torch
-    ops instead. The functorch interpreter stack, outermost first."""
+    Why: the tangent a Function's jvp returns is not differentiated by an
+    outer forward level (torch gives zeros), and under a grad level on both
+    sides torch refuses the Function; there torchext computes through
+    differentiable torch ops instead. One forward level under grad levels only
+    (jacrev(jacfwd(f))) or over them (hessian) works through the Functions.
+    The functorch interpreter stack, outermost first."""
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    differentiating = (TransformType.Grad, TransformType.Jvp)
-    outer = False
+    jvp_seen = grad_outside = False
     for interpreter in retrieve_all_functorch_interpreters():
         kind = interpreter.key()
-        if kind == TransformType.Jvp and outer:
-            return True
-        outer = outer or kind in differentiating
+        if kind == TransformType.Jvp:
+            if jvp_seen:
+                return True
+            jvp_seen = True
+        elif kind == TransformType.Grad:
+            if jvp_seen and grad_outside:
+                return True
+            grad_outside = grad_outside or not jvp_seen
     return False

@@ -1,4 +1,6 @@
 """The public autograd face: `TwoLayerSquare` and the functional `two_layer_square`."""
+import contextlib
+
 import torch
 
 from . import _registrations, _torch_private, reference
@@ -19,6 +21,20 @@ def _check_tensors(args):
             raise TypeError(
                 f"two_layer_square: {name} must be a torch.Tensor; got {type(value).__name__}"
             )
+
+
+def _eager_composition(z, W, V, B, A):
+    """f by the reference's torch ops, with the ops' checks and dtype policy:
+    half inputs computed in float32 (f returned in their dtype, or in float32
+    under autocast, with autocast off inside)."""
+    # The op's own checks, on its Meta kernel (shapes and dtypes only).
+    _ops.two_layer_square(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (z, W, V, B, A)))
+    device = z.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (z, W, V, B, A)]
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+        f = reference.two_layer_square(*wide)
+    return f if autocast else f.to(z.dtype)
 
 
 class TwoLayerSquare(torch.autograd.Function):
@@ -68,13 +84,13 @@ def two_layer_square(z, W, V, B, A, *, plan="auto"):
         # csrc/autograd/two_layer_square_autograd.cpp), no Python in forward or backward.
         return _ops._two_layer_square_autograd(z, W, V, B, A, plan)
     if (compiling and (transforms or forward_mode)) or \
-            (transforms and _torch_private.forward_mode_under_another_level()):
+            (transforms and _torch_private.forward_mode_nested_unsupported()):
         # Where neither the ops nor the Functions give every derivative: the
         # ops carry no forward mode (Dynamo traces the op under jvp, and its
         # tangent would be zero), Dynamo cannot trace the Functions' rules
         # under torch.func, and a Function's jvp is not differentiated by an
-        # outer level. Differentiable torch ops give them all.
-        return reference.two_layer_square(z, W, V, B, A)
+        # outer forward level. Differentiable torch ops give them all.
+        return _eager_composition(z, W, V, B, A)
     # The planned forward saves r and q for its backward. torch.export records
     # an inference graph: nothing saved, so the plan is resolved when the
     # exported program runs, and a dynamic batch stays dynamic.
