@@ -42,6 +42,32 @@ def test_nan_in_each_input_propagates_as_in_eager(index, device):
         assert torch.allclose(g[finite], r[finite], rtol=1e-10, atol=1e-12), name
 
 
+@pytest.mark.parametrize("n", [1, 129, 300])
+@pytest.mark.parametrize("saved", [False, True], ids=["recomputed", "saved"])
+def test_infinite_weight_of_an_inactive_unit_in_a_partial_block(n, saved):
+    # A -inf weight on a unit inactive in every sample: f and the gradients are
+    # finite (dW's row for the unit is 0). The narrow float32 kernels pad a
+    # block of samples with z = 0, where that unit's x is -inf · 0 = NaN: the
+    # padding must not reach dW or the Gram (it made them NaN) whether r is
+    # recomputed (d + k < 64) or saved.
+    d, k = (16, 17) if not saved else (40, 30)
+    z, W, V, B, A = make_inputs(((n,), d, k, 16, 64), torch.float32, seed=5)
+    z = z.abs() + 0.1
+    W = W.clone()
+    W[0, 0] = -float("inf")
+    leaves = [t.clone().requires_grad_() for t in (z, W, V, B, A)]
+    f = torchext.two_layer_square(*leaves, plan="quadratic")
+    grads = torch.autograd.grad(f.sum(), leaves[1:])
+    ref_leaves = [t.double().requires_grad_() for t in (z, W, V, B, A)]
+    f_ref = torchext.reference.two_layer_square(*ref_leaves)
+    grads_ref = torch.autograd.grad(f_ref.sum(), ref_leaves[1:])
+    assert torch.isfinite(f).all()
+    assert_matches(f, f_ref, torch.float32, "f")
+    for name, g, r in zip(NAMES[1:], grads, grads_ref):
+        assert torch.isfinite(r).all() and torch.isfinite(g).all(), "d" + name
+        assert_matches(g, r, torch.float32, "d" + name)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_where_relu_is_inactive(device):
     # A NaN upstream of an inactive unit must not leak through ReLU's derivative:

@@ -269,6 +269,19 @@ TX void load_transposed(const float* X, int64_t stride, int64_t cols, int64_t ns
   }
 }
 
+// Samples [ns, nv·L) of `rows` rows zeroed: the padding of a block whose
+// values a product computed from zero inputs, which is NaN wherever a weight
+// is infinite (inf · 0), and would reach the sums over samples.
+TX void zero_padding(float* T, int64_t rows, int64_t ns, int64_t nv) {
+  const int64_t v0 = ns / L;
+  const M live = V::first(ns - v0 * L);
+  for (int64_t c = 0; c < rows; ++c) {
+    float* row = T + c * S;
+    if (v0 < nv) V::store(row + v0 * L, V::load_first(live, row + v0 * L));
+    for (int64_t v = v0 + 1; v < nv; ++v) V::store(row + v * L, V::zero());
+  }
+}
+
 // X[s][c] = T[c][s] for c < cols and s < ns.
 TX void store_transposed(const float* T, int64_t cols, int64_t ns, float* X, int64_t stride) {
   for (int64_t v = 0; v * L < ns; ++v) {
@@ -458,6 +471,7 @@ TX void narrow_backward(const NarrowWeights& w, const float* z, const float* g, 
       relu_grad(b.g, b.rT, b.qT, w.Kp, nv, b.pT, b.grT);
     } else {
       product<Epilogue::kRelu>(w.W.data(), w.d, w.Kp, w.k, w.d, b.zT, nv, b.rT);
+      zero_padding(b.rT, w.Kp, ns, nv);  // then p and g r are zero there too
       product<Epilogue::kReluGrad>(w.Q.data(), w.Kp, w.Kp, w.k, w.Kp, b.rT, nv, b.pT, b.g, b.grT);
     }
     if (want_dW) accumulate_outer(b.pT, w.Kp, b.zT, w.Dp, nv, false, b.dW);
