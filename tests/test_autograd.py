@@ -489,6 +489,12 @@ def test_eager_composition_route_keeps_the_ops_checks_and_dtype_policy():
         got = jvp2(torchext.two_layer_square)
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+    # ...and, as the ops under autocast, inputs of mixed dtypes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.func.jvp(lambda W_: torch.func.jvp(
+            lambda W2: torchext.two_layer_square(z, W2, V.bfloat16(), B, A), (W_,), (tangent,))[1],
+            (W,), (tangent,))
+    assert got[0].dtype == torch.float32
 
 
 @pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small"), plans=("auto",)))

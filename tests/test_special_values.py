@@ -42,6 +42,20 @@ def test_nan_in_each_input_propagates_as_in_eager(index, device):
         assert torch.allclose(g[finite], r[finite], rtol=1e-10, atol=1e-12), name
 
 
+@pytest.mark.parametrize("unit", [0, 5, 7])
+def test_infinite_unit_gives_inf_in_the_quadratic_form(unit):
+    # Positive inputs and +inf in one unit: f = +inf as in eager. The narrow
+    # float32 kernels' f = rᵀ Q r (q not saved) summed each unit's row of Q's
+    # upper triangle from its tile's first column: 0 · inf = NaN.
+    z, W, V, B, A = (t.abs() + 0.1 for t in make_inputs(((9,), 5, 8, 6, 7), torch.float32, seed=6))
+    W = W.clone()
+    W[unit, 0] = float("inf")
+    with torch.no_grad():
+        f = torchext.two_layer_square(z, W, V, B, A, plan="quadratic")
+    want = torchext.reference.two_layer_square(*(t.double() for t in (z, W, V, B, A)))
+    assert torch.equal(torch.isposinf(f), torch.isposinf(want)) and torch.isposinf(want).all()
+
+
 @pytest.mark.parametrize("n", [1, 129, 300])
 @pytest.mark.parametrize("saved", [False, True], ids=["recomputed", "saved"])
 def test_infinite_weight_of_an_inactive_unit_in_a_partial_block(n, saved):

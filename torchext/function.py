@@ -27,11 +27,14 @@ def _eager_composition(z, W, V, B, A):
     """f by the reference's torch ops, with the ops' checks and dtype policy:
     half inputs computed in float32 (f returned in their dtype, or in float32
     under autocast, with autocast off inside)."""
-    # The op's own checks, on its Meta kernel (shapes and dtypes only).
-    _ops.two_layer_square(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (z, W, V, B, A)))
     device = z.device.type
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in (z, W, V, B, A)]
+    inputs = (z, W, V, B, A)
+    if autocast:  # as the ops' autocast rule casts them
+        inputs = tuple(t.float() if t.is_floating_point() and t.dtype != torch.float64 else t for t in inputs)
+    # The op's own checks, on its Meta kernel (shapes and dtypes).
+    _ops.two_layer_square(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs))
+    wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in inputs]
     with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         f = reference.two_layer_square(*wide)
     return f if autocast else f.to(z.dtype)

@@ -313,7 +313,7 @@ TX inline void store_relu_grad(R g, R r, R q, float* p, float* gr) {
 enum class Epilogue {
   kStore,     // outT = acc
   kRelu,      // outT = max(0, acc), keeping NaN
-  kQuadForm,  // f[s] += Σ_i inT[i][s] acc[i][s] (A upper-triangular: j starts at the tile's row)
+  kQuadForm,  // f[s] += Σ_i inT[i][s] acc[i][s] (A upper-triangular: row i from j = i on)
   kReluGrad,  // store_relu_grad with q = acc, r = inT: pT and grT
 };
 
@@ -341,7 +341,23 @@ TX void product(const float* A, int64_t lda, int64_t rows, int64_t live, int64_t
 #pragma GCC unroll 8
       for (int t = 0; t < MR; ++t) a0[t] = a1[t] = zero;
       const float* arow = A + i0 * lda;
-      for (int64_t j = E == Epilogue::kQuadForm ? i0 : 0; j < inner; ++j) {
+      int64_t j = 0;
+      if constexpr (E == Epilogue::kQuadForm) {
+        // The tile's diagonal block: each row from its own column on, as the
+        // zeros below A's diagonal times an infinite input would give NaN.
+        for (j = i0; j < std::min(i0 + MR, inner); ++j) {
+          const R x0 = V::load(inT + j * S + s);
+          const R x1 = V::load(inT + j * S + s + L);
+#pragma GCC unroll 8
+          for (int t = 0; t < MR; ++t) {
+            if (i0 + t > j) continue;
+            const R b = V::set1(arow[t * lda + j]);
+            a0[t] = V::fma(b, x0, a0[t]);
+            a1[t] = V::fma(b, x1, a1[t]);
+          }
+        }
+      }
+      for (; j < inner; ++j) {
         const R x0 = V::load(inT + j * S + s);
         const R x1 = V::load(inT + j * S + s + L);
 #pragma GCC unroll 8
