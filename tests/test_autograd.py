@@ -495,6 +495,13 @@ def test_eager_composition_route_keeps_the_ops_checks_and_dtype_policy():
             lambda W2: torchext.two_layer_square(z, W2, V.bfloat16(), B, A), (W_,), (tangent,))[1],
             (W,), (tangent,))
     assert got[0].dtype == torch.float32
+    # ...and under torch.compile, which takes the route for one forward level
+    jvp1 = lambda W_: torch.func.jvp(  # noqa: E731
+        lambda W2: torchext.two_layer_square(z, W2, V, B, A), (W_,), (tangent,))[1]
+    want = jvp1(W)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.compile(jvp1, backend="aot_eager", fullgraph=True)(W)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small"), plans=("auto",)))

@@ -47,6 +47,7 @@ def call_op(op, *args):
 # `_two_layer_square_autograd` (the C++ node) is cast on entry like the others,
 # so the node saves the float32 casts and its backward sees one dtype.
 AUTOCAST_OPS = ("two_layer_square", "_two_layer_square_forward", "_two_layer_square_autograd")
+AUTOCAST_DEVICES = ("cpu", "cuda")  # the devices the ops have kernels for
 
 
 def common_dtype(grad, z, W, V, B, A):
@@ -226,8 +227,7 @@ class PlannedForwardWithJvp(torch.autograd.Function):
         device = ctx.saved_tensors[0].device.type
         cast = [None if t is None else t.to(ctx.f_dtype) for t in (*ctx.saved_tensors[:5], *tangents[:5])]
         # (a device without autocast, meta say, cannot even name it to turn it off)
-        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) \
-                else contextlib.nullcontext():
+        with torch.autocast(device, enabled=False) if device in AUTOCAST_DEVICES else contextlib.nullcontext():
             return tangent_of_f(*cast[:5], cast[5:]), None, None, None
 
     # The op's rule, applying this Function (see forward_vmap).
@@ -365,5 +365,5 @@ for _name, (_backward, _setup, _vmap) in RULES.items():
     torch.library.register_vmap(f"torchext::{_name}", _vmap)
 
 for _name in AUTOCAST_OPS:
-    for _device in ("cpu", "cuda"):
+    for _device in AUTOCAST_DEVICES:
         torch.library.register_autocast(f"torchext::{_name}", _device, torch.float32)

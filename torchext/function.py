@@ -28,7 +28,9 @@ def _eager_composition(z, W, V, B, A):
     half inputs computed in float32 (f returned in their dtype, or in float32
     under autocast, with autocast off inside)."""
     device = z.device.type
-    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    # (a device name, not torch.amp.is_autocast_available: this runs under
+    # torch.compile, and Dynamo in torch 2.9 cannot trace that)
+    autocast = device in _registrations.AUTOCAST_DEVICES and torch.is_autocast_enabled(device)
     inputs = (z, W, V, B, A)
     if autocast:  # as the ops' autocast rule casts them
         inputs = tuple(t.float() if t.is_floating_point() and t.dtype != torch.float64 else t for t in inputs)
