@@ -50,6 +50,16 @@ AUTOCAST_OPS = ("two_layer_square", "_two_layer_square_forward", "_two_layer_squ
 AUTOCAST_DEVICES = ("cpu", "cuda")  # the devices the ops have kernels for
 
 
+def autocast_off(device_type):
+    """Autocast off on this device type, for derivatives written in torch ops:
+    they compute in the dtype the op computed in (float32 under autocast), as
+    the kernels do, not in autocast's low precision. (A device without
+    autocast, meta say, cannot even name it to turn it off; nor can Dynamo in
+    torch 2.9 trace torch.amp.is_autocast_available, hence the device list.)"""
+    return torch.autocast(device_type, enabled=False) if device_type in AUTOCAST_DEVICES \
+        else contextlib.nullcontext()
+
+
 def common_dtype(grad, z, W, V, B, A):
     """A Function saves the inputs it was given, but under autocast its forward
     op ran on float32 casts of them and returned f in float32: bring the
@@ -146,8 +156,13 @@ def double_backward(g, z, W, V, B, A, cotangents, needs):
     the forward-mode derivative along c: for g it is ∂f/∂θ·c per sample, for θ it is
     the Hessian-vector product H_L c. Written in differentiable torch ops, so higher
     derivatives and torch.func transforms compose. ReLU's mask is held fixed, as
-    autograd does.
+    autograd does. Under autocast, in the dtype of its arguments (see autocast_off).
     """
+    with autocast_off(z.device.type):
+        return _double_backward(g, z, W, V, B, A, cotangents, needs)
+
+
+def _double_backward(g, z, W, V, B, A, cotangents, needs):
     d = z.shape[-1]
     z2 = z.reshape(z.shape[:-1].numel(), d)  # (not -1: d may be 0)
     g1 = g.reshape(-1, 1)
@@ -226,8 +241,7 @@ class PlannedForwardWithJvp(torch.autograd.Function):
         # with autocast off inside (it would run these products in low precision).
         device = ctx.saved_tensors[0].device.type
         cast = [None if t is None else t.to(ctx.f_dtype) for t in (*ctx.saved_tensors[:5], *tangents[:5])]
-        # (a device without autocast, meta say, cannot even name it to turn it off)
-        with torch.autocast(device, enabled=False) if device in AUTOCAST_DEVICES else contextlib.nullcontext():
+        with autocast_off(device):
             return tangent_of_f(*cast[:5], cast[5:]), None, None, None
 
     # The op's rule, applying this Function (see forward_vmap).

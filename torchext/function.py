@@ -1,6 +1,4 @@
 """The public autograd face: `TwoLayerSquare` and the functional `two_layer_square`."""
-import contextlib
-
 import torch
 
 from . import _registrations, _torch_private, reference
@@ -24,12 +22,12 @@ def _check_tensors(args):
 
 
 def _eager_composition(z, W, V, B, A):
-    """f by the reference's torch ops, with the ops' checks and dtype policy:
+    """f by the reference's torch ops, with the ops' shape and dtype checks (on
+    meta copies: a device mismatch gets torch's own error) and dtype policy:
     half inputs computed in float32 (f returned in their dtype, or in float32
     under autocast, with autocast off inside)."""
     device = z.device.type
-    # (a device name, not torch.amp.is_autocast_available: this runs under
-    # torch.compile, and Dynamo in torch 2.9 cannot trace that)
+    # (a device name, not torch.amp.is_autocast_available: see autocast_off)
     autocast = device in _registrations.AUTOCAST_DEVICES and torch.is_autocast_enabled(device)
     inputs = (z, W, V, B, A)
     if autocast:  # as the ops' autocast rule casts them
@@ -37,7 +35,7 @@ def _eager_composition(z, W, V, B, A):
     # The op's own checks, on its Meta kernel (shapes and dtypes).
     _ops.two_layer_square(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs))
     wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in inputs]
-    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+    with _registrations.autocast_off(device):
         f = reference.two_layer_square(*wide)
     return f if autocast else f.to(z.dtype)
 
