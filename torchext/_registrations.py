@@ -50,6 +50,12 @@ AUTOCAST_OPS = ("two_layer_square", "_two_layer_square_forward", "_two_layer_squ
 AUTOCAST_DEVICES = ("cpu", "cuda")  # the devices the ops have kernels for
 
 
+def autocast_enabled(device_type):
+    """Whether autocast is on for this device type (never on a device the ops
+    register no autocast rule for; see autocast_off for why a device list)."""
+    return device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
 def autocast_off(device_type):
     """Autocast off on this device type, for derivatives written in torch ops:
     they compute in the dtype the op computed in (float32 under autocast), as

@@ -27,8 +27,7 @@ def _eager_composition(z, W, V, B, A):
     half inputs computed in float32 (f returned in their dtype, or in float32
     under autocast, with autocast off inside)."""
     device = z.device.type
-    # (a device name, not torch.amp.is_autocast_available: see autocast_off)
-    autocast = device in _registrations.AUTOCAST_DEVICES and torch.is_autocast_enabled(device)
+    autocast = _registrations.autocast_enabled(device)
     inputs = (z, W, V, B, A)
     if autocast:  # as the ops' autocast rule casts them
         inputs = tuple(t.float() if t.is_floating_point() and t.dtype != torch.float64 else t for t in inputs)
