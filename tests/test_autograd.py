@@ -482,27 +482,28 @@ def test_eager_composition_route_keeps_the_ops_checks_and_dtype_policy():
     # Under autocast, f in float32 from float32 arithmetic, as the ops give it.
     z, W, V, B, A = (t.float() for t in (z, W, V, B, A))
     tangent = torch.ones_like(W)
-    jvp2 = lambda fn: torch.func.jvp(  # noqa: E731
-        lambda W_: torch.func.jvp(lambda W2: fn(z, W2, V, B, A), (W_,), (tangent,))[1], (W,), (tangent,))
-    want = jvp2(torchext.two_layer_square)
+    jvp1 = lambda W_, V_=V: torch.func.jvp(  # noqa: E731
+        lambda W2: torchext.two_layer_square(z, W2, V_, B, A), (W_,), (tangent,))[1]
+    jvp2 = lambda V_=V: torch.func.jvp(lambda W_: jvp1(W_, V_), (W,), (tangent,))  # noqa: E731
+
+    def assert_float32_close(got, want):
+        for g, w in zip(got, want):
+            assert g.dtype == torch.float32 and torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+
+    want = jvp2()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = jvp2(torchext.two_layer_square)
-    for g, w in zip(got, want):
-        assert g.dtype == torch.float32 and torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+        got = jvp2()
+    assert_float32_close(got, want)
     # ...and, as the ops under autocast, inputs of mixed dtypes
-    with_V = lambda V_: lambda z_, W_, _, B_, A_: torchext.two_layer_square(z_, W_, V_, B_, A_)  # noqa: E731
-    want = jvp2(with_V(V.bfloat16().float()))
+    want = jvp2(V.bfloat16().float())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = jvp2(with_V(V.bfloat16()))
-    for g, w in zip(got, want):
-        assert g.dtype == torch.float32 and torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+        got = jvp2(V.bfloat16())
+    assert_float32_close(got, want)
     # ...and under torch.compile, which takes the route for one forward level
-    jvp1 = lambda W_: torch.func.jvp(  # noqa: E731
-        lambda W2: torchext.two_layer_square(z, W2, V, B, A), (W_,), (tangent,))[1]
     want = jvp1(W)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = torch.compile(jvp1, backend="aot_eager", fullgraph=True)(W)
-    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_float32_close((got,), (want,))
 
 
 @pytest.mark.parametrize("case", cases(shapes=("primes", "saved-small"), plans=("auto",)))
