@@ -90,8 +90,9 @@ class Case:
         B = rnd(ell, m, scale=m ** -0.5 if m else 1.0)
         A = rnd(1, ell)
         z, W = _values(self.values, z, W)
-        out = [_layout(self.layout, t.to(self.dtype), i) for i, t in enumerate((z, W, V, B, A))]
-        out = [t.to(device) for t in out]
+        # The layout made on the device: .to(device) would copy a view into
+        # a contiguous tensor.
+        out = [_layout(self.layout, t.to(device=device, dtype=self.dtype), i) for i, t in enumerate((z, W, V, B, A))]
         return [t.requires_grad_() if requires_grad and t.is_leaf else t for t in out]
 
 
@@ -119,7 +120,7 @@ def _layout(kind, t, index):
         # z's samples all equal one row, broadcast with stride 0.
         return t.reshape(-1, t.shape[-1])[:1].expand(t.reshape(-1, t.shape[-1]).shape).reshape(t.shape)
     if kind == "offset":
-        flat = torch.cat([torch.zeros(3, dtype=t.dtype), t.reshape(-1)])
+        flat = torch.cat([t.new_zeros(3), t.reshape(-1)])
         return flat[3:].view(t.shape)
     return t
 

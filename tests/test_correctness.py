@@ -7,7 +7,8 @@ import torch
 import torchext
 from cases import LAYOUTS, PLANS, cases
 from conftest import (
-    DEVICES, SHAPES, TOL, assert_matches, eager_outputs, fused_outputs, make_inputs, reference_outputs, rel_err,
+    DEVICES, SHAPES, TESTING, TOL, assert_matches, eager_outputs, fused_outputs, make_inputs, reference_outputs,
+    rel_err,
 )
 
 NAMES = ("z", "W", "V", "B", "A")
@@ -104,10 +105,23 @@ def test_half_precision_inputs(case, device):
     grads_ref = torch.autograd.grad(torchext.reference.two_layer_square(*leaves), leaves, g.double())
     f, grads = fused_outputs(inputs, g, (True,) * 5, case.plan)
     assert f.dtype == case.dtype
-    assert_within_ulps(f.cpu(), f_ref, case.dtype, "f")
-    for name, gr, ref, t in zip(NAMES, grads, grads_ref, inputs):
-        assert gr.dtype == case.dtype and gr.shape == t.shape
-        assert_within_ulps(gr.cpu(), ref, case.dtype, f"d{name}")
+    for name, got, ref in zip(("f",) + tuple(f"d{n}" for n in NAMES), [f, *grads], [f_ref, *grads_ref]):
+        assert got.dtype == case.dtype and got.shape == ref.shape
+        if on_tensor_cores(case, inputs):
+            # The README's bound for the tensor-core tiles (operands staged in bfloat16).
+            assert rel_err(got, ref) < 1e-2, name
+        else:
+            assert_within_ulps(got.cpu(), ref, case.dtype, name)
+
+
+def on_tensor_cores(case, inputs):
+    """Whether the op runs these inputs on the CUDA tensor-core tiles:
+    bfloat16 on an sm_80+ GPU, on the quadratic plan's fused kernels."""
+    z, W, V, B, A = inputs
+    if not (z.is_cuda and z.dtype == torch.bfloat16 and torch.cuda.get_device_capability(z.device)[0] >= 8):
+        return False
+    rows = z.shape[:-1].numel()
+    return TESTING._plan(rows, z.shape[-1], W.shape[0], V.shape[0], B.shape[0], case.plan, True) == "quadratic"
 
 
 @pytest.mark.parametrize("plan", PLANS)

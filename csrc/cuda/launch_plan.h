@@ -61,12 +61,12 @@ constexpr int64_t persistent_grid(const DeviceLimits& dev, int64_t work_blocks,
   return std::max<int64_t>(1, std::min(work_blocks, dev.sm_count * blocks_per_sm));
 }
 
-// bfloat16/float16 inputs take the tensor-core tiles where the device has
-// them (sm_80) and the tiles' code was built for it: a build without an sm_80
-// or newer architecture runs PTX of an older one there, whose tiles trap.
-constexpr bool use_tensor_core_tiles(bool half_input, const DeviceLimits& dev,
+// bfloat16 inputs take the tensor-core tiles where the device has them
+// (sm_80) and the tiles' code was built for it: a build without an sm_80 or
+// newer architecture runs PTX of an older one there, whose tiles trap.
+constexpr bool use_tensor_core_tiles(bool bfloat16_input, const DeviceLimits& dev,
                                      const KernelAttributes& tensor_core_kernel) {
-  return half_input && dev.arch >= 80 && tensor_core_kernel.ptx_arch >= 80;
+  return bfloat16_input && dev.arch >= 80 && tensor_core_kernel.ptx_arch >= 80;
 }
 
 // --- the quadratic plan's fused forward ---------------------------------------

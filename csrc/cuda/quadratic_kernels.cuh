@@ -41,7 +41,7 @@ __host__ __device__ inline int64_t tiles_of(int64_t n, int64_t tile = kTile) { r
 static_assert(kTile == launch::kForwardTileRows, "the host sizes the forward's r by its tile");
 
 // The tile product a kernel runs on: SIMT fused multiply-adds in the compute
-// type T, or (kTensorCores; T = float, for bfloat16/float16 inputs) tensor
+// type T, or (kTensorCores; T = float, for bfloat16 inputs) tensor
 // cores on bfloat16-staged operands (tile_mma.cuh).
 template <typename T, bool kTensorCores>
 struct TileEngine;

@@ -146,7 +146,7 @@ __device__ void tile_product(T (&acc)[G::kPatch][G::kPatch], T (*As)[G::kLd], T 
 }  // namespace torchext
 
 // ---------------------------------------------------------------------------
-// The same tile product on tensor cores, for bfloat16/float16 inputs: the
+// The same tile product on tensor cores, for bfloat16 inputs: the
 // operands are staged as bfloat16 (its float32-sized exponent range keeps the
 // per-call Q, which can be large, from overflowing, as float16 could), the
 // products accumulate in float32 (wmma 16 × 16 × 16 fragments; each of the 8

@@ -147,17 +147,18 @@ void launch_forward(const Dims& dims, const ComputeInputs& in, at::Tensor& f) {
 
 using namespace quadratic;
 
-// bfloat16/float16 inputs on sm_80 or newer, from a build that has tensor-core
-// code for the device (launch::use_tensor_core_tiles; every kernel of this
-// file is built for the same architectures, so the forward's tells for all):
-// the products on tensor cores (operands staged in bfloat16, float32
-// accumulation; see tile_mma.cuh). float32 and float64 inputs keep
-// full-precision SIMT products, whatever allow_tf32 says (cuBLAS's per-call
-// products follow it).
+// bfloat16 inputs on sm_80 or newer, from a build that has tensor-core code
+// for the device (launch::use_tensor_core_tiles; every kernel of this file is
+// built for the same architectures, so the forward's tells for all): the
+// products on tensor cores (operands staged in bfloat16, float32
+// accumulation; see tile_mma.cuh). float16 inputs take the float32 SIMT
+// kernels: staged in bfloat16 they would lose 3 bits of every input, which
+// dz's cancellations carry past the README's 1e-2 bound (seen on an H200:
+// benchmarks/gpu-notes.md), and staged in float16 Q = Mᵀ diag(a) M could
+// overflow. float32 and float64 inputs keep full-precision SIMT products,
+// whatever allow_tf32 says (cuBLAS's per-call products follow it).
 bool use_tensor_cores(const ComputeInputs& in) {
-  const bool half_input = in.input_dtype == at::kBFloat16 || in.input_dtype == at::kHalf;
-  return half_input &&
-         launch::use_tensor_core_tiles(half_input, device_limits(),
+  return launch::use_tensor_core_tiles(in.input_dtype == at::kBFloat16, device_limits(),
                                        kernel_on_device<&quadratic_forward_kernel<float, true>>());
 }
 
