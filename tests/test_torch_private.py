@@ -56,3 +56,24 @@ def test_below_autograd_records_nothing():
     assert y.grad_fn is None and not y.requires_grad
     # ...and leaves grad mode as it found it.
     assert torch.is_grad_enabled() and (x * 2).grad_fn is not None
+
+
+def test_run_meta_kernel_checks_and_infers_shapes_below_every_transform():
+    import pytest
+
+    import torchext  # noqa: F401  (loads the operators)
+
+    op = torch.ops.torchext.two_layer_square.default
+    meta = [torch.empty(s, device="meta") for s in ((5, 3), (4, 3), (2, 4), (6, 2), (1, 6))]
+    seen = []
+
+    def probe(x):
+        seen.append(_torch_private.run_meta_kernel(op, *meta).shape)
+        with pytest.raises(ValueError, match="A must have shape"):
+            _torch_private.run_meta_kernel(op, *meta[:4], meta[4].reshape(-1, 1))
+        return (x ** 3).sum()
+
+    x = torch.ones(3)
+    probe(x)
+    torch.func.jacfwd(torch.func.jacfwd(probe))(x)
+    assert seen == [torch.Size([5])] * 2

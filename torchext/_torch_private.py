@@ -64,3 +64,22 @@ def forward_mode_nested_unsupported() -> bool:
                 return True
             grad_outside = grad_outside or not jvp_seen
     return False
+
+
+def run_meta_kernel(op: torch._ops.OpOverload, *args):
+    """op's Meta kernel on meta tensors, dispatched to that kernel alone.
+
+    Why: the eager-composition route runs the ops' shape and dtype checks
+    (their one source, the Meta kernel) inside torch.func transforms. A plain
+    call would first pass every transform level and the op's registered
+    autograd, each a Python frame, on the way down and again as the check's
+    error unwinds: under jacfwd(jacfwd(f)), four of them. On the H200 machine
+    (torch 2.11) that nesting segfaulted as a bad shape's error unwound.
+    Dynamo cannot trace the redispatch; under torch.compile the checks run
+    once, as it traces the plain call."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return op.redispatch(_META_KEYS, *args)
+
+
+_META_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.Meta)

@@ -32,7 +32,8 @@ def _eager_composition(z, W, V, B, A):
     if autocast:  # as the ops' autocast rule casts them
         inputs = tuple(t.float() if t.is_floating_point() and t.dtype != torch.float64 else t for t in inputs)
     # The op's own checks, on its Meta kernel (shapes and dtypes).
-    _ops.two_layer_square(*(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs))
+    _torch_private.run_meta_kernel(_ops.two_layer_square.default,
+                                   *(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs))
     wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in inputs]
     with _registrations.autocast_off(device):
         f = reference.two_layer_square(*wide)
