@@ -1,5 +1,7 @@
-// What float16 inputs lose on the CUDA tensor-core path, whose operands are
-// staged in bfloat16: the quadratic plan's fused forward (the kernel itself,
+// What float16 inputs lost on the CUDA tensor-core path, whose operands are
+// staged in bfloat16 (float16 inputs take the float32 SIMT kernels since the
+// first GPU run, 2026-12-04; bfloat16 inputs, exact in bfloat16, keep the
+// tensor cores): the quadratic plan's fused forward (the kernel itself,
 // run on the CPU through the emulation dialect of tests/cuda_emulation), on
 // float16-valued random inputs, against float64; beside it the SIMT float32
 // kernel and eager float16's chain (each op's result rounded to float16,

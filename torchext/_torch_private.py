@@ -71,9 +71,9 @@ def run_meta_kernel(op: torch._ops.OpOverload, *args):
 
     Why: the eager-composition route runs the ops' shape and dtype checks
     (their one source, the Meta kernel) inside torch.func transforms. A plain
-    call would first pass every transform level and the op's registered
-    autograd, each a Python frame, on the way down and again as the check's
-    error unwinds: under jacfwd(jacfwd(f)), four of them. On the H200 machine
+    call would pass the transform levels and, at each, the op's registered
+    autograd (a Python frame) on the way down, and again as the check's error
+    unwinds: under jacfwd(jacfwd(f)), three such frames. On the H200 machine
     (torch 2.11) that nesting segfaulted as a bad shape's error unwound.
     Dynamo cannot trace the redispatch; under torch.compile the checks run
     once, as it traces the plain call."""
