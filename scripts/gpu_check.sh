@@ -126,13 +126,12 @@ def counts(name):
     return c
 tests = {"cuda": {**counts("junit-cuda.xml"), "summary": cuda_summary},
          "rest": {**counts("junit-rest.xml"), "summary": rest_summary}}
-paths = glob.glob(os.path.join(out, "bench", "*.json"))
-if not paths:  # the tests and sanitizer verdicts are recorded all the same
+records = {os.path.basename(p): json.load(open(p)) for p in glob.glob(os.path.join(out, "bench", "*.json"))}
+if not records:  # the tests and sanitizer verdicts are recorded all the same
     date = datetime.date.today().isoformat()
     name = f"{date}-{re.sub('[^a-z0-9]+', '-', device.lower()).strip('-')}.json"
-    paths = [(name, {"device": device, "date": date, "bench": "no benchmark record: see bench.log"})]
-for path in paths:
-    name, record = path if isinstance(path, tuple) else (os.path.basename(path), json.load(open(path)))
+    records[name] = {"device": device, "date": date, "bench": "no benchmark record: see bench.log"}
+for name, record in records.items():
     record["tests"] = tests
     record["sanitizer"] = {"memcheck": memcheck, "racecheck": racecheck}
     dst = os.path.join(out, "record", name)

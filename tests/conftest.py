@@ -124,11 +124,16 @@ def eager_outputs(inputs, g):
 def python_calls_in_torchext(fn):
     """The names of the torchext Python functions that fn() entered (on this
     thread, where the autograd engine runs CPU backwards)."""
+    return python_calls_under(fn, os.path.dirname(os.path.abspath(torchext.__file__)) + os.sep)
+
+
+def python_calls_under(fn, path):
+    """The names of the Python functions defined in files under path (a
+    directory ending in a separator, or a file) that fn() entered, on this thread."""
     calls = []
-    package = os.path.dirname(os.path.abspath(torchext.__file__)) + os.sep
 
     def profile(frame, event, arg):
-        if event == "call" and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        if event == "call" and os.path.abspath(frame.f_code.co_filename).startswith(path):
             calls.append(frame.f_code.co_name)
 
     sys.setprofile(profile)
