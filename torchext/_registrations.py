@@ -101,7 +101,7 @@ def call_backward(grad, z, W, V, B, A, saved, mask):
     # Dual tensors may reach the backward (forward over reverse) under torch.func
     # and inside a dual level: only the Function carries their tangents.
     if _torch_private.functorch_transforms_active() or _torch_private.forward_ad_active():
-        return FusedBackwardWithJvp.apply(grad, z, W, V, B, A, r, q, state, *mask)
+        return fused_backward_with_jvp(grad, z, W, V, B, A, r, q, state, *mask)
     return call_op(fused_backward, grad, z, W, V, B, A, r, q, state, mask)
 
 
@@ -224,6 +224,16 @@ def tangent_of_f(z, W, V, B, A, tangents):
     return double_backward(ones, z, W, V, B, A, tangents, needs)[0]
 
 
+# What Dynamo must never compile: the planned Function's vmap rule, and the
+# Function a backward applies under torch.func. A transform applied to a
+# compiled function (vmap(torch.compile(f))) can leave that frame to eager and
+# compile the frames nested in it instead, which Dynamo cannot trace (an
+# internal error on the Function's context). Inside a compiled region
+# two_layer_square's routes never reach them. (TwoLayerSquare's own vmap rule
+# stays traceable: torch.compile(vmap(grad(...)), fullgraph=True) traces it.)
+uncompiled = torch.compiler.disable
+
+
 class PlannedForwardWithJvp(torch.autograd.Function):
     """The internal forward op (f, r, q, state) with the op's own backward,
     plus forward-mode AD (jvp, jacfwd, hessian, dual tensors): the route of
@@ -251,8 +261,8 @@ class PlannedForwardWithJvp(torch.autograd.Function):
             return tangent_of_f(*cast[:5], cast[5:]), None, None, None
 
     # The op's rule, applying this Function (see forward_vmap).
-    vmap = staticmethod(lambda info, in_dims, *args: planned_forward_vmap(
-        info, in_dims, *args, forward=PlannedForwardWithJvp.apply))
+    vmap = staticmethod(uncompiled(lambda info, in_dims, *args: planned_forward_vmap(
+        info, in_dims, *args, forward=PlannedForwardWithJvp.apply)))
 
 
 class FusedBackwardWithJvp(torch.autograd.Function):
@@ -289,6 +299,8 @@ class FusedBackwardWithJvp(torch.autograd.Function):
             out = [o if e is None else o + e for o, e in zip(out, extra)]
         return tuple(o if m else None for o, m in zip(out, mask))
 
+
+fused_backward_with_jvp = uncompiled(FusedBackwardWithJvp.apply)
 
 # ---- vmap: one rule, per member ----------------------------------------------------
 

@@ -22,10 +22,9 @@ def _check_tensors(args):
 
 
 def _eager_composition(z, W, V, B, A):
-    """f by the reference's torch ops, with the ops' shape and dtype checks (on
-    meta copies: a device mismatch gets torch's own error) and dtype policy:
-    half inputs computed in float32 (f returned in their dtype, or in float32
-    under autocast, with autocast off inside)."""
+    """f by the reference's torch ops, with the ops' shape, dtype and device
+    checks and dtype policy: half inputs computed in float32 (f returned in
+    their dtype, or in float32 under autocast, with autocast off inside)."""
     device = z.device.type
     autocast = _registrations.autocast_enabled(device)
     inputs = (z, W, V, B, A)
@@ -34,6 +33,10 @@ def _eager_composition(z, W, V, B, A):
     # The op's own checks, on its Meta kernel (shapes and dtypes).
     _torch_private.run_meta_kernel(_ops.two_layer_square.default,
                                    *(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs))
+    for name, t in zip(_NAMES[1:], inputs[1:]):  # (what meta copies cannot show; checks.cpp's words)
+        if t.device != z.device:
+            raise RuntimeError(f"two_layer_square: {name} must be on the same device as z ({z.device}); "
+                               f"got {t.device}")
     wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in inputs]
     with _registrations.autocast_off(device):
         f = reference.two_layer_square(*wide)
