@@ -224,14 +224,23 @@ def tangent_of_f(z, W, V, B, A, tangents):
     return double_backward(ones, z, W, V, B, A, tangents, needs)[0]
 
 
-# What Dynamo must never compile: the planned Function's vmap rule, and the
-# Function a backward applies under torch.func. A transform applied to a
-# compiled function (vmap(torch.compile(f))) can leave that frame to eager and
-# compile the frames nested in it instead, which Dynamo cannot trace (an
-# internal error on the Function's context). Inside a compiled region
-# two_layer_square's routes never reach them. (TwoLayerSquare's own vmap rule
-# stays traceable: torch.compile(vmap(grad(...)), fullgraph=True) traces it.)
-uncompiled = torch.compiler.disable
+def uncompiled(fn):
+    """fn, never compiled by Dynamo: the planned Function's vmap rule, and the
+    Function a backward applies under torch.func. A transform applied to a
+    compiled function (vmap(torch.compile(f))) can leave that frame to eager
+    and compile the frames nested in it instead, which Dynamo cannot trace (an
+    internal error on the Function's context). Inside a compiled region
+    two_layer_square's routes never reach them. torch.compiler.disable is
+    applied on the first call: it imports torch._dynamo (about a second)."""
+    disabled = None
+
+    def call(*args):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args)
+
+    return call
 
 
 class PlannedForwardWithJvp(torch.autograd.Function):

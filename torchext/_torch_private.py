@@ -70,8 +70,8 @@ def run_meta_kernel(op: torch._ops.OpOverload, *args):
     """op's Meta kernel on meta tensors, dispatched to that kernel alone.
 
     Why: the eager-composition route runs the ops' shape and dtype checks
-    (their one source, the Meta kernel; devices it compares itself) inside
-    torch.func transforms. A plain
+    (their one source, the Meta kernel) inside torch.func transforms (the
+    route compares devices itself). A plain
     call would pass the transform levels and, at each, the op's registered
     autograd (a Python frame) on the way down, and again as the check's error
     unwinds: under jacfwd(jacfwd(f)), three such frames. On the H200 machine

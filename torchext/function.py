@@ -30,13 +30,14 @@ def _eager_composition(z, W, V, B, A):
     inputs = (z, W, V, B, A)
     if autocast:  # as the ops' autocast rule casts them
         inputs = tuple(t.float() if t.is_floating_point() and t.dtype != torch.float64 else t for t in inputs)
-    # The op's own checks, on its Meta kernel (shapes and dtypes).
-    _torch_private.run_meta_kernel(_ops.two_layer_square.default,
-                                   *(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs))
-    for name, t in zip(_NAMES[1:], inputs[1:]):  # (what meta copies cannot show; checks.cpp's words)
+    # Devices, which meta copies cannot show (checks.cpp's words; before the
+    # shapes, as there), then the op's own checks on its Meta kernel.
+    for name, t in zip(_NAMES[1:], inputs[1:]):
         if t.device != z.device:
             raise RuntimeError(f"two_layer_square: {name} must be on the same device as z ({z.device}); "
                                f"got {t.device}")
+    _torch_private.run_meta_kernel(_ops.two_layer_square.default,
+                                   *(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs))
     wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in inputs]
     with _registrations.autocast_off(device):
         f = reference.two_layer_square(*wide)
