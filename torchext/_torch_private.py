@@ -70,14 +70,14 @@ def run_meta_kernel(op: torch._ops.OpOverload, *args):
     """op's Meta kernel on meta tensors, dispatched to that kernel alone.
 
     Why: the eager-composition route runs the ops' shape and dtype checks
-    (their one source, the Meta kernel) inside torch.func transforms (the
-    route compares devices itself). A plain
-    call would pass the transform levels and, at each, the op's registered
-    autograd (a Python frame) on the way down, and again as the check's error
-    unwinds: under jacfwd(jacfwd(f)), three such frames. On the H200 machine
-    (torch 2.11) that nesting segfaulted as a bad shape's error unwound.
-    Dynamo cannot trace the redispatch; under torch.compile the checks run
-    once, as it traces the plain call."""
+    (their one source, the Meta kernel; the route compares devices itself)
+    inside torch.func transforms. A plain call would pass the transform
+    levels and, at each, the op's registered autograd (a Python frame) on the
+    way down, and again as the check's error unwinds: under
+    jacfwd(jacfwd(f)), three such frames. On the H200 machine (torch 2.11)
+    that nesting segfaulted as a bad shape's error unwound. Dynamo cannot
+    trace the redispatch; under torch.compile the checks run once, as it
+    traces the plain call."""
     if torch.compiler.is_compiling():
         return op(*args)
     return op.redispatch(_META_KEYS, *args)
