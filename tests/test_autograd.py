@@ -76,6 +76,11 @@ def summed(fn):
     return lambda *args: fn(*args).sum()
 
 
+def per_sample_dW(fn):
+    """fn's dW for each member of a batch stacked on z's leading dimension."""
+    return torch.func.vmap(torch.func.grad(summed(fn), argnums=1), in_dims=OVER_Z)
+
+
 def nested_vmap(fn, dims):
     for in_dims in dims:
         fn = torch.func.vmap(fn, in_dims=in_dims)
@@ -518,10 +523,9 @@ def test_forward_mode_and_torch_func_under_compile(case):
     jvp_of = lambda fn: lambda *a: torch.func.jvp(fn, a, tangents)[1]  # noqa: E731
     got = torch.compile(jvp_of(torchext.two_layer_square), backend="aot_eager", fullgraph=True)(*inputs)
     assert_matches(got, jvp_of(REF)(*inputs), torch.float64, "jvp")
-    per_sample = lambda fn: torch.func.vmap(torch.func.grad(summed(fn), argnums=1), in_dims=OVER_Z)  # noqa: E731
     zb = inputs[0].unsqueeze(0).expand(2, *inputs[0].shape)
-    got = torch.compile(per_sample(torchext.two_layer_square), backend="aot_eager")(zb, *inputs[1:])
-    assert_matches(got, per_sample(REF)(zb, *inputs[1:]), torch.float64, "per-sample dW")
+    got = torch.compile(per_sample_dW(torchext.two_layer_square), backend="aot_eager")(zb, *inputs[1:])
+    assert_matches(got, per_sample_dW(REF)(zb, *inputs[1:]), torch.float64, "per-sample dW")
 
 
 @pytest.mark.parametrize("face,backend", [("functional", "eager"), ("functional", "aot_eager"),
@@ -539,8 +543,7 @@ def test_torch_func_around_a_compiled_face(case, face, backend):
     checks = {
         "vmap": lambda fn: torch.func.vmap(fn, in_dims=OVER_Z)(zb, *inputs[1:]),
         "dW": lambda fn: torch.func.grad(summed(fn), argnums=1)(*inputs),
-        "per-sample dW": lambda fn: torch.func.vmap(torch.func.grad(summed(fn), argnums=1), in_dims=OVER_Z)(
-            zb, *inputs[1:]),
+        "per-sample dW": lambda fn: per_sample_dW(fn)(zb, *inputs[1:]),
         "vjp of vmap": lambda fn: torch.func.vjp(torch.func.vmap(fn, in_dims=OVER_Z), zb, *inputs[1:])[1](
             torch.ones(zb.shape[:2], dtype=zb.dtype)),
         "jvp": lambda fn: torch.func.jvp(lambda W: fn(inputs[0], W, *inputs[2:]), (inputs[1],), (tangent,))[1],

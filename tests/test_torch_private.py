@@ -1,8 +1,14 @@
 """Each probe of a private PyTorch API (torchext/_torch_private.py) still detects
 what torchext's routing relies on, on this torch version."""
+import os
+
+import pytest
 import torch
+import torch._library.autograd as library_autograd
 from torch.autograd import forward_ad
 
+import torchext  # noqa: F401  (loads the operators)
+from conftest import python_calls_under
 from torchext import _torch_private
 
 
@@ -59,14 +65,6 @@ def test_below_autograd_records_nothing():
 
 
 def test_run_meta_kernel_checks_and_infers_shapes_below_every_transform():
-    import os
-
-    import pytest
-    import torch._library.autograd as library_autograd
-
-    import torchext  # noqa: F401  (loads the operators)
-    from conftest import python_calls_under
-
     op = torch.ops.torchext.two_layer_square.default
     shapes = ((5, 3), (4, 3), (2, 4), (6, 2), (1, 6))
     seen = []
