@@ -2,6 +2,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ones.h>
 
 namespace torchext {
 
@@ -42,7 +43,9 @@ void add_grads_from_gram(const ComputeInputs& in, const GramFactors& factors,
   at::Tensor D;
   if (mask[kA]) {  // M G, which dA needs, gives D too
     const at::Tensor MG = mm(factors.M, G);
-    bufs.acc[kA] = MG.mul(factors.M).sum(1);
+    // dA_i = Σ_j (M G)_ij M_ij as a product with a ones column, whose sum
+    // order is fixed: at::sum splits a single long row across threads.
+    bufs.acc[kA] = mm(MG.mul(factors.M), at::ones({MG.size(1), 1}, MG.options())).squeeze(1);
     if (mask[kV] || mask[kB]) D = MG.mul(twice_a_column(in));
   } else if (mask[kV] || mask[kB]) {
     D = mm(factors.Ma, G);

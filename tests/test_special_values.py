@@ -56,6 +56,21 @@ def test_infinite_unit_gives_inf_in_the_quadratic_form(unit):
     assert torch.equal(torch.isposinf(f), torch.isposinf(want)) and torch.isposinf(want).all()
 
 
+@pytest.mark.parametrize("plan", ["direct", "folded", "quadratic"])
+def test_quadratic_form_of_a_finite_q_near_the_float32_limit(plan):
+    # Q = Mᵀ diag(a) M = s² everywhere, finite, but Q_ij + Q_ji is not: the
+    # narrow float32 kernels' f = rᵀ Q r (q not saved) summed those pairs
+    # and gave [nan, inf] where every other route gives f finite.
+    s = 1.4e19
+    z = torch.tensor([[1.0, -1.0], [1.0, 1e-3], [0.5, 0.25]])
+    W, V, B, A = torch.eye(2), torch.eye(2), torch.tensor([[s, s]]), torch.tensor([[1.0]])
+    with torch.no_grad():
+        f = torchext.two_layer_square(z, W, V, B, A, plan=plan)
+    want = torchext.reference.two_layer_square(*(t.double() for t in (z, W, V, B, A)))
+    assert torch.isfinite(f).all(), f
+    torch.testing.assert_close(f.double(), want, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("n", [1, 129, 300])
 @pytest.mark.parametrize("saved", [False, True], ids=["recomputed", "saved"])
 def test_infinite_weight_of_an_inactive_unit_in_a_partial_block(n, saved):

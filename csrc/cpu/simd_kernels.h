@@ -44,8 +44,12 @@ struct NarrowWeights {
       for (int64_t i = 0; i < k; ++i)
         for (int64_t j = 0; j < k; ++j) {
           Q[i * Kp + j] = Q_[i * k + j];
-          // rᵀ Q r = Σ_i r_i (Q_ii r_i + Σ_{j>i} (Q_ij + Q_ji) r_j)
-          Qupper[i * Kp + j] = j == i ? Q_[i * k + i] : j > i ? Q_[i * k + j] + Q_[j * k + i] : 0.f;
+          // rᵀ Q r = 2 Σ_i r_i (½Q_ii r_i + Σ_{j>i} (½Q_ij + ½Q_ji) r_j): halves,
+          // as Q_ij + Q_ji overflows where Q's entries pass FLT_MAX / 2
+          // (halving is exact but for subnormals: the doubled sum keeps the plain sum's bits).
+          Qupper[i * Kp + j] = j == i   ? 0.5f * Q_[i * k + i]
+                               : j > i ? 0.5f * Q_[i * k + j] + 0.5f * Q_[j * k + i]
+                                       : 0.f;
         }
   }
   static int64_t round8(int64_t v) { return (std::max<int64_t>(v, 1) + 7) / 8 * 8; }
@@ -53,7 +57,7 @@ struct NarrowWeights {
   std::vector<float> W;       // Kp × d
   std::vector<float> WT;      // Dp × Kp
   std::vector<float> Q;       // Kp × Kp
-  std::vector<float> Qupper;  // Kp × Kp: Q_ii on, Q_ij + Q_ji above the diagonal
+  std::vector<float> Qupper;  // Kp × Kp: ½Q_ii on, ½Q_ij + ½Q_ji above the diagonal
 };
 
 // A narrow kernel's per-thread buffers: one block of samples transposed

@@ -313,7 +313,7 @@ TX inline void store_relu_grad(R g, R r, R q, float* p, float* gr) {
 enum class Epilogue {
   kStore,     // outT = acc
   kRelu,      // outT = max(0, acc), keeping NaN
-  kQuadForm,  // f[s] += Σ_i inT[i][s] acc[i][s] (A upper-triangular: row i from j = i on)
+  kQuadForm,  // f[s] = 2 Σ_i inT[i][s] acc[i][s] (A upper-triangular: row i from j = i on)
   kReluGrad,  // store_relu_grad with q = acc, r = inT: pT and grT
 };
 
@@ -394,9 +394,9 @@ TX void product(const float* A, int64_t lda, int64_t rows, int64_t live, int64_t
         }
       }
     }
-    if constexpr (E == Epilogue::kQuadForm) {
-      V::store(outT + s, f0);
-      V::store(outT + s + L, f1);
+    if constexpr (E == Epilogue::kQuadForm) {  // A holds halves (NarrowWeights::Qupper)
+      V::store(outT + s, V::add(f0, f0));
+      V::store(outT + s + L, V::add(f1, f1));
     }
   }
 }
