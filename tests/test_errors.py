@@ -141,3 +141,14 @@ def _call_cuda_kernel():
     args = good()
     ks = C.DispatchKeySet(C.DispatchKey.CUDA)
     return OPS.two_layer_square.default.redispatch(ks, *args)
+
+
+@pytest.mark.parametrize("face", ["functional", "Function"])
+def test_vmap_over_a_vector_z_names_z(face):
+    # Each member is 0-dim; read as one batch, the vmapped dimension passed
+    # for d, and the error blamed W (or failed inside c10).
+    fn = torchext.two_layer_square if face == "functional" else torchext.TwoLayerSquare.apply
+    W, V, B, A = torch.randn(6, 5), torch.randn(4, 6), torch.randn(3, 4), torch.rand(1, 3)
+    for n in (5, 7):
+        with pytest.raises(ValueError, match=r"z must have shape \(\.\.\., d\)"):
+            torch.func.vmap(lambda zz: fn(zz, W, V, B, A))(torch.randn(n))

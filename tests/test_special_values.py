@@ -4,7 +4,7 @@ import torch
 
 import torchext
 from cases import cases
-from conftest import DEVICES, SHAPES, assert_matches, make_inputs
+from conftest import DEVICES, SHAPES, TESTING, assert_matches, make_inputs
 
 NAMES = ("z", "W", "V", "B", "A")
 
@@ -54,6 +54,63 @@ def test_infinite_unit_gives_inf_in_the_quadratic_form(unit):
         f = torchext.two_layer_square(z, W, V, B, A, plan="quadratic")
     want = torchext.reference.two_layer_square(*(t.double() for t in (z, W, V, B, A)))
     assert torch.equal(torch.isposinf(f), torch.isposinf(want)) and torch.isposinf(want).all()
+
+
+@pytest.mark.parametrize("route", ["direct", "folded", "quadratic", "aten-direct", "aten-quadratic"])
+@pytest.mark.parametrize("w", [-1.0, 0.5], ids=["dead-unit", "live-unit"])
+def test_incoming_gradient_near_the_float32_limit(route, w):
+    # g a = 2.25e38 is finite and so is (g a) y, but 2 g a is not: the chains
+    # doubled first, giving inf, and NaN (inf · 0) where the unit is dead and
+    # every gradient is 0. Eager's y * y differentiates as (g a) y + (g a) y.
+    plan = route.split("-")[-1]
+    forward, backward = ((TESTING._two_layer_square_forward_aten, TESTING._two_layer_square_backward_aten)
+                         if route.startswith("aten") else
+                         (torch.ops.torchext._two_layer_square_forward, torch.ops.torchext._two_layer_square_backward))
+    z, W, V, B, A = (torch.tensor([[v]]) for v in (1.0, w, 1.0, 1.0, 0.75))
+    g = torch.tensor([3e38])
+    with torch.no_grad():
+        f, r, q, state = forward(z, W, V, B, A, plan, True)
+        got = backward(g, z, W, V, B, A, r, q, state, [True] * 5)
+    leaves = [t.double().requires_grad_() for t in (z, W, V, B, A)]
+    want = torch.autograd.grad(torchext.reference.two_layer_square(*leaves), leaves, g.double())
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.isfinite(a).all(), (name, a)
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("face", ["functional", "Function"])
+def test_incoming_gradient_near_the_float32_limit_in_double_backward(face):
+    # As above, through the double backward's torch ops (create_graph): with
+    # y = 0.01, dz and its derivatives in W and g are finite where 2 g is not.
+    fn = torchext.two_layer_square if face == "functional" else torchext.TwoLayerSquare.apply
+    values = [torch.tensor([[v]]) for v in (1.0, 0.01, 1.0, 1.0, 0.75)] + [torch.tensor([3e38])]
+    results = []
+    for f_of, dtype in ((fn, torch.float32), (torchext.reference.two_layer_square, torch.float64)):
+        z, W, V, B, A, g = (t.to(dtype).requires_grad_(i in (0, 1, 5)) for i, t in enumerate(values))
+        (gz,) = torch.autograd.grad(f_of(z, W, V, B, A), z, g, create_graph=True)
+        results.append((gz, *torch.autograd.grad(gz.sum(), (W, g))))
+    for name, got, want in zip(("dz", "d(dz)/dW", "d(dz)/dg"), *results):
+        assert torch.isfinite(got).all(), (name, got)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_forward_mode_and_second_order_in_float32(dtype):
+    # V r = 65536 overflows float16 (y = 64 and f = 2048 do not): computed
+    # in the inputs' dtype, jvp, jacfwd, hessian and the double backward gave
+    # NaN where f and the first-order gradient are exact.
+    z, W, V, B, A = (torch.tensor([[v]], dtype=dtype) for v in (256.0, 1.0, 256.0, 2.0 ** -10, 0.5))
+    F = lambda w: torchext.two_layer_square(z, w, V, B, A)  # noqa: E731
+    want = torch.tensor([[4096.0]], dtype=dtype)  # df/dW, and d²f/dW² (f = 2048 W² here)
+    assert F(W).item() == 2048.0
+    assert torch.func.jvp(F, (W,), (torch.ones_like(W),))[1].item() == 4096.0
+    torch.testing.assert_close(torch.func.jacfwd(F)(W).reshape(1, 1), want, rtol=0, atol=0)
+    torch.testing.assert_close(torch.func.hessian(lambda w: F(w).sum())(W).reshape(1, 1), want, rtol=0, atol=0)
+    Wr = W.clone().requires_grad_()
+    (gW,) = torch.autograd.grad(F(Wr).sum(), Wr, create_graph=True)
+    assert gW.dtype == dtype and gW.item() == 4096.0
+    (ggW,) = torch.autograd.grad(gW.sum(), Wr)
+    assert ggW.dtype == dtype and ggW.item() == 4096.0
 
 
 @pytest.mark.parametrize("plan", ["direct", "folded", "quadratic"])

@@ -162,10 +162,27 @@ def double_backward(g, z, W, V, B, A, cotangents, needs):
     the forward-mode derivative along c: for g it is ∂f/∂θ·c per sample, for θ it is
     the Hessian-vector product H_L c. Written in differentiable torch ops, so higher
     derivatives and torch.func transforms compose. ReLU's mask is held fixed, as
-    autograd does. Under autocast, in the dtype of its arguments (see autocast_off).
+    autograd does. Half arguments are computed in float32, as the ops compute
+    them, each result returned in its argument's dtype; autocast is off inside
+    (see autocast_off).
     """
+    args = (g, z, W, V, B, A)
     with autocast_off(z.device.type):
-        return _double_backward(g, z, W, V, B, A, cotangents, needs)
+        out = _double_backward(*map(widened, args), [None if c is None else widened(c) for c in cotangents],
+                               needs)
+    return [o if o is None else o.to(t.dtype) for o, t in zip(out, args)]
+
+
+def widened(t):
+    """t in float32 if it is half (float16, bfloat16): the dtype the ops compute half inputs in."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def twice(t):
+    """2t as t + t, as eager's y * y differentiates: 2 · (g a) overflows
+    first where (g a) y does not (g near the dtype's limit), and inf · 0 is
+    NaN. Doubling is exact otherwise: the same bits as 2 * t."""
+    return t + t
 
 
 def _double_backward(g, z, W, V, B, A, cotangents, needs):
@@ -185,7 +202,7 @@ def _double_backward(g, z, W, V, B, A, cotangents, needs):
     active = ~(r <= 0)  # torch's threshold_backward: NaN units pass gradients
     u = r @ V.T
     y = u @ B.T
-    e = 2 * g1 * a * y
+    e = twice(g1 * a * y)
     gu = e @ B
     gx = torch.where(active, gu @ V, 0)
 
@@ -193,13 +210,13 @@ def _double_backward(g, z, W, V, B, A, cotangents, needs):
     dr = torch.where(active, dx, 0)
     du = dr @ V.T + r @ cV.T
     dy = du @ B.T + u @ cB.T
-    de = 2 * g1 * (cA * y + a * dy)
+    de = twice(g1 * (cA * y + a * dy))
     dgu = de @ B + e @ cB
     dgx = torch.where(active, dgu @ V + gu @ cV, 0)
 
     out = [None] * 6
     if needs[0]:
-        out[0] = ((y * y) @ cA + (2 * a * y * dy).sum(-1)).reshape(g.shape)
+        out[0] = ((y * y) @ cA + twice((a * y * dy).sum(-1))).reshape(g.shape)
     if needs[1]:
         out[1] = (dgx @ W + gx @ cW).reshape(z.shape)
     if needs[2]:
@@ -209,7 +226,7 @@ def _double_backward(g, z, W, V, B, A, cotangents, needs):
     if needs[4]:
         out[4] = de.T @ u + e.T @ du
     if needs[5]:
-        out[5] = (2 * g1 * y * dy).sum(0).reshape(A.shape)
+        out[5] = twice((g1 * y * dy).sum(0)).reshape(A.shape)
     return out
 
 
@@ -344,8 +361,11 @@ def per_member(info, in_dims, args, fn, unbatched=()):
     return (outs[0], dims[0]) if single else (tuple(outs), tuple(dims))
 
 
-def only_z_batched(in_dims):
-    return all(dim is None for dim in in_dims[1:5])
+def only_z_batched(in_dims, z):
+    """Only z is batched, and each member has a sample axis; 0-dim members
+    go one by one to the op, whose check says what z must be (read as one
+    batch, the vmapped dimension would pass for d)."""
+    return all(dim is None for dim in in_dims[1:5]) and z.dim() > 1
 
 
 # The forwards' rules serve the op and the Function that wraps it alike
@@ -355,7 +375,7 @@ def only_z_batched(in_dims):
 # (grad(vmap(f))); a rule generated from the op's would run the backward under
 # vmap, once per member.
 def forward_vmap(info, in_dims, z, W, V, B, A, forward=_ops.two_layer_square):
-    if only_z_batched(in_dims):
+    if only_z_batched(in_dims, z):
         return forward(z.movedim(in_dims[0], 0), W, V, B, A), 0
     return per_member(info, in_dims, (z, W, V, B, A), forward)
 
@@ -365,7 +385,7 @@ def forward_vmap(info, in_dims, z, W, V, B, A, forward=_ops.two_layer_square):
 def planned_forward_vmap(info, in_dims, z, W, V, B, A, plan="auto", save_for_backward=False,
                          forward=_ops._two_layer_square_forward):
     save = save_for_backward
-    if only_z_batched(in_dims):
+    if only_z_batched(in_dims, z):
         # One forward over every member's samples. Its plan (resolved for all
         # of them) travels in the state to each member's backward.
         zb = z.movedim(in_dims[0], 0)

@@ -38,9 +38,8 @@ def _eager_composition(z, W, V, B, A):
                                f"got {t.device}")
     _torch_private.run_meta_kernel(_ops.two_layer_square.default,
                                    *(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs))
-    wide = [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in inputs]
     with _registrations.autocast_off(device):
-        f = reference.two_layer_square(*wide)
+        f = reference.two_layer_square(*map(_registrations.widened, inputs))
     return f if autocast else f.to(z.dtype)
 
 

@@ -113,7 +113,8 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
       const at::Tensor u = saved_y && !mask[kB] ? at::Tensor() : at::mm(r, in.V.t());
       const at::Tensor y = saved_y ? q.narrow(1, 0, dims.ell) : at::mm(u, in.B.t());
       if (mask[kA]) bufs.acc[kA].addmv_(y.mul(y).t(), gc.squeeze(1));
-      const at::Tensor e = gc.mul(2).mul(in.a).mul(y);
+      const at::Tensor gay = gc.mul(in.a).mul(y);  // 2 g a y as t + t (see the CPU chain)
+      const at::Tensor e = gay.add(gay);
       if (mask[kB]) bufs.acc[kB].addmm_(e.t(), u);
       if (mask[kV] || need_p) {
         const at::Tensor gu = at::mm(e, in.B);
@@ -121,7 +122,10 @@ void backward_aten(const Dims& dims, const ComputeInputs& in,
         if (need_p) p = relu_backward(at::mm(gu, in.V), r);
       }
     } else {
-      if (need_p) p = relu_backward(gc.mul(2).mul(q), r);
+      if (need_p) {
+        const at::Tensor gq = gc.mul(q);
+        p = relu_backward(gq.add(gq), r);
+      }
       if (use_gram) G.addmm_(r.mul(gc).t(), r);
     }
     if (need_p) {

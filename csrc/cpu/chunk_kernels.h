@@ -154,9 +154,14 @@ void direct_chain_chunk(const BackwardCall<T>& call, const PartitionSlots<T>& su
       for (int64_t j = 0; j < ell; ++j)
         gA[j] += gc[i] * (y_in[i * ld_in + j] * y_in[i * ld_in + j]);
   }
-  for (int64_t i = 0; i < n; ++i)  // y becomes e = 2 g a ⊙ y
-    for (int64_t j = 0; j < ell; ++j)
-      y[i * ell + j] = T(2) * (gc[i] * op.a[j]) * y_in[i * ld_in + j];
+  // y becomes e = 2 g a ⊙ y, as t + t with t = (g a) y: eager's order,
+  // where 2 (g a) would overflow first (g near the dtype's limit; inf · 0 is
+  // NaN). Doubling is exact otherwise.
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < ell; ++j) {
+      const T t = (gc[i] * op.a[j]) * y_in[i * ld_in + j];
+      y[i * ell + j] = t + t;
+    }
   if (sums.gB) gemm_rm<T>(true, false, ell, m, n, y, ell, u, m, beta, sums.gB, m);
   if (!(sums.gV || call.need_p)) return;
   gemm_rm<T>(false, false, n, m, ell, y, ell, op.B, m, T(0), u, m);  // u becomes gu

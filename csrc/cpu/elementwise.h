@@ -40,11 +40,10 @@ void relu_grads(int64_t n, int64_t k, const T* __restrict__ g, const T* __restri
     }
   }
   for (int64_t i = 0; i < n; ++i) {
-    const T s = T(2) * g[i];
     if (p != nullptr)
       for (int64_t j = 0; j < k; ++j) {
-        const T v = s * q[i * k + j];
-        p[i * ldo + j] = r[i * k + j] <= T(0) ? T(0) : v;
+        const T v = g[i] * q[i * k + j];  // 2 g q as v + v (see relu_grad_of)
+        p[i * ldo + j] = r[i * k + j] <= T(0) ? T(0) : v + v;
       }
     if (gr != nullptr)
       for (int64_t j = 0; j < k; ++j) gr[i * ldo + j] = g[i] * r[i * k + j];

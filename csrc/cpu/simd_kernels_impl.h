@@ -212,8 +212,12 @@ TX void gemm(const GemmOptions& o, int64_t Mrows, int64_t N, int64_t K, const fl
 }
 
 // p = 2 g q where not r <= 0, else 0: threshold_backward's select, so a NaN
-// unit passes its gradient and a NaN g stays out of inactive units.
-TX inline R relu_grad_of(R g, R r, R q) { return V::where_active(r, V::mul(V::add(g, g), q)); }
+// unit passes its gradient and a NaN g stays out of inactive units. 2 g q as
+// t + t, t = g q: 2 g overflows first for g near FLT_MAX (same bits otherwise).
+TX inline R relu_grad_of(R g, R r, R q) {
+  const R t = V::mul(g, q);
+  return V::where_active(r, V::add(t, t));
+}
 
 // p (relu_grad_of) and gr = g r, each where not null, in one pass: q and r
 // rows of k, p and gr rows ldo apart.

@@ -143,7 +143,8 @@ __global__ void __launch_bounds__(kThreads) small_backward_kernel(const SmallBac
     for (int64_t i = threadIdx.x; i < a.ell; i += blockDim.x) {
       const T yi = y[i];
       if (a.dA != nullptr) a.dA[i] = (n == 0 ? T(0) : a.dA[i]) + gn * (yi * yi);
-      y[i] = T(2) * (gn * a.a[i]) * yi;  // y becomes e
+      const T t = (gn * a.a[i]) * yi;  // y becomes e = t + t (2 (g a) overflows first)
+      y[i] = t + t;
     }
     __syncthreads();
     if (a.dB != nullptr) add_outer(a.dB, a.ell, a.m, y, u, n == 0);
