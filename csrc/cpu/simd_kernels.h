@@ -15,6 +15,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -40,24 +41,31 @@ struct NarrowWeights {
         W[i * d + j] = W_[i * d + j];
         WT[j * Kp + i] = W_[i * d + j];
       }
-    if (Q_ != nullptr)
-      for (int64_t i = 0; i < k; ++i)
-        for (int64_t j = 0; j < k; ++j) {
-          Q[i * Kp + j] = Q_[i * k + j];
-          // rᵀ Q r = 2 Σ_i r_i (½Q_ii r_i + Σ_{j>i} (½Q_ij + ½Q_ji) r_j): halves,
-          // as Q_ij + Q_ji overflows where Q's entries pass FLT_MAX / 2
-          // (halving is exact but for subnormals: the doubled sum keeps the plain sum's bits).
-          Qupper[i * Kp + j] = j == i   ? 0.5f * Q_[i * k + i]
-                               : j > i ? 0.5f * Q_[i * k + j] + 0.5f * Q_[j * k + i]
-                                       : 0.f;
-        }
+    if (Q_ == nullptr) return;
+    // rᵀ Q r = Σ_i r_i (Q_ii r_i + Σ_{j>i} (Q_ij + Q_ji) r_j). Where a pair's
+    // sum overflows (Q's entries past FLT_MAX / 2), every entry is halved and
+    // the sum doubled: halving is exact but for subnormals, which it would
+    // round, so only then.
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = i + 1; j < k; ++j)
+        halved = halved || (std::isinf(Q_[i * k + j] + Q_[j * k + i]) &&
+                            std::isfinite(Q_[i * k + j]) && std::isfinite(Q_[j * k + i]));
+    const float s = halved ? 0.5f : 1.f;
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        Q[i * Kp + j] = Q_[i * k + j];
+        Qupper[i * Kp + j] = j == i  ? s * Q_[i * k + i]
+                             : j > i ? s * Q_[i * k + j] + s * Q_[j * k + i]
+                                     : 0.f;
+      }
   }
   static int64_t round8(int64_t v) { return (std::max<int64_t>(v, 1) + 7) / 8 * 8; }
   int64_t d, k, Kp, Dp;
   std::vector<float> W;       // Kp × d
   std::vector<float> WT;      // Dp × Kp
   std::vector<float> Q;       // Kp × Kp
-  std::vector<float> Qupper;  // Kp × Kp: ½Q_ii on, ½Q_ij + ½Q_ji above the diagonal
+  std::vector<float> Qupper;  // Kp × Kp: Q_ii on, Q_ij + Q_ji above the diagonal (or halves)
+  bool halved = false;        // Qupper holds halves: f is twice its sum
 };
 
 // A narrow kernel's per-thread buffers: one block of samples transposed

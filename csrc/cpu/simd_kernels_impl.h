@@ -317,7 +317,8 @@ TX inline void store_relu_grad(R g, R r, R q, float* p, float* gr) {
 enum class Epilogue {
   kStore,     // outT = acc
   kRelu,      // outT = max(0, acc), keeping NaN
-  kQuadForm,  // f[s] = 2 Σ_i inT[i][s] acc[i][s] (A upper-triangular: row i from j = i on)
+  kQuadForm,  // f[s] = Σ_i inT[i][s] acc[i][s] (A upper-triangular: row i from j = i on),
+              // doubled when `doubled`
   kReluGrad,  // store_relu_grad with q = acc, r = inT: pT and grT
 };
 
@@ -330,7 +331,7 @@ enum class Epilogue {
 template <Epilogue E>
 TX void product(const float* A, int64_t lda, int64_t rows, int64_t live, int64_t inner,
                 const float* inT, int64_t nv, float* outT, const float* g = nullptr,
-                float* grT = nullptr) {
+                float* grT = nullptr, bool doubled = false) {
   constexpr int MR = V::kChainRows;
   const R zero = V::zero();
   for (int64_t v = 0; v < nv; v += 2) {
@@ -398,9 +399,9 @@ TX void product(const float* A, int64_t lda, int64_t rows, int64_t live, int64_t
         }
       }
     }
-    if constexpr (E == Epilogue::kQuadForm) {  // A holds halves (NarrowWeights::Qupper)
-      V::store(outT + s, V::add(f0, f0));
-      V::store(outT + s + L, V::add(f1, f1));
+    if constexpr (E == Epilogue::kQuadForm) {
+      V::store(outT + s, doubled ? V::add(f0, f0) : f0);
+      V::store(outT + s + L, doubled ? V::add(f1, f1) : f1);
     }
   }
 }
@@ -470,7 +471,8 @@ TX void narrow_forward(const NarrowWeights& w, const float* z, int64_t n, float*
       store_transposed(b.rT, w.k, ns, r + b0 * w.k, w.k);
       store_transposed(b.qT, w.k, ns, q + b0 * w.k, w.k);
     } else {  // f = rᵀ Q r from Q's upper triangle (symmetry: about half the work)
-      product<Epilogue::kQuadForm>(w.Qupper.data(), w.Kp, w.Kp, w.k, w.Kp, b.rT, nv, b.g);
+      product<Epilogue::kQuadForm>(w.Qupper.data(), w.Kp, w.Kp, w.k, w.Kp, b.rT, nv, b.g,
+                                   nullptr, nullptr, w.halved);
     }
     std::copy(b.g, b.g + ns, f + b0);
   }
