@@ -30,12 +30,19 @@ try:
     matches = bool(((f - torchext.reference.two_layer_square(*x64)).abs() <= 1e-5 * scale + 1e-6).all())
 except RuntimeError as e:
     error, matches = str(e), None
+# jvp of jvp: the route of differentiable torch ops (nested forward levels)
+F = lambda w: torchext.two_layer_square(x[0], w, *x[2:])
+try:
+    torch.func.jvp(lambda w: torch.func.jvp(F, (w,), (torch.ones_like(w),))[1], (x[1],), (torch.ones_like(x[1]),))
+    nested_error = None
+except RuntimeError as e:
+    nested_error = str(e)
 import os
 os.environ["TORCHEXT_CPU_KERNELS"] = "neon"  # too late: read when torchext loaded
 read_once = torchext.build_info()["cpu_kernels"] == info["cpu_kernels"]
 print(json.dumps({"cpu_kernels": info["cpu_kernels"], "cpu_kernels_error": info["cpu_kernels_error"],
                   "avx512": info["cpu_avx512_kernels"], "call_error": error, "matches": matches,
-                  "read_once": read_once}))
+                  "nested_error": nested_error, "read_once": read_once}))
 """
 
 
@@ -65,10 +72,12 @@ def test_each_choice_runs_or_refuses_clearly(value):
     assert got["cpu_kernels"]["float64"] == {"compiled": ["generic"], "running": want and "generic"}
     if want is None:  # refused: named in build_info and in the error of every call, never a crash
         assert f"TORCHEXT_CPU_KERNELS={asked}" in got["cpu_kernels_error"]
-        assert got["call_error"] is not None and got["cpu_kernels_error"] in got["call_error"]
+        for route in ("call_error", "nested_error"):
+            assert got[route] is not None and got["cpu_kernels_error"] in got[route], route
         assert got["avx512"] is False
     else:
         assert got["cpu_kernels_error"] is None and got["call_error"] is None and got["matches"]
+        assert got["nested_error"] is None
         assert got["avx512"] == (want == "avx512")
 
 

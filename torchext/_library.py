@@ -2,7 +2,7 @@
 import ctypes
 import importlib
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -45,6 +45,13 @@ def _text(fn):
     return None if value is None else value.decode(errors="replace")
 
 
+# Why TORCHEXT_CPU_KERNELS's choice cannot run here, or None: the text of the
+# RuntimeError that every CPU call on a non-empty batch raises. The library
+# reads the variable once, here, at import; a constant that torch.compile can
+# trace through (the eager-composition route reads it).
+CPU_KERNEL_SET_ERROR: Optional[str] = _text(ctypes.CDLL(_C.__file__).torchext_cpu_kernel_set_error)
+
+
 def build_info() -> Dict[str, Any]:
     """How the loaded library was built and what runs here: a dict of torch
     version, CUDA kernels, archs, the compilers that built it (None where the
@@ -56,7 +63,7 @@ def build_info() -> Dict[str, Any]:
     `cpu_avx512_compiled` / `cpu_avx512_kernels` (the AVX-512 kernels
     compiled in / running)."""
     lib = ctypes.CDLL(_C.__file__)
-    error = _text(lib.torchext_cpu_kernel_set_error)
+    error = CPU_KERNEL_SET_ERROR
     float32_compiled = _text(lib.torchext_cpu_compiled_kernel_sets).split(",")
     running = _text(lib.torchext_cpu_float32_kernel_set)
     return {

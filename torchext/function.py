@@ -1,7 +1,7 @@
 """The public autograd face: `TwoLayerSquare` and the functional `two_layer_square`."""
 import torch
 
-from . import _registrations, _torch_private, reference
+from . import _library, _registrations, _torch_private, reference
 
 _ops = torch.ops.torchext
 _NAMES = ("z", "W", "V", "B", "A")
@@ -38,6 +38,10 @@ def _eager_composition(z, W, V, B, A):
                                f"got {t.device}")
     _torch_private.run_meta_kernel(_ops.two_layer_square.default,
                                    *(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs))
+    # A TORCHEXT_CPU_KERNELS choice that cannot run refuses this route too,
+    # as the CPU kernels refuse every non-empty batch.
+    if device == "cpu" and z.shape[:-1].numel() > 0 and _library.CPU_KERNEL_SET_ERROR:
+        raise RuntimeError(f"torchext: {_library.CPU_KERNEL_SET_ERROR}")
     with _registrations.autocast_off(device):
         f = reference.two_layer_square(*map(_registrations.widened, inputs))
     return f if autocast else f.to(z.dtype)
