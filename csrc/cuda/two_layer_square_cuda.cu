@@ -35,6 +35,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -75,6 +76,10 @@ launch::KernelAttributes kernel_on_device() {
   const std::lock_guard<std::mutex> lock(mutex);
   auto it = known.find(device);
   if (it != known.end()) return it->second;
+  // A first call inside a CUDA graph capture makes these driver calls (and,
+  // with lazy module loading, loads the module) during the capture: allowed
+  // in relaxed mode, which torch's own lazy initialisations use too.
+  const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
   cudaFuncAttributes attr;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, Kernel));
   const launch::KernelAttributes kernel{int64_t(attr.sharedSizeBytes), attr.ptxVersion};
@@ -99,6 +104,7 @@ int64_t blocks_per_sm(int threads, int64_t dynamic) {
   const std::lock_guard<std::mutex> lock(mutex);
   auto it = known.find({device, dynamic});
   if (it != known.end()) return it->second;
+  const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);  // (as above)
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, threads,
                                                                size_t(dynamic)));
