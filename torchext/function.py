@@ -39,8 +39,9 @@ def _eager_composition(z, W, V, B, A):
     _torch_private.run_meta_kernel(_ops.two_layer_square.default,
                                    *(torch.empty(t.shape, dtype=t.dtype, device="meta") for t in inputs))
     # A TORCHEXT_CPU_KERNELS choice that cannot run refuses this route too,
-    # as the CPU kernels refuse every non-empty batch.
-    if device == "cpu" and z.shape[:-1].numel() > 0 and _library.CPU_KERNEL_SET_ERROR:
+    # as the CPU kernels refuse every non-empty batch (the constant tested
+    # first: no guard on the batch size where there is no error).
+    if _library.CPU_KERNEL_SET_ERROR and device == "cpu" and z.shape[:-1].numel() > 0:
         raise RuntimeError(f"torchext: {_library.CPU_KERNEL_SET_ERROR}")
     with _registrations.autocast_off(device):
         f = reference.two_layer_square(*map(_registrations.widened, inputs))
