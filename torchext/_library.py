@@ -46,9 +46,10 @@ def _text(fn):
 
 
 # Why TORCHEXT_CPU_KERNELS's choice cannot run here, or None: the text of the
-# RuntimeError that every CPU call on a non-empty batch raises. The library
-# reads the variable once, here, at import; a constant that torch.compile can
-# trace through (the eager-composition route reads it).
+# RuntimeError that every CPU call on a non-empty batch raises. Reading it
+# makes the library read the variable, once: here, when torchext loads. A
+# constant, which torch.compile traces through (the eager-composition route
+# reads it).
 CPU_KERNEL_SET_ERROR: Optional[str] = _text(ctypes.CDLL(_C.__file__).torchext_cpu_kernel_set_error)
 
 
@@ -86,13 +87,9 @@ def build_info() -> Dict[str, Any]:
     }
 
 
-def _resolve_cpu_kernels():
-    """Reads TORCHEXT_CPU_KERNELS now, when torchext loads (the library reads
-    it once), and warns once when the generic CPU kernels find no BLAS."""
-    lib = ctypes.CDLL(_C.__file__)
-    lib.torchext_cpu_kernel_set_error.restype = ctypes.c_char_p
-    lib.torchext_cpu_kernel_set_error()
-    if _text(lib.torchext_cpu_blas) is None:
+def _warn_without_blas():
+    """Warns once, when torchext loads, if the generic CPU kernels find no BLAS."""
+    if _text(ctypes.CDLL(_C.__file__).torchext_cpu_blas) is None:
         warnings.warn(
             "torchext: no BLAS to call (no sgemm_/dgemm_ found in torch's libraries, or a build "
             "that cannot look them up), so torchext's generic CPU kernels run portable loops, far "
@@ -100,7 +97,7 @@ def _resolve_cpu_kernels():
             RuntimeWarning, stacklevel=3)
 
 
-_resolve_cpu_kernels()
+_warn_without_blas()
 
 
 def cpu_fma_rate_gflops(threads: int, seconds: float = 0.5) -> float:

@@ -76,9 +76,10 @@ launch::KernelAttributes kernel_on_device() {
   const std::lock_guard<std::mutex> lock(mutex);
   auto it = known.find(device);
   if (it != known.end()) return it->second;
-  // A first call inside a CUDA graph capture makes these driver calls (and,
-  // with lazy module loading, loads the module) during the capture: allowed
-  // in relaxed mode, which torch's own lazy initialisations use too.
+  // A first call inside a CUDA graph capture (no warm-up, a new device)
+  // makes these driver calls during the capture; relaxed mode, as torch
+  // uses for its own lazy set-up, keeps a global-mode capture from refusing
+  // any of them. (Defensive: not seen to fail, no GPU test of it yet.)
   const c10::cuda::CUDAStreamCaptureModeGuard relaxed(cudaStreamCaptureModeRelaxed);
   cudaFuncAttributes attr;
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, Kernel));
