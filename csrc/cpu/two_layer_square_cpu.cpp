@@ -12,6 +12,7 @@
 #include "huge_pages.h"
 #include "kernel_set.h"
 #include "narrow_kernels.h"
+#include "workspace.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -131,31 +132,36 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
 
 // What each partition accumulates: dW, and either the Gram (k×k) or the
 // direct chain's dV, dB, dA. Partition 0 writes into the results (or the
-// Gram) directly, the others into partials added in partition order by
-// reduce(); a partition's first chunk writes its slots (nothing is
-// zero-filled: the buffers come uninitialised, see internal_backward), later
-// chunks add.
+// Gram) directly, the others into partials (workspace from the calling
+// thread's arena) added in partition order by reduce(); a partition's first
+// chunk writes its slots (nothing is zero-filled: the results come
+// uninitialised, see internal_backward, the partials hold an earlier call's
+// data), later chunks add.
 template <typename T>
 class PartitionSums {
  public:
   PartitionSums(const BatchPlan& bp, const OutputMask& mask, const at::Tensor& gram,
-                GradBuffers& bufs) {
+                GradBuffers& bufs)
+      : partitions_(bp.partitions) {
     const bool use_gram = gram.defined();
-    total_ = {mask[kW] ? bufs.acc[kW] : at::Tensor(),
-              mask[kV] && !use_gram ? bufs.acc[kV] : at::Tensor(),
-              mask[kB] && !use_gram ? bufs.acc[kB] : at::Tensor(),
-              mask[kA] && !use_gram ? bufs.acc[kA] : at::Tensor(), gram};
-    partials_.resize(bp.partitions);
-    for (int64_t p = 0; p < bp.partitions; ++p)
-      for (int i = 0; i < kSlots; ++i)
-        if (total_[i].defined())
-          partials_[p][i] = p == 0 ? total_[i] : uninitialized(total_[i].sizes(), total_[i].options());
+    const at::Tensor total[kSlots] = {mask[kW] ? bufs.acc[kW] : at::Tensor(),
+                                      mask[kV] && !use_gram ? bufs.acc[kV] : at::Tensor(),
+                                      mask[kB] && !use_gram ? bufs.acc[kB] : at::Tensor(),
+                                      mask[kA] && !use_gram ? bufs.acc[kA] : at::Tensor(), gram};
+    for (int i = 0; i < kSlots; ++i) {
+      total_[i] = total[i].defined() ? total[i].template mutable_data_ptr<T>() : nullptr;
+      numel_[i] = total[i].defined() ? total[i].numel() : 0;
+      // each slot of a partial 64-byte aligned (see aligned_block)
+      partial_offset_[i + 1] = partial_offset_[i] + padded_elems(numel_[i]);
+    }
+    if (partitions_ > 1)
+      partials_ = aligned_block<T>(arena_, (partitions_ - 1) * partial_offset_[kSlots]);
   }
 
   PartitionSlots<T> slots(int64_t part) const {
     auto slot = [&](int i) -> T* {
-      const at::Tensor& t = partials_[part][i];
-      return t.defined() ? t.template mutable_data_ptr<T>() : nullptr;
+      if (total_[i] == nullptr) return nullptr;
+      return part == 0 ? total_[i] : partial(part, i);
     };
     return {slot(kSlotW), slot(kSlotV), slot(kSlotB), slot(kSlotA), slot(kSlotGram)};
   }
@@ -164,22 +170,17 @@ class PartitionSums {
   // sizes that split a batch, an add_ per partial cost more than the sums);
   // the slots' elements as one range, in tasks of kReduceGrain elements.
   void reduce() {
-    if (partials_.size() < 2) return;
+    if (partitions_ < 2) return;
     std::array<int64_t, kSlots + 1> start{};  // slot i: elements [start[i], start[i + 1]) of the range
-    for (int i = 0; i < kSlots; ++i)
-      start[i + 1] = start[i] + (total_[i].defined() ? total_[i].numel() : 0);
-    std::array<T*, kSlots> out{};
-    std::vector<std::array<const T*, kSlots>> in(partials_.size());
-    for (int i = 0; i < kSlots; ++i) {
-      if (!total_[i].defined()) continue;
-      out[i] = total_[i].template mutable_data_ptr<T>();
-      for (size_t p = 1; p < partials_.size(); ++p) in[p][i] = partials_[p][i].template const_data_ptr<T>();
-    }
+    for (int i = 0; i < kSlots; ++i) start[i + 1] = start[i] + numel_[i];
     parallel_ranges(start[kSlots], kReduceGrain, [&](int64_t e0, int64_t e1) {
       for (int i = 0; i < kSlots; ++i) {
         const int64_t b = std::max(e0, start[i]) - start[i], e = std::min(e1, start[i + 1]) - start[i];
-        for (size_t p = 1; p < partials_.size(); ++p)
-          for (int64_t x = b; x < e; ++x) out[i][x] += in[p][i][x];
+        T* out = total_[i];
+        for (int64_t p = 1; p < partitions_; ++p) {
+          const T* in = partial(p, i);
+          for (int64_t x = b; x < e; ++x) out[x] += in[x];
+        }
       }
     });
   }
@@ -187,8 +188,15 @@ class PartitionSums {
  private:
   enum Slot { kSlotW, kSlotV, kSlotB, kSlotA, kSlotGram, kSlots };
   static constexpr int64_t kReduceGrain = int64_t{1} << 14;
-  std::array<at::Tensor, kSlots> total_;
-  std::vector<std::array<at::Tensor, kSlots>> partials_;
+  T* partial(int64_t part, int i) const {
+    return partials_ + (part - 1) * partial_offset_[kSlots] + partial_offset_[i];
+  }
+  int64_t partitions_;
+  std::array<T*, kSlots> total_{};
+  std::array<int64_t, kSlots> numel_{};
+  std::array<int64_t, kSlots + 1> partial_offset_{};  // slot i's place in each partial
+  ThreadArena<struct PartialSumsTag> arena_;
+  T* partials_ = nullptr;
 };
 
 // One partition's chunks, in order, into its sums.
