@@ -37,12 +37,12 @@ at::Tensor grad_to_compute(const Dims& dims, const at::Tensor& grad);
 inline int64_t grad_stride(const at::Tensor& g) { return g.size(0) > 1 ? g.stride(0) : 0; }
 
 
-// Every buffer a kernel writes before reading it (outputs, gradient buffers,
-// partials, Grams, scratch; of a symmetric Gram partial, the part the kernels
-// read) comes from here: uninitialised, for speed,
-// or NaN-filled while tests ask for it (the test-only op
-// _poison_uninitialized), so that an element no kernel wrote shows as NaN
-// whatever the allocator hands out.
+// Every tensor a kernel writes before reading it (outputs, gradient buffers,
+// Grams; of a symmetric Gram, the part the kernels read) comes from here:
+// uninitialised, for speed, or NaN-filled while tests ask for it (the
+// test-only op _poison_uninitialized), so that an element no kernel wrote
+// shows as NaN whatever the allocator hands out. (The CPU kernels' scratch
+// and partial sums come from their arenas, cpu/workspace.h, poisoned alike.)
 at::Tensor uninitialized(at::IntArrayRef shape, const at::TensorOptions& options);
 // Whether tests poison now (for buffers that do not come from `uninitialized`).
 bool poisoning_uninitialized();

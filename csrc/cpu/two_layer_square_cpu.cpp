@@ -133,10 +133,11 @@ void forward_impl(const Dims& dims, const ComputeInputs& in, Plan plan,
 // What each partition accumulates: dW, and either the Gram (k×k) or the
 // direct chain's dV, dB, dA. Partition 0 writes into the results (or the
 // Gram) directly, the others into partials (workspace from the calling
-// thread's arena) added in partition order by reduce(); a partition's first
-// chunk writes its slots (nothing is zero-filled: the results come
-// uninitialised, see internal_backward, the partials hold an earlier call's
-// data), later chunks add.
+// thread's arena) added in partition order by reduce(). Nothing is
+// zero-filled (the results come uninitialised, see internal_backward; the
+// partials hold whatever the arena held): a partition's first chunk writes
+// its slots, later chunks add (the narrow kernels' flush writes them); of the
+// Gram only the upper triangle is written, and mirrored after the reduce.
 template <typename T>
 class PartitionSums {
  public:
