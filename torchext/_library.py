@@ -37,6 +37,8 @@ def _load():
 
 
 _info, _C = _load()
+# The library's C entry points (build facts, the CPU kernel set, the testing ops).
+_LIB = ctypes.CDLL(_C.__file__)
 
 
 def _text(fn):
@@ -50,7 +52,7 @@ def _text(fn):
 # makes the library read the variable, once: here, when torchext loads. A
 # constant, which torch.compile traces through (the eager-composition route
 # reads it).
-CPU_KERNEL_SET_ERROR: Optional[str] = _text(ctypes.CDLL(_C.__file__).torchext_cpu_kernel_set_error)
+CPU_KERNEL_SET_ERROR: Optional[str] = _text(_LIB.torchext_cpu_kernel_set_error)
 
 
 def build_info() -> Dict[str, Any]:
@@ -63,19 +65,18 @@ def build_info() -> Dict[str, Any]:
     kernels call: "MKL", "BLAS", or None: portable loops), and
     `cpu_avx512_compiled` / `cpu_avx512_kernels` (the AVX-512 kernels
     compiled in / running)."""
-    lib = ctypes.CDLL(_C.__file__)
     error = CPU_KERNEL_SET_ERROR
-    float32_compiled = _text(lib.torchext_cpu_compiled_kernel_sets).split(",")
-    running = _text(lib.torchext_cpu_float32_kernel_set)
+    float32_compiled = _text(_LIB.torchext_cpu_compiled_kernel_sets).split(",")
+    running = _text(_LIB.torchext_cpu_float32_kernel_set)
     return {
         "torch_version": _info.TORCH_VERSION,
-        "cuda_kernels": bool(lib.torchext_cuda_kernels_compiled()),
+        "cuda_kernels": bool(_LIB.torchext_cuda_kernels_compiled()),
         "cpu_kernels": {
             "float32": {"compiled": float32_compiled, "running": running},
             "float64": {"compiled": ["generic"], "running": None if error else "generic"},
         },
         "cpu_kernels_error": error,
-        "cpu_blas": _text(lib.torchext_cpu_blas),
+        "cpu_blas": _text(_LIB.torchext_cpu_blas),
         "cpu_avx512_kernels": running == "avx512",
         "cpu_avx512_compiled": "avx512" in float32_compiled,
         "cuda_version": _info.CUDA_VERSION,
@@ -89,7 +90,7 @@ def build_info() -> Dict[str, Any]:
 
 def _warn_without_blas():
     """Warns once, when torchext loads, if the generic CPU kernels find no BLAS."""
-    if _text(ctypes.CDLL(_C.__file__).torchext_cpu_blas) is None:
+    if _text(_LIB.torchext_cpu_blas) is None:
         warnings.warn(
             "torchext: no BLAS to call (no sgemm_/dgemm_ found in torch's libraries, or a build "
             "that cannot look them up), so torchext's generic CPU kernels run portable loops, far "
@@ -105,7 +106,7 @@ def cpu_fma_rate_gflops(threads: int, seconds: float = 0.5) -> float:
     kernel set (for the generic set: of the widest set this CPU runs) on
     `threads` threads: the peak the CPU kernels are measured against. 0 when
     no SIMD set runs here."""
-    fn = ctypes.CDLL(_C.__file__).torchext_cpu_fma_rate_gflops
+    fn = _LIB.torchext_cpu_fma_rate_gflops
     fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_double]
     rate = fn(int(threads), float(seconds))
     if rate < 0:

@@ -36,7 +36,7 @@ def load_testing_ops():
     kernels' product), `_poison_uninitialized` (NaN-fill every buffer the
     kernels must write before reading) and `_cuda_reread_switches`
     (read TORCHEXT_CUDA_KERNELS again). They are not in torch.ops.torchext."""
-    register = ctypes.CDLL(_library._C.__file__).torchext_register_testing_ops
+    register = _library._LIB.torchext_register_testing_ops
     register.restype = ctypes.c_char_p
     error = register()
     if error is not None:
