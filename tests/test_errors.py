@@ -152,3 +152,13 @@ def test_vmap_over_a_vector_z_names_z(face):
     for n in (5, 7):
         with pytest.raises(ValueError, match=r"z must have shape \(\.\.\., d\)"):
             torch.func.vmap(lambda zz: fn(zz, W, V, B, A))(torch.randn(n))
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_demo_refuses_fewer_than_one_step(steps, capsys):
+    # With no step the demo's "loss fell" check could only report FAILED.
+    from torchext.__main__ import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--steps", steps])
+    assert exit_info.value.code == 2
+    assert "--steps: must be at least 1" in capsys.readouterr().err

@@ -166,10 +166,17 @@ def time_steps(device, seed, reps=60):
           f"eager {eager:.3f} ms ({eager / fused:.2f}x)")
 
 
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m torchext", description=__doc__)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps (at least 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--build-info", action="store_true", help="only report how torchext was built")
     args = parser.parse_args(argv)
