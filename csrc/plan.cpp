@@ -55,6 +55,12 @@ SavedState read_state(const at::Tensor& state) {
                     kOp,
                     ": state must be the fourth output of the forward that saved r and q "
                     "(a tensor of shape (0, plan, saved)); got shape ", shape_str(s));
+  // Saved r and q are only valid for the plan that wrote them, which the
+  // forward then records: never an unresolved "auto" (see forward_state).
+  TORCH_CHECK_VALUE(!(size(1) == SavedState::kAuto && size(2) == 1), kOp,
+                    ": state must be the fourth output of the forward that saved r and q; "
+                    "got shape ", shape_str(s), ", which says r and q were saved under an "
+                    "unresolved plan");
   return {size(1), size(2) == 1};
 }
 

@@ -185,6 +185,8 @@ def test_backward_runs_the_plan_its_forward_ran():
             OPS._two_layer_square_backward(*meta[:7], meta[7][:, :2], meta[8], [True] * 5)
         with pytest.raises(ValueError, match="state must be"):
             OPS._two_layer_square_backward(g, z, W, V, B, A, r, q, torch.empty(0, 5, 1), [True] * 5)
+        with pytest.raises(ValueError, match="unresolved plan"):  # saved, yet "auto"
+            OPS._two_layer_square_backward(g, z, W, V, B, A, r, q, torch.empty(0, 3, 1), [True] * 5)
 
 
 @pytest.mark.parametrize("face", ["functional", "Function", "Module"])
