@@ -10,6 +10,8 @@
 #include <limits>
 #include <memory>
 
+#include <c10/util/Exception.h>
+
 namespace torchext {
 namespace cpu {
 
@@ -19,17 +21,30 @@ namespace cpu {
 // and for large chunks page-faulting — them on every call cost as much as one
 // of the BLAS products at medium sizes, and the tiny-N case (z a single
 // vector) needs no allocation after the first call. Taken once per thread by
-// a kernel, never re-entrantly; each Tag has its own memory. The calling
-// thread's memory may be handed to the other threads of a parallel region
-// (the backward's partial sums), which write it before the join.
+// a kernel, never re-entrantly (get() asserts it); each Tag has its own
+// memory. The calling thread's memory may be handed to the other threads of
+// a parallel region (the backward's partial sums), which write it before the
+// join.
 inline constexpr size_t kArenaKeepBytes = size_t{8} << 20;
 
 template <typename Tag>
 class ThreadArena {
  public:
+  ThreadArena() = default;
+  ThreadArena(const ThreadArena&) = delete;
+  ThreadArena& operator=(const ThreadArena&) = delete;
+  ~ThreadArena() {
+    if (owner() == this) owner() = nullptr;
+  }
+
   char* get(size_t bytes) {
     thread_local std::unique_ptr<char[]> kept;
     thread_local size_t kept_bytes = 0;
+    // A second live taker on this thread would reuse, or free by growing,
+    // the memory the first still holds.
+    TORCH_INTERNAL_ASSERT(owner() == nullptr || owner() == this,
+                          "ThreadArena taken re-entrantly on one thread");
+    owner() = this;
     if (bytes <= kept_bytes) return kept.get();
     if (bytes <= kArenaKeepBytes) {
       kept.reset(new char[bytes]);
@@ -41,6 +56,10 @@ class ThreadArena {
   }
 
  private:
+  static const ThreadArena*& owner() {
+    thread_local const ThreadArena* current = nullptr;
+    return current;
+  }
   std::unique_ptr<char[]> oversized_;
 };
 
