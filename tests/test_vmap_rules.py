@@ -185,8 +185,11 @@ def test_backward_runs_the_plan_its_forward_ran():
             OPS._two_layer_square_backward(*meta[:7], meta[7][:, :2], meta[8], [True] * 5)
         with pytest.raises(ValueError, match="state must be"):
             OPS._two_layer_square_backward(g, z, W, V, B, A, r, q, torch.empty(0, 5, 1), [True] * 5)
-        with pytest.raises(ValueError, match="unresolved plan"):  # saved, yet "auto"
-            OPS._two_layer_square_backward(g, z, W, V, B, A, r, q, torch.empty(0, 3, 1), [True] * 5)
+    # Saved, yet under the unresolved "auto": no forward makes such a state.
+    for device in ("cpu", "meta"):
+        args = [t.to(device) for t in (g, z, W, V, B, A, r, q)]
+        with pytest.raises(ValueError, match="unresolved plan"):
+            OPS._two_layer_square_backward(*args, torch.empty(0, 3, 1, device=device), [True] * 5)
 
 
 @pytest.mark.parametrize("face", ["functional", "Function", "Module"])
