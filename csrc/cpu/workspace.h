@@ -22,9 +22,9 @@ namespace cpu {
 // of the BLAS products at medium sizes, and the tiny-N case (z a single
 // vector) needs no allocation after the first call. Taken once per thread by
 // a kernel, never re-entrantly (get() asserts it), and destroyed on the
-// thread that took it; each Tag has its own memory. The calling thread's memory may be handed to the other threads of
-// a parallel region (the backward's partial sums), which write it before the
-// join.
+// thread that took it; each Tag has its own memory. The calling thread's
+// memory may be handed to the other threads of a parallel region (the
+// backward's partial sums), which write it before the join.
 inline constexpr size_t kArenaKeepBytes = size_t{8} << 20;
 
 template <typename Tag>
