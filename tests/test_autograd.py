@@ -241,8 +241,15 @@ def names():
     return [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("torchext_testing::")]
 assert names() == [], names()
 ops = torchext.testing.load_testing_ops()
-assert ops is torch.ops.torchext_testing and len(names()) == 7, names()
+assert ops is torch.ops.torchext_testing and len(names()) == 8, names()
 assert ops._plan(10, 4, 4, 4, 4, "direct") == "direct"
+# the benchmark's node floor: f's shape, zero gradients for what needs them
+z, B, A = torch.randn(3, 4), torch.randn(2, 6), torch.randn(1, 2)
+W, V = torch.randn(5, 4, requires_grad=True), torch.randn(6, 5, requires_grad=True)
+f = ops._noop_node(z, W, V, B, A)
+f.sum().backward()
+assert f.shape == (3,) and not W.grad.any() and not V.grad.any() and B.grad is None, (f.shape, W.grad)
+assert ops._noop_node(z[0], W, V, B, A).shape == ()
 torchext.testing.load_testing_ops()  # once only: no second registration
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -33,9 +33,11 @@ def load_testing_ops():
     runs), `_cpu_split` (how the CPU backend splits it into chunks and
     partitions), `_two_layer_square_{forward,backward}_aten` (the CUDA backend's
     device-generic algorithm, for CPU tensors), `_cpu_matmul` (the CPU
-    kernels' product), `_poison_uninitialized` (NaN-fill every buffer the
-    kernels must write before reading) and `_cuda_reread_switches`
-    (read TORCHEXT_CUDA_KERNELS again). They are not in torch.ops.torchext."""
+    kernels' product), `_noop_node` (the benchmark's C++ node floor: an
+    autograd node like the plain-eager route's, without its kernels),
+    `_poison_uninitialized` (NaN-fill every buffer the kernels must write
+    before reading) and `_cuda_reread_switches` (read TORCHEXT_CUDA_KERNELS
+    again). They are not in torch.ops.torchext."""
     register = _library._LIB.torchext_register_testing_ops
     register.restype = ctypes.c_char_p
     error = register()

@@ -12,6 +12,9 @@
 #include "../meta/two_layer_square_meta.h"
 #include "../plan.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <memory>
@@ -60,6 +63,43 @@ void backward_aten_kernel(const Dims& dims, const ComputeInputs& in, const at::T
   backward_aten(dims, in, g, r, q, plan, mask, kTestChunkRows, bufs);
 }
 
+// The benchmark's node floor: what the plain-eager route
+// (autograd/two_layer_square_autograd.cpp) costs without its kernels. A C++
+// autograd node with the route's inputs, op call, saved tensors (f, r, q and
+// a state allocated, eight saved) and gradients for the inputs that need
+// them, zero-filled as the Python no-op floor's; no products.
+struct NoOpNode : public torch::autograd::Function<NoOpNode> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& z,
+                            const at::Tensor& W, const at::Tensor& V, const at::Tensor& B,
+                            const at::Tensor& A, c10::string_view /*plan*/) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto rows = z.sizes().slice(0, z.dim() - 1);
+    const int64_t N = c10::multiply_integers(rows);
+    at::Tensor f = at::empty(rows, z.options());
+    at::Tensor r = at::empty({N, W.size(0)}, z.options());
+    at::Tensor q = at::empty({N, W.size(0)}, z.options());
+    at::Tensor state = at::empty({0, 1, 1}, z.options().dtype(at::kByte));
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({z, W, V, B, A, r, q, state});
+    return f;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                  torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    torch::autograd::variable_list out(6);
+    if (!grads[0].defined()) return out;
+    for (int i = 0; i < 5; ++i)
+      if (ctx->needs_input_grad(i)) out[i] = at::zeros_like(saved[i]);
+    return out;
+  }
+};
+
+at::Tensor noop_node(const at::Tensor& z, const at::Tensor& W, const at::Tensor& V,
+                     const at::Tensor& B, const at::Tensor& A, c10::string_view plan) {
+  return NoOpNode::apply(z, W, V, B, A, plan);
+}
+
 void define_ops(torch::Library& m) {
   m.def("_plan(int N, int d, int k, int m, int ell, str plan=\"auto\", bool training=True) -> str",
         &plan_for_sizes);
@@ -83,6 +123,7 @@ void define_ops(torch::Library& m) {
   m.def("_poison_uninitialized(bool enabled) -> Tensor", &set_poison);
   // Read TORCHEXT_CUDA_KERNELS again (the library reads it once).
   m.def("_cuda_reread_switches() -> ()", &reread_cuda_switches);
+  m.def("_noop_node(Tensor z, Tensor W, Tensor V, Tensor B, Tensor A, str plan=\"auto\") -> Tensor");
 }
 
 void register_ops() {
@@ -96,6 +137,9 @@ void register_ops() {
   static torch::Library meta(torch::Library::IMPL, ns, c10::DispatchKey::Meta, __FILE__, __LINE__);
   meta.impl("_two_layer_square_forward_aten", &forward_internal_meta);
   meta.impl("_two_layer_square_backward_aten", &backward_internal_meta);
+  static torch::Library composite(torch::Library::IMPL, ns,
+                                  c10::DispatchKey::CompositeImplicitAutograd, __FILE__, __LINE__);
+  composite.impl("_noop_node", &noop_node);
 }
 
 }  // namespace
