@@ -8,9 +8,10 @@ Times forward+backward (W and V trainable, loss = f.sum()) and forward-only
 round by round, each timed with torch.utils.benchmark on the CPU, or with CUDA
 events on the GPU (warm-up, then one event pair per call, cycling through
 enough input sets that they do not all sit in L2), medians, and the best
-median over the rounds is kept. The floors do no arithmetic: a Python
-autograd.Function (#3's floor), and a C++ autograd node called as the
-plain-eager route calls its own (the route's fixed cost without its kernels). On the GPU the run also measures the card's
+median over the rounds is kept. The two floors make no products: a Python
+autograd.Function (#3's floor), and a C++ autograd node called and saving as
+the plain-eager route's node does, with nothing inside (no Python wrapper, no
+op calls, checks or kernels of the route's own). On the GPU the run also measures the card's
 float32 multiply-add and copy ceilings, counts each case's FLOPs and bytes,
 reports the fraction of the resulting time floor reached, and times bfloat16
 inputs at gpu-large. On the CPU it measures the register-only FMA rate of
@@ -606,7 +607,7 @@ def markdown_table(record):
                          f"{record.get('inductor_simdlen')}." if env else "")]
     lines += [
         "",
-        "| case | N | d, k, m, ℓ | plan | torchext | eager | torch.compile | no-op floor | C++ node floor | × eager | × compile | / floor | fwd-only × eager | % of peak | % FMA |",
+        "| case | N | d, k, m, ℓ | plan | torchext | eager | torch.compile | no-op floor | C++ node floor | × eager | × compile | / no-op floor | fwd-only × eager | % of peak | % FMA |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["cases"]:

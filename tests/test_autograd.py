@@ -243,16 +243,34 @@ assert names() == [], names()
 ops = torchext.testing.load_testing_ops()
 assert ops is torch.ops.torchext_testing and len(names()) == 8, names()
 assert ops._plan(10, 4, 4, 4, 4, "direct") == "direct"
-# the benchmark's node floor: f's shape, zero gradients for what needs them
-z, B, A = torch.randn(3, 4), torch.randn(2, 6), torch.randn(1, 2)
-W, V = torch.randn(5, 4, requires_grad=True), torch.randn(6, 5, requires_grad=True)
-f = ops._noop_node(z, W, V, B, A)
-f.sum().backward()
-assert f.shape == (3,) and not W.grad.any() and not V.grad.any() and B.grad is None, (f.shape, W.grad)
-assert ops._noop_node(z[0], W, V, B, A).shape == ()
 torchext.testing.load_testing_ops()  # once only: no second registration
 """
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def _saved_shapes(fn, inputs):
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        f = fn(*inputs)
+    return f, shapes
+
+
+# (d, k) below and above keeps_saved's width; z a vector, a batch, and 3-D
+@pytest.mark.parametrize("batch", [(), (5,), (2, 3)])
+@pytest.mark.parametrize("d, k", [(4, 6), (40, 30)])
+def test_node_floor_saves_and_returns_as_the_route_does(batch, d, k):
+    """The benchmark's C++ node floor (testing op _noop_node) saves tensors
+    of the shapes the plain-eager route saves and returns zero gradients of
+    every input's shape."""
+    m, ell = 7, 3
+    inputs = [torch.randn(*batch, d), torch.randn(k, d), torch.randn(m, k), torch.randn(ell, m), torch.randn(1, ell)]
+    inputs = [t.requires_grad_() for t in inputs]
+    f_route, route = _saved_shapes(torchext.two_layer_square, inputs)
+    f, floor = _saved_shapes(TESTING._noop_node, inputs)
+    # (the last saved tensor, the state, is empty; its sizes name the plan)
+    assert f.shape == f_route.shape and len(floor) == len(route) == 8 and floor[:7] == route[:7]
+    grads = torch.autograd.grad(f.sum(), inputs)
+    assert [g.shape for g in grads] == [t.shape for t in inputs] and not any(g.any() for g in grads)
 
 
 @pytest.mark.parametrize("device", DEVICES)
