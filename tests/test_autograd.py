@@ -257,7 +257,7 @@ def _saved_shapes(fn, inputs):
 
 # (d, k) below and above keeps_saved's width; z a vector, a batch, and 3-D
 @pytest.mark.parametrize("batch", [(), (5,), (2, 3)])
-@pytest.mark.parametrize("d, k", [(4, 6), (40, 30)])
+@pytest.mark.parametrize("d, k", [(40, 20), (40, 30)])
 def test_node_floor_saves_and_returns_as_the_route_does(batch, d, k):
     """The benchmark's C++ node floor (testing op _noop_node) saves tensors
     of the shapes the plain-eager route saves and returns zero gradients of
@@ -271,6 +271,8 @@ def test_node_floor_saves_and_returns_as_the_route_does(batch, d, k):
     assert f.shape == f_route.shape and len(floor) == len(route) == 8 and floor[:7] == route[:7]
     grads = torch.autograd.grad(f.sum(), inputs)
     assert [g.shape for g in grads] == [t.shape for t in inputs] and not any(g.any() for g in grads)
+    with pytest.raises(ValueError, match="z must have at least 1 dimension"):
+        TESTING._noop_node(torch.tensor(1.0), *inputs[1:])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -34,7 +34,8 @@ def load_testing_ops():
     partitions), `_two_layer_square_{forward,backward}_aten` (the CUDA backend's
     device-generic algorithm, for CPU tensors), `_cpu_matmul` (the CPU
     kernels' product), `_noop_node` (the benchmark's C++ node floor: an
-    autograd node like the plain-eager route's, without its kernels),
+    autograd node called and saving as the plain-eager route's does, with
+    nothing of the route's own inside),
     `_poison_uninitialized` (NaN-fill every buffer the kernels must write
     before reading) and `_cuda_reread_switches` (read TORCHEXT_CUDA_KERNELS
     again). They are not in torch.ops.torchext."""

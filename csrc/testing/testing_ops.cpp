@@ -5,6 +5,7 @@
 #include "../aten/two_layer_square_aten.h"
 #include "../build_flags.h"
 #include "../buffers.h"
+#include "../checks.h"
 #include "../cpu/batch_plan_cpu.h"
 #include "../cpu/head_products.h"
 #include "../cuda/cuda_switches.h"
@@ -65,25 +66,27 @@ void backward_aten_kernel(const Dims& dims, const ComputeInputs& in, const at::T
 
 // The benchmark's node floor: the plain-eager route's autograd node
 // (autograd/two_layer_square_autograd.cpp) with nothing inside. Called
-// through torch.ops as the route is, it saves the same eight tensors (f, r,
-// q and a state allocated, r and q empty where keeps_saved says the route
-// recomputes them) and returns zero-filled gradients for the inputs that
-// need them; it makes no op calls of the route's own and no products.
+// through torch.ops as the route is, it allocates f, r, q and a state and
+// saves z, W, V, B, A, r, q and the state (r and q empty where keeps_saved
+// says the route recomputes them), and returns zero-filled gradients for the
+// inputs that need them; it makes no op calls of the route's own and no
+// products.
 struct NoOpNode : public torch::autograd::Function<NoOpNode> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& z,
                             const at::Tensor& W, const at::Tensor& V, const at::Tensor& B,
                             const at::Tensor& A, c10::string_view /*plan*/) {
     TORCH_CHECK_VALUE(z.dim() >= 1 && W.dim() == 2,
                       "_noop_node: z must have at least 1 dimension and W 2; got z of shape ",
-                      z.sizes(), " and W of shape ", W.sizes());
+                      shape_str(z.sym_sizes()), " and W of shape ", shape_str(W.sym_sizes()));
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto rows = z.sizes().slice(0, z.dim() - 1);
     const int64_t d = z.size(-1), k = W.size(0);
-    const int64_t saved_rows = keeps_saved(d, k) ? c10::multiply_integers(rows) : 0;
+    const bool saved = keeps_saved(d, k);
+    const int64_t saved_rows = saved ? c10::multiply_integers(rows) : 0;
     at::Tensor f = at::empty(rows, z.options());
     at::Tensor r = at::empty({saved_rows, k}, z.options());
     at::Tensor q = at::empty({saved_rows, k}, z.options());
-    at::Tensor state = at::empty({0, 1, saved_rows > 0 ? 1 : 0}, z.options().dtype(at::kByte));
+    at::Tensor state = at::empty({0, 0, saved ? 1 : 0}, z.options().dtype(at::kByte));
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({z, W, V, B, A, r, q, state});
     return f;
