@@ -11,11 +11,12 @@ enough input sets that they do not all sit in L2), medians, and the best
 median over the rounds is kept. The two floors make no products: a Python
 autograd.Function (#3's floor), and a C++ autograd node called and saving as
 the plain-eager route's node does, with nothing inside (no Python wrapper, no
-op calls, checks or kernels of the route's own). On the GPU the run also measures the card's
-float32 multiply-add and copy ceilings, counts each case's FLOPs and bytes,
-reports the fraction of the resulting time floor reached, and times bfloat16
-inputs at gpu-large. On the CPU it measures the register-only FMA rate of
-the running kernel set and reports each case's fraction of it.
+op calls, checks or kernels of the route's own). On the GPU the run also
+measures the card's float32 multiply-add and copy ceilings, counts each
+case's FLOPs and bytes, reports the fraction of the resulting time floor
+reached, and times bfloat16 inputs at gpu-large. On the CPU it measures the
+register-only FMA rate of the running kernel set and reports each case's
+fraction of it.
 --cpu-kernels forces torchext's CPU kernel set (TORCHEXT_CPU_KERNELS); a
 narrower x86 set than the CPU has also holds eager and torch.compile to it
 (EMULATED_ISA below), so that every contender runs as on a CPU without the
@@ -60,7 +61,7 @@ from torch.utils import benchmark
 
 import torchext
 from torchext import reference
-from torchext.testing import load_testing_ops
+from torchext.testing import load_testing_ops, saved_tensors
 
 TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
@@ -274,21 +275,9 @@ def bf16_check(shape):
             "speedup": t["float32"] / t["bfloat16"], "bf16_rel_err_f_vs_float64": err}
 
 
-def saved_bytes(fn):
-    """Bytes of tensors autograd saves for backward that are not the inputs."""
-    seen = []
-
-    def pack(t):
-        seen.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, seen
-
-
 def extra_saved_bytes(fn, inputs):
-    _, seen = saved_bytes(fn)
+    """Bytes of tensors autograd saves for backward that are not the inputs."""
+    _, seen = saved_tensors(fn)
     ptrs = {t.data_ptr() for t in inputs}
     uniq = {}
     for t in seen:

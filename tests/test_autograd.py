@@ -13,7 +13,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import torchext
 from cases import PLANS, SHAPES, Case, cases, module_leaves, net_of
 from conftest import DEVICES, assert_matches, python_calls_in_torchext, reference_outputs
-from torchext.testing import load_testing_ops
+from torchext.testing import load_testing_ops, saved_tensors
 
 TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
@@ -248,13 +248,6 @@ torchext.testing.load_testing_ops()  # once only: no second registration
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
-def _saved_shapes(fn, inputs):
-    shapes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
-        f = fn(*inputs)
-    return f, shapes
-
-
 # (d, k) below and above keeps_saved's width; z a vector, a batch, and 3-D
 @pytest.mark.parametrize("batch", [(), (5,), (2, 3)])
 @pytest.mark.parametrize("d, k", [(40, 20), (40, 30)])
@@ -265,8 +258,9 @@ def test_node_floor_saves_and_returns_as_the_route_does(batch, d, k):
     m, ell = 7, 3
     inputs = [torch.randn(*batch, d), torch.randn(k, d), torch.randn(m, k), torch.randn(ell, m), torch.randn(1, ell)]
     inputs = [t.requires_grad_() for t in inputs]
-    f_route, route = _saved_shapes(torchext.two_layer_square, inputs)
-    f, floor = _saved_shapes(TESTING._noop_node, inputs)
+    f_route, route = saved_tensors(lambda: torchext.two_layer_square(*inputs))
+    f, floor = saved_tensors(lambda: TESTING._noop_node(*inputs))
+    route, floor = [t.shape for t in route], [t.shape for t in floor]
     # (the last saved tensor, the state, is empty; its sizes name the plan)
     assert f.shape == f_route.shape and len(floor) == len(route) == 8 and floor[:7] == route[:7]
     grads = torch.autograd.grad(f.sum(), inputs)
@@ -799,15 +793,13 @@ def test_plain_eager_node_under_anomaly_mode_and_hooks():
     case = Case("primes")
     inputs = case.inputs(requires_grad=True)
     f_ref, g, grads_ref = reference_outputs(inputs, grad_seed=case.seed)
-    packed = []
 
-    def pack(t):
-        packed.append(t.shape)
-        return t
-
-    with torch.autograd.detect_anomaly(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def f_and_grads():
         f = torchext.two_layer_square(*inputs)
-        grads = torch.autograd.grad(f, inputs, g)
+        return f, torch.autograd.grad(f, inputs, g)
+
+    with torch.autograd.detect_anomaly():
+        (f, grads), packed = saved_tensors(f_and_grads)
     assert len(packed) == 8  # z, W, V, B, A, the two N×k tensors (maybe empty) and the state
     assert_matches(f, f_ref, torch.float64, "f")
     assert_all_match(grads, grads_ref, "d")

@@ -8,7 +8,7 @@ from conftest import (
     DEVICES, SHAPES, assert_matches, eager_outputs, fused_outputs, make_inputs, poisoned_buffers,
     reference_outputs, rel_err,
 )
-from torchext.testing import cancelling_inputs, load_testing_ops
+from torchext.testing import cancelling_inputs, load_testing_ops, saved_tensors
 
 TESTING = load_testing_ops()  # torch.ops.torchext_testing
 
@@ -164,14 +164,7 @@ def test_saved_for_backward_is_inputs_plus_two_n_by_k(plan, d, k, kept):
     # Wide enough (d + k >= 64): r and q are kept; narrower: recomputed in the backward.
     N, m, ell = 300, 40, 50
     inputs = [t.requires_grad_() for t in make_inputs(((N,), d, k, m, ell), torch.float32, seed=1)]
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        f = torchext.two_layer_square(*inputs, plan=plan)
+    f, saved = saved_tensors(lambda: torchext.two_layer_square(*inputs, plan=plan))
     input_ptrs = {t.data_ptr() for t in inputs}
     extra = [t for t in saved if t.data_ptr() not in input_ptrs and t.numel()]
     assert sum(t.numel() for t in extra) <= 2 * N * k

@@ -1,5 +1,6 @@
-"""For tests and benchmarks: the test-only ops, and inputs for studying the
-numerics of the plans (benchmarks/accuracy.py)."""
+"""For tests and benchmarks: the test-only ops, what autograd saves for a
+call, and inputs for studying the numerics of the plans
+(benchmarks/accuracy.py)."""
 import ctypes
 
 import torch
@@ -27,6 +28,19 @@ def cancelling_inputs(n=256, d=12, k=8, ell=6, scale=1e4, seed=0, dtype=torch.fl
     return [t.to(dtype) for t in (z, W, V, B, A)]
 
 
+def saved_tensors(fn):
+    """fn()'s result and the tensors autograd saved while it ran, in order."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
 def load_testing_ops():
     """Registers the test-only ops (once) and returns their namespace,
     torch.ops.torchext_testing: `_plan` (which plan a call with given sizes
@@ -35,9 +49,8 @@ def load_testing_ops():
     device-generic algorithm, for CPU tensors), `_cpu_matmul` (the CPU
     kernels' product), `_noop_node` (the benchmark's C++ node floor: an
     autograd node called and saving as the plain-eager route's does, with
-    nothing of the route's own inside),
-    `_poison_uninitialized` (NaN-fill every buffer the kernels must write
-    before reading) and `_cuda_reread_switches` (read TORCHEXT_CUDA_KERNELS
+    nothing of the route's own inside), `_poison_uninitialized` (NaN-fill
+    every buffer the kernels must write before reading) and `_cuda_reread_switches` (read TORCHEXT_CUDA_KERNELS
     again). They are not in torch.ops.torchext."""
     register = _library._LIB.torchext_register_testing_ops
     register.restype = ctypes.c_char_p

@@ -95,9 +95,9 @@ struct NoOpNode : public torch::autograd::Function<NoOpNode> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                   torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    torch::autograd::variable_list out(6);
+    torch::autograd::variable_list out(kNumInputs + 1);  // (none for the plan)
     if (!grads[0].defined()) return out;
-    for (int i = 0; i < 5; ++i)
+    for (int i = 0; i < kNumInputs; ++i)
       if (ctx->needs_input_grad(i)) out[i] = at::zeros_like(saved[i]);
     return out;
   }
