@@ -145,6 +145,7 @@ def make_extension():
         "csrc/module.cpp",
         "csrc/ops.cpp",
         "csrc/checks.cpp",
+        "csrc/layout_refusals.cpp",
         "csrc/plan.cpp",
         "csrc/buffers.cpp",
         "csrc/head.cpp",

@@ -45,12 +45,6 @@ bool is_supported_dtype(at::ScalarType t) {
          t == at::kBFloat16;
 }
 
-void check_dense(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(t.layout() == at::kStrided, kOp, ": ", name,
-                   " must be a dense (strided) tensor; got layout ",
-                   t.layout());
-}
-
 void check_like_z(const at::Tensor& t, const char* name, const at::Tensor& z) {
   check_dense(t, name);
   TORCH_CHECK_TYPE(t.scalar_type() == z.scalar_type(), kOp, ": ", name,
@@ -62,6 +56,15 @@ void check_like_z(const at::Tensor& t, const char* name, const at::Tensor& z) {
 }
 
 }  // namespace
+
+void check_dense(const at::Tensor& t, const char* name) {
+  // (None reaches a Tensor argument of an op as an undefined tensor)
+  TORCH_CHECK_TYPE(t.defined(), kOp, ": ", name, " must be a tensor; got None");
+  TORCH_CHECK_TYPE(t.layout() == at::kStrided && !t.is_nested(), kOp, ": ", name,
+                   " must be a dense (strided) tensor; got ",
+                   t.is_nested() ? std::string("a nested tensor")
+                                 : "layout " + c10::str(t.layout()));
+}
 
 SymDims check_forward_args(const at::Tensor& z, const at::Tensor& W,
                            const at::Tensor& V, const at::Tensor& B,

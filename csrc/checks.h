@@ -33,6 +33,10 @@ struct Dims {
   std::vector<int64_t> batch_shape;
 };
 
+// Raises TypeError unless t is a dense (strided, not nested) tensor; name is
+// the argument's.
+void check_dense(const at::Tensor& t, const char* name);
+
 // Validates (z, W, V, B, A). Raises ValueError (shape), TypeError (dtype) or
 // RuntimeError (device); every message names the argument and the expected
 // shape in terms of d, k, m, ell.

@@ -96,12 +96,67 @@ def test_all_meta_gives_shapes_only():
     assert [None if g is None else tuple(g.shape) for g in grads] == [(5, 7), None, (4, 3), None, (1, 6)]
 
 
-def test_sparse_input_is_refused_cleanly():
-    # Only dense kernels exist: the dispatcher refuses sparse tensors by name.
+LAYOUTS = {
+    "sparse_coo": (lambda t: t.to_sparse(), "layout Sparse"),
+    "sparse_csr": (lambda t: t.to_sparse_csr(), "layout SparseCsr"),
+    "mkldnn": (lambda t: t.to_mkldnn(), "layout Mkldnn"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("index,name", list(enumerate("zWVBA")))
+def test_non_dense_input_is_refused_by_name(layout, index, name):
+    # No backend computes on them; their dispatch keys get kernels that name the argument.
+    convert, got = LAYOUTS[layout]
+    if layout == "mkldnn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without mkldnn")
     args = good()
-    args[1] = args[1].to_sparse()
-    with pytest.raises(NotImplementedError, match="two_layer_square.*SparseCPU"):
-        OPS.two_layer_square(*args)
+    if layout == "sparse_csr" and index == 4:
+        args[4] = args[4].reshape(1, -1)  # CSR is 2-D only; A may be (1, ell)
+    args[index] = convert(args[index])
+    pattern = rf"{name} must be a dense \(strided\) tensor; got {got}"
+    calls = list(call_all(args)) + [
+        lambda: OPS.two_layer_square_backward(torch.ones(5), *args, [True] * 5),
+        lambda: OPS._two_layer_square_forward(*args, "auto", True),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=pattern):
+            call()
+    trainable = [t.clone().requires_grad_() if i == 1 and t.layout == torch.strided else t for i, t in enumerate(args)]
+    with pytest.raises(TypeError, match=pattern):  # the recording route (C++ autograd node)
+        torchext.two_layer_square(*trainable)
+
+
+def test_non_dense_incoming_gradient_is_refused():
+    args = good()
+    args[1].requires_grad_()
+    f = torchext.two_layer_square(*args)
+    with pytest.raises(TypeError, match=r"grad must be a dense \(strided\) tensor; got layout Sparse"):
+        torch.autograd.grad(f, args[1], torch.ones(5).to_sparse())
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+def test_nested_z_is_refused_by_name():
+    args = good()
+    args[0] = torch.nested.nested_tensor([torch.randn(2, 7), torch.randn(3, 7)])
+    args[1].requires_grad_()  # the recording route reads sizes first, which nested tensors lack
+    for call in list(call_all(args)) + [lambda: torchext.two_layer_square(args[0], *[t.detach() for t in args[1:]])]:
+        with pytest.raises(TypeError, match=r"z must be a dense \(strided\) tensor; got a nested tensor"):
+            call()
+
+
+@pytest.mark.parametrize("index,name", list(enumerate("zWVBA")))
+def test_none_to_the_ops_raises_type_error(index, name):
+    # None reaches a Tensor argument of an op as an undefined tensor.
+    args = good()
+    args[index] = None
+    for call in (lambda: OPS.two_layer_square(*args), lambda: OPS._two_layer_square_forward(*args, "auto", True),
+                 lambda: OPS.two_layer_square_backward(torch.ones(5), *args, [True] * 5)):
+        with pytest.raises(TypeError, match=rf"{name} must be a tensor; got None"):
+            call()
+    with pytest.raises(TypeError, match=r"grad must be a tensor; got None"):
+        OPS.two_layer_square_backward(None, *good(), [True] * 5)
 
 
 def test_backward_op_checks_grad():

@@ -123,6 +123,13 @@ at::Tensor two_layer_square_autograd(const at::Tensor& z, const at::Tensor& W,
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return std::get<0>(forward_op().call(z, W, V, B, A, plan, /*save=*/false));
   }
+  // apply() records the inputs' sizes before the forward op checks them,
+  // which a nested tensor refuses with an internal error.
+  check_dense(z, "z");
+  check_dense(W, "W");
+  check_dense(V, "V");
+  check_dense(B, "B");
+  check_dense(A, "A");
   return FusedTwoLayerSquare::apply(z, W, V, B, A, plan);
 }
 
