@@ -140,16 +140,31 @@ def make_case(shape, device, dtype=torch.float32, seed=0):
 
 
 def plan_flops(shape, plan):
-    """Floating-point operations (2 per multiply-add) of one fwd+bwd of the plan."""
+    """Floating-point operations (2 per multiply-add) of one fwd+bwd of the plan
+    as the kernels run it: what the forward saves (csrc/plan.h: r and q where
+    d + k >= 64, and for the direct plan y in q's slot where ell <= k) decides
+    what the backward computes again."""
     N, d, k, m, ell = shape
     N = N or 1
     fold = ell * m * k
+    saved = d + k >= 64  # keeps_saved
     if plan == "direct":
-        macs = N * (2 * k * d + 4 * m * k + 3 * ell * m)
-    elif plan == "folded":
+        # x, u = V r, y = B u; then Bᵀe, Vᵀ(.), dV, dW, with x (unsaved r) and
+        # u, y (unsaved y) again
+        per_sample = 2 * k * d + 3 * m * k + 2 * ell * m
+        if not (saved and ell <= k):
+            per_sample += m * k + ell * m
+        if not saved:
+            per_sample += k * d
+        macs = N * per_sample
+    elif plan == "folded":  # M = B V (again in the backward), then D = Ma G, dV = Bᵀ D
         macs = 3 * fold + ell * k * k + N * (2 * k * d + 2 * ell * k + 0.5 * k * k)
-    else:  # quadratic: 4Nkd + 3Nk² flops per sample work, plus the per-call products
+        if not saved:  # x and y again, q only in the backward
+            macs += N * (k * d + ell * k)
+    else:  # quadratic: M, Q; x, q = Q r; dW, the Gram's upper half; then D, dV
         macs = 3 * fold + 2 * ell * k * k + N * (2 * k * d + 1.5 * k * k)
+        if not saved:  # M, Q, x and q again
+            macs += ell * k * k + N * (k * d + k * k)
     return 2 * macs
 
 
@@ -545,7 +560,9 @@ def main(argv=None):
         if not ok_e:  # what the target leaves the route's own work
             print(f"    the target allows {row['eager_ms'] / te:.3g} ms a step, of which the C++ node floor takes "
                   f"{row['node_floor_ms']:.3g} ms; torchext's work above that floor is "
-                  f"{row['torchext_ms'] - row['node_floor_ms']:.3g} ms")
+                  f"{row['torchext_ms'] - row['node_floor_ms']:.3g} ms"
+                  + (f", of which its multiply-adds would take {row['plan_gflop'] / fma_rate * 1e3:.3g} ms "
+                     f"at the FMA loop's rate" if fma_rate else ""))
     for line in cpu_extra_targets(rows, sweep) if device == "cpu" else []:
         print("  " + line)
 
