@@ -16,7 +16,11 @@ measures the card's float32 multiply-add and copy ceilings, counts each
 case's FLOPs and bytes, reports the fraction of the resulting time floor
 reached, and times bfloat16 inputs at gpu-large. On the CPU it measures the
 register-only FMA rate of the running kernel set and reports each case's
-fraction of it.
+fraction of it; where a case misses its target against eager, it also times
+the forward and backward ops alone (at N and at one sample, on one thread
+and on all) and reports the fraction of that rate the per-sample work runs
+at, and the fraction the target would need with every other cost as
+measured (product_budget).
 --cpu-kernels forces torchext's CPU kernel set (TORCHEXT_CPU_KERNELS); a
 narrower x86 set than the CPU has also holds eager and torch.compile to it
 (EMULATED_ISA below), so that every contender runs as on a CPU without the
@@ -563,6 +567,14 @@ def main(argv=None):
                   f"{row['torchext_ms'] - row['node_floor_ms']:.3g} ms"
                   + (f", of which its multiply-adds would take {row['plan_gflop'] / fma_rate * 1e3:.3g} ms "
                      f"at the FMA loop's rate" if fma_rate else ""))
+            if fma_rate and row["N"]:
+                row["product_budget"] = b = product_budget(row, te, fma_rate, args.min_run_time / 2)
+                need = b["fraction_of_fma_rate_needed"]
+                print(f"    its per-sample work runs at {100 * b['fraction_of_fma_rate_now']:.0f}% of the FMA loop "
+                      f"(one thread's time, split over the threads; {b['parallel_overhead_ms']:.3g} ms more "
+                      f"on them); the target needs "
+                      + (f"{100 * need:.0f}%" if need else "more than products that take no time")
+                      + " with every other cost as measured")
     for line in cpu_extra_targets(rows, sweep) if device == "cpu" else []:
         print("  " + line)
 
@@ -572,6 +584,41 @@ def main(argv=None):
         fh.write(markdown_table(record))
     print(f"\nwrote {os.path.join(args.out, stem)}.json, .md" + (" and .png" if plotted else ""))
     return record
+
+
+def product_budget(row, target, fma_rate, min_run_time):
+    """What a missed CPU target asks of the per-sample products. The forward
+    and backward ops, timed alone at N and at one sample (same plan, W and V
+    gradients), on one thread and on all: the difference is the per-sample
+    work on one thread, against the plan's multiply-adds the same difference
+    of N makes. Returns its rate now (one thread's time divided by the thread
+    count, against the FMA loop of all threads, as `% FMA`), the two-thread
+    overhead above that ideal split, and the rate the target needs with
+    every other cost of the step as measured (None: unreachable even with
+    products that take no time)."""
+    N = row["N"]
+    shape = (N, row["d"], row["k"], row["m"], row["ell"])
+    z, W, V, B, A = (t.detach() for t in make_case(shape, "cpu"))
+    mask = [False, True, True, False, False]
+    threads = torch.get_num_threads()
+    times = {}
+    for n in (N, 1):
+        zn = z[:n]
+        f, r, q, state = torch.ops.torchext._two_layer_square_forward(zn, W, V, B, A, row["plan"], True)
+        g = torch.ones(()).expand(f.shape)  # as f.sum() gives it
+        ops = (lambda: torch.ops.torchext._two_layer_square_forward(zn, W, V, B, A, row["plan"], True),
+               lambda: torch.ops.torchext._two_layer_square_backward(g, zn, W, V, B, A, r, q, state, mask))
+        for t in (1, threads):
+            times[n, t] = sum(benchmark.Timer("fn()", globals={"fn": fn}, num_threads=t)
+                              .blocked_autorange(min_run_time=min_run_time).median for fn in ops)
+    one_thread = times[N, 1] - times[1, 1]
+    flops = plan_flops(shape, row["plan"]) - plan_flops((1,) + shape[1:], row["plan"])
+    split = one_thread / threads
+    left = row["eager_ms"] / 1e3 / target - (row["torchext_ms"] / 1e3 - split)
+    return {"per_sample_one_thread_ms": one_thread * 1e3,
+            "fraction_of_fma_rate_now": flops / split / (fma_rate * 1e9),
+            "parallel_overhead_ms": (times[N, threads] - times[1, threads] - split) * 1e3,
+            "fraction_of_fma_rate_needed": flops / left / (fma_rate * 1e9) if left > 0 else None}
 
 
 def cpu_extra_targets(rows, sweep):
