@@ -147,7 +147,10 @@ def plan_flops(shape, plan):
     """Floating-point operations (2 per multiply-add) of one fwd+bwd of the plan
     as the kernels run it: what the forward saves (csrc/plan.h: r and q where
     d + k >= 64, and for the direct plan y in q's slot where ell <= k) decides
-    what the backward computes again."""
+    what the backward computes again. Counted by association, not by the
+    kernels' tiles: where q is not saved, the narrow kernels' forward takes f
+    from Q's upper triangle, about k²/2 fewer per sample (narrow-tall's count
+    is about 6% high)."""
     N, d, k, m, ell = shape
     N = N or 1
     fold = ell * m * k
@@ -567,13 +570,14 @@ def main(argv=None):
                   f"{row['torchext_ms'] - row['node_floor_ms']:.3g} ms"
                   + (f", of which its multiply-adds would take {row['plan_gflop'] / fma_rate * 1e3:.3g} ms "
                      f"at the FMA loop's rate" if fma_rate else ""))
-            if fma_rate and row["N"]:
-                row["product_budget"] = b = product_budget(row, te, fma_rate, args.min_run_time / 2)
+            b = product_budget(row, te, fma_rate, args.min_run_time / 2) if fma_rate and (row["N"] or 0) > 1 else None
+            if b:
+                row["product_budget"] = b
                 need = b["fraction_of_fma_rate_needed"]
                 print(f"    its per-sample work runs at {100 * b['fraction_of_fma_rate_now']:.0f}% of the FMA loop "
                       f"(one thread's time, split over the threads; {b['parallel_overhead_ms']:.3g} ms more "
                       f"on them); the target needs "
-                      + (f"{100 * need:.0f}%" if need else "more than products that take no time")
+                      + (f"{100 * need:.0f}%" if need is not None else "more than products that take no time")
                       + " with every other cost as measured")
     for line in cpu_extra_targets(rows, sweep) if device == "cpu" else []:
         print("  " + line)
@@ -612,6 +616,8 @@ def product_budget(row, target, fma_rate, min_run_time):
             times[n, t] = sum(benchmark.Timer("fn()", globals={"fn": fn}, num_threads=t)
                               .blocked_autorange(min_run_time=min_run_time).median for fn in ops)
     one_thread = times[N, 1] - times[1, 1]
+    if one_thread <= 0:  # no per-sample work to see (a batch too small for the timer)
+        return None
     flops = plan_flops(shape, row["plan"]) - plan_flops((1,) + shape[1:], row["plan"])
     split = one_thread / threads
     left = row["eager_ms"] / 1e3 / target - (row["torchext_ms"] / 1e3 - split)

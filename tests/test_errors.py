@@ -114,16 +114,19 @@ def test_non_dense_input_is_refused_by_name(layout, index, name):
     args = good()
     if layout == "sparse_csr" and index == 4:
         args[4] = args[4].reshape(1, -1)  # CSR is 2-D only; A may be (1, ell)
+    _, r, q, state = OPS._two_layer_square_forward(*args, "auto", True)
     args[index] = convert(args[index])
     pattern = rf"{name} must be a dense \(strided\) tensor; got {got}"
     calls = list(call_all(args)) + [
         lambda: OPS.two_layer_square_backward(torch.ones(5), *args, [True] * 5),
         lambda: OPS._two_layer_square_forward(*args, "auto", True),
+        lambda: OPS._two_layer_square_backward(torch.ones(5), *args, r, q, state, [True] * 5),
     ]
     for call in calls:
         with pytest.raises(TypeError, match=pattern):
             call()
-    trainable = [t.clone().requires_grad_() if i == 1 and t.layout == torch.strided else t for i, t in enumerate(args)]
+    trained = 2 if index == 1 else 1  # a dense weight requiring grad
+    trainable = [t.clone().requires_grad_() if i == trained else t for i, t in enumerate(args)]
     with pytest.raises(TypeError, match=pattern):  # the recording route (C++ autograd node)
         torchext.two_layer_square(*trainable)
 
@@ -137,11 +140,17 @@ def test_non_dense_incoming_gradient_is_refused():
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
-def test_nested_z_is_refused_by_name():
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+@pytest.mark.parametrize("trainable", [False, True])  # the recording route reads sizes first
+def test_nested_z_is_refused_by_name(layout, trainable):
     args = good()
-    args[0] = torch.nested.nested_tensor([torch.randn(2, 7), torch.randn(3, 7)])
-    args[1].requires_grad_()  # the recording route reads sizes first, which nested tensors lack
-    for call in list(call_all(args)) + [lambda: torchext.two_layer_square(args[0], *[t.detach() for t in args[1:]])]:
+    args[0] = torch.nested.nested_tensor([torch.randn(2, 7), torch.randn(3, 7)], layout=layout)
+    args[1].requires_grad_(trainable)
+    # (a jagged tensor's own dispatch refuses the raw ops, naming only the op)
+    calls = [lambda: torchext.two_layer_square(*args), lambda: torchext.TwoLayerSquare.apply(*args)]
+    if layout == torch.strided:
+        calls.append(lambda: OPS.two_layer_square(*args))
+    for call in calls:
         with pytest.raises(TypeError, match=r"z must be a dense \(strided\) tensor; got a nested tensor"):
             call()
 

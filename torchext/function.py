@@ -21,6 +21,15 @@ def _check_tensors(args):
             )
 
 
+def _check_not_nested(args):
+    """Nested tensors of the jagged layout are Python subclasses: their own
+    dispatch refuses the ops without naming the argument. (The plain-eager
+    route's C++ checks them; the ops' checks name every other layout.)"""
+    for name, t in zip(_NAMES, args):
+        if t.is_nested:
+            raise TypeError(f"two_layer_square: {name} must be a dense (strided) tensor; got a nested tensor")
+
+
 def _eager_composition(z, W, V, B, A):
     """f by the reference's torch ops, with the ops' shape, dtype and device
     checks and dtype policy: half inputs computed in float32 (f returned in
@@ -60,6 +69,7 @@ class TwoLayerSquare(torch.autograd.Function):
     @staticmethod
     def forward(z, W, V, B, A):
         _check_tensors((z, W, V, B, A))
+        _check_not_nested((z, W, V, B, A))
         if torch.compiler.is_compiling() and _torch_private.forward_ad_active():
             # Eager PyTorch refuses forward mode through a Function without
             # jvp; a traced one would give a zero tangent instead.
@@ -94,6 +104,7 @@ def two_layer_square(z, W, V, B, A, *, plan="auto"):
         # Plain eager, no dual tensors: one C++ autograd node (see
         # csrc/autograd/two_layer_square_autograd.cpp), no Python in forward or backward.
         return _ops._two_layer_square_autograd(z, W, V, B, A, plan)
+    _check_not_nested((z, W, V, B, A))
     if (compiling and (transforms or forward_mode)) or \
             (transforms and _torch_private.forward_mode_nested_unsupported()):
         # Where neither the ops nor the Functions give every derivative: the

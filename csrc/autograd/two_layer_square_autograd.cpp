@@ -116,6 +116,14 @@ namespace {
 at::Tensor two_layer_square_autograd(const at::Tensor& z, const at::Tensor& W,
                                      const at::Tensor& V, const at::Tensor& B,
                                      const at::Tensor& A, c10::string_view plan) {
+  // First: apply() records the inputs' sizes, which a nested tensor refuses
+  // with an internal error, and a jagged one's own dispatch would refuse the
+  // forward op without naming the argument.
+  check_dense(z, "z");
+  check_dense(W, "W");
+  check_dense(V, "V");
+  check_dense(B, "B");
+  check_dense(A, "A");
   const bool record = at::GradMode::is_enabled() &&
                       (z.requires_grad() || W.requires_grad() || V.requires_grad() ||
                        B.requires_grad() || A.requires_grad());
@@ -123,13 +131,6 @@ at::Tensor two_layer_square_autograd(const at::Tensor& z, const at::Tensor& W,
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return std::get<0>(forward_op().call(z, W, V, B, A, plan, /*save=*/false));
   }
-  // apply() records the inputs' sizes before the forward op checks them,
-  // which a nested tensor refuses with an internal error.
-  check_dense(z, "z");
-  check_dense(W, "W");
-  check_dense(V, "V");
-  check_dense(B, "B");
-  check_dense(A, "A");
   return FusedTwoLayerSquare::apply(z, W, V, B, A, plan);
 }
 
