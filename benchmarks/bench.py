@@ -143,6 +143,11 @@ def make_case(shape, device, dtype=torch.float32, seed=0):
     return z, W, V, B, A
 
 
+def keeps_saved(d, k):
+    """Whether a training forward saves r and q for its backward (csrc/plan.h)."""
+    return d + k >= 64
+
+
 def plan_flops(shape, plan):
     """Floating-point operations (2 per multiply-add) of one fwd+bwd of the plan
     as the kernels run it: what the forward saves (csrc/plan.h: r and q where
@@ -154,7 +159,7 @@ def plan_flops(shape, plan):
     N, d, k, m, ell = shape
     N = N or 1
     fold = ell * m * k
-    saved = d + k >= 64  # keeps_saved
+    saved = keeps_saved(d, k)
     if plan == "direct":
         # x, u = V r, y = B u; then Bᵀe, Vᵀ(.), dV, dW, with x (unsaved r) and
         # u, y (unsaved y) again
@@ -267,7 +272,7 @@ def plan_bytes(shape, plan, itemsize=4):
     N = N or 1
     inputs = N * d + k * d + m * k + ell * m + ell
     outputs = N + k * d + m * k  # f, dW, dV
-    saved = 2 * N * k * 2 if d + k >= 64 else 0
+    saved = 2 * N * k * 2 if keeps_saved(d, k) else 0
     return itemsize * (inputs + outputs + saved)
 
 
